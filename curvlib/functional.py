@@ -1,0 +1,613 @@
+"""Public functions: every convolution operation of the core paper's Table B2 as a tensor network.
+
+Conventions (``N`` batch, ``C`` columns of ``s``, ``G`` groups, ``*I``/``*O``/``*K`` spatial input,
+output and kernel sizes; any number of spatial dimensions, inferred from ``x.dim() - 2``):
+
+- ``x`` is the layer input ``[N, C_in, *I]``; hyper-parameters ``stride``, ``padding`` (int, tuple,
+  ``'same'``, ``'valid'``), ``dilation``, ``groups`` are those of ``torch.nn.functional.conv{N}d``.
+- ``s`` is a backpropagated loss-Hessian square root ``[C, N, C_out, *O]`` (columns first).
+- Weight-shaped results are ``[C_out, C_in // G, *K]``, with a leading ``N`` if ``per_sample``.
+- Kronecker input factors are ``[G, D, D]``, ``D = C_in // G · ∏K``, rows ordered like
+  ``weight.flatten(1)`` restricted to one group.
+- Weight-side functions take ``transposed=True, output_padding=...`` for a ``ConvTranspose`` layer:
+  then ``x`` is that layer's input, ``s``/``v``/``d`` live on its output, the weight is
+  ``[C_in, C_out // G, *K]`` (PyTorch's ``ConvTranspose`` layout) and the factors' ``D`` is
+  ``C_in // G · ∏K`` (the layer input's channels per group times the kernel).
+- ``simplify=True`` applies the exact rewrites of :mod:`curvlib.simplify` before contracting.
+
+Normalisation: ``kfc`` and ``kfac_reduce`` average over the batch (``1/N``); GGN quantities are
+plain sums over the columns of ``s`` and the batch.
+
+>>> import torch
+>>> from curvlib import functional as F
+>>> x, w = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 3, 3)
+>>> torch.allclose(F.conv(x, w, padding=1), torch.nn.functional.conv2d(x, w, padding=1), atol=1e-5)
+True
+>>> s = torch.randn(10, 4, 6, 8, 8)          # C = 10 columns
+>>> F.ggn_diag(x, s, 3, padding=1).shape    # weight-shaped
+torch.Size([6, 3, 3, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import simplify as _simplify
+from .contract import contract
+from .expressions import convolution, ggn as _ggn, hesscale, kfac, unfold as _unfold, weight as _weight
+from .hyperparams import (
+    ConvGeometry,
+    check_same_device_dtype,
+    check_shape,
+    check_tensor,
+    make_geometry,
+    spatial_size_argument,
+)
+from .tensor_network import TensorNetwork
+
+__all__ = [
+    "conv",
+    "conv_transpose",
+    "unfold",
+    "unfold_kernel",
+    "weight_vjp",
+    "input_vjp",
+    "weight_jvp",
+    "input_jvp",
+    "unfold_vjp",
+    "unfold_jvp",
+    "kfc",
+    "kfac_reduce",
+    "ggn",
+    "ggn_diag",
+    "ggn_mini_block",
+    "ggn_gram",
+    "hesscale_weight_diag",
+    "hesscale_input_diag",
+]
+
+
+def _evaluate(network: TensorNetwork, simplify: bool) -> Tensor:
+    return contract(_simplify.simplify(network) if simplify else network)
+
+
+def _layer_geometry(
+    x_shape: Sequence[int],
+    out_channels: int,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    groups,
+    transposed,
+    output_padding,
+    padding_mode="zeros",
+) -> ConvGeometry:
+    return make_geometry(
+        layer_input_channels=x_shape[1],
+        layer_output_channels=out_channels,
+        layer_input_size=tuple(x_shape[2:]),
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        transposed=transposed,
+        output_padding=output_padding,
+        padding_mode=padding_mode,
+    )
+
+
+def _check_output_like(tensor: Tensor, name: str, geometry: ConvGeometry, batch: int, leading=()) -> None:
+    expected = (*leading, batch, geometry.layer_output_channels, *geometry.layer_output_size)
+    check_shape(tensor, name, expected, "[" + ", ".join(["C"] * len(leading) + ["N", "C_out", "*O"]) + "] of the layer output")
+
+
+def _weight_geometry(weight: Tensor, num_dims: int, groups: int, transposed: bool):
+    """Layer channel counts ``(in, out)`` implied by a weight of the (transposed) convolution layout."""
+    check_tensor(weight, "weight", dim=num_dims + 2)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"weight.shape[0] ({weight.shape[0]}) must be divisible by groups ({groups})")
+    if transposed:
+        return weight.shape[0], weight.shape[1] * groups
+    return weight.shape[1] * groups, weight.shape[0]
+
+
+def _add_bias(result: Tensor, bias: Optional[Tensor], channels: int) -> Tensor:
+    if bias is None:
+        return result
+    check_tensor(bias, "bias", dim=1)
+    check_shape(bias, "bias", (channels,), "one entry per output channel")
+    check_same_device_dtype(result=result, bias=bias)
+    return result + bias.reshape(channels, *([1] * (result.dim() - 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# forward maps
+
+
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """N-d convolution, same signature and result as ``torch.nn.functional.conv{N}d``.
+
+    Args:
+        x: ``[N, C_in, *I]``.
+        weight: ``[C_out, C_in // G, *K]``.
+        bias: optional ``[C_out]``.
+
+    Returns:
+        ``[N, C_out, *O]``.
+    """
+    check_tensor(x, "x", min_dim=3)
+    c_in, c_out = _weight_geometry(weight, x.dim() - 2, groups, transposed=False)
+    check_same_device_dtype(x=x, weight=weight)
+    if x.shape[1] != c_in:
+        raise ValueError(f"x has {x.shape[1]} channels, weight {tuple(weight.shape)} with groups={groups} expects {c_in}")
+    geometry = _layer_geometry(
+        x.shape, c_out, weight.shape[2:], stride, padding, dilation, groups, False, 0, padding_mode
+    )
+    result = _evaluate(convolution.propagate(x, weight, geometry, "i"), simplify)
+    return _add_bias(result, bias, c_out)
+
+
+def conv_transpose(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups: int = 1,
+    dilation=1,
+    *,
+    simplify: bool = True,
+) -> Tensor:
+    """N-d transposed convolution, as ``torch.nn.functional.conv_transpose{N}d``.
+
+    Args:
+        x: ``[N, C_in, *I]``.
+        weight: ``[C_in, C_out // G, *K]``.
+        bias: optional ``[C_out]``.
+
+    Returns:
+        ``[N, C_out, *O]`` with ``O = (I−1)·S − 2P + D·(K−1) + output_padding + 1``.
+    """
+    check_tensor(x, "x", min_dim=3)
+    c_in, c_out = _weight_geometry(weight, x.dim() - 2, groups, transposed=True)
+    check_same_device_dtype(x=x, weight=weight)
+    if x.shape[1] != c_in:
+        raise ValueError(f"x has {x.shape[1]} channels, weight {tuple(weight.shape)} expects {c_in}")
+    geometry = _layer_geometry(x.shape, c_out, weight.shape[2:], stride, padding, dilation, groups, True, output_padding)
+    result = _evaluate(convolution.propagate(x, weight, geometry, "o"), simplify)
+    return _add_bias(result, bias, c_out)
+
+
+def weight_jvp(
+    x: Tensor,
+    v_weight: Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Weight JVP: the layer output's change ``[N, C_out, *O]`` for a weight perturbation ``v_weight``.
+
+    ``v_weight`` is weight-shaped; the result is the (transposed) convolution of ``x`` with it, no bias.
+    """
+    if transposed:
+        return conv_transpose(x, v_weight, None, stride, padding, output_padding, groups, dilation, simplify=simplify)
+    return conv(x, v_weight, None, stride, padding, dilation, groups, simplify=simplify)
+
+
+def input_jvp(
+    weight: Tensor,
+    v_x: Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Input JVP: the layer output's change ``[N, C_out, *O]`` for an input perturbation ``v_x`` ``[N, C_in, *I]``."""
+    return weight_jvp(
+        v_x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        transposed=transposed, output_padding=output_padding, simplify=simplify,
+    )
+
+
+def input_vjp(
+    weight: Tensor,
+    v: Tensor,
+    input_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Input VJP (for a convolution: the transposed convolution), as ``torch.nn.grad.conv{N}d_input``.
+
+    Args:
+        weight: ``[C_out, C_in // G, *K]`` (``[C_in, C_out // G, *K]`` if ``transposed``).
+        v: vector on the layer output ``[N, C_out, *O]``.
+        input_size: the layer input's spatial size ``(*I)`` or full shape ``(N, C_in, *I)``.
+
+    Returns:
+        ``[N, C_in, *I]``.
+    """
+    check_tensor(v, "v", min_dim=3)
+    num_dims = v.dim() - 2
+    c_in, c_out = _weight_geometry(weight, num_dims, groups, transposed)
+    check_same_device_dtype(v=v, weight=weight)
+    size = spatial_size_argument(input_size, num_dims, "input_size")
+    geometry = _layer_geometry(
+        (v.shape[0], c_in, *size), c_out, weight.shape[2:], stride, padding, dilation, groups, transposed, output_padding
+    )
+    _check_output_like(v, "v", geometry, v.shape[0])
+    source_side = "i" if transposed else "o"
+    return _evaluate(convolution.propagate(v, weight, geometry, source_side), simplify)
+
+
+# ----------------------------------------------------------------------------------------------
+# unfolding
+
+
+def _unfold_geometry(x_shape, kernel_size, stride, padding, dilation) -> ConvGeometry:
+    return _layer_geometry(x_shape, x_shape[1], kernel_size, stride, padding, dilation, 1, False, 0)
+
+
+def unfold(x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True) -> Tensor:
+    """im2col: ``[N, C, *I]`` → ``[N, C·∏K, ∏O]``, the layout of ``torch.nn.functional.unfold`` (any N-d).
+
+    Row ``(c, k_1, …)`` and column ``(o_1, …)`` are ordered row-major.
+    """
+    check_tensor(x, "x", min_dim=3)
+    geometry = _unfold_geometry(x.shape, kernel_size, stride, padding, dilation)
+    return _evaluate(_unfold.unfold(x, geometry), simplify)
+
+
+def unfold_jvp(v_x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True) -> Tensor:
+    """JVP of :func:`unfold` (which is linear): the unfolded perturbation ``[N, C·∏K, ∏O]``."""
+    return unfold(v_x, kernel_size, dilation=dilation, padding=padding, stride=stride, simplify=simplify)
+
+
+def unfold_vjp(
+    v: Tensor, input_size, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True
+) -> Tensor:
+    """VJP of :func:`unfold` (``fold`` / col2im): ``v`` ``[N, C·∏K, ∏O]`` → ``[N, C, *I]``.
+
+    Args:
+        input_size: spatial size ``(*I)`` (like ``output_size`` of ``torch.nn.functional.fold``); the full
+            shape ``(N, C, *I)`` is accepted when ``kernel_size`` is a tuple. ``C = v.shape[1] / ∏K``.
+    """
+    check_tensor(v, "v", dim=3)
+    if isinstance(kernel_size, int):
+        num_dims = 1 if isinstance(input_size, int) else len(tuple(input_size))
+    else:
+        num_dims = len(tuple(kernel_size))
+    size = spatial_size_argument(input_size, num_dims, "input_size")
+    kernel = make_geometry(1, 1, size, kernel_size, stride, padding, dilation).kernel_size
+    if v.shape[1] % math.prod(kernel) != 0:
+        raise ValueError(f"v.shape[1] ({v.shape[1]}) must be C·∏kernel_size with ∏kernel_size = {math.prod(kernel)}")
+    channels = v.shape[1] // math.prod(kernel)
+    geometry = _unfold_geometry((v.shape[0], channels, *size), kernel_size, stride, padding, dilation)
+    check_shape(v, "v", (v.shape[0], channels * math.prod(kernel), math.prod(geometry.output_size)), "[N, C·∏K, ∏O]")
+    return _evaluate(_unfold.unfold_vjp(v, geometry, channels), simplify)
+
+
+def unfold_kernel(
+    weight: Tensor, input_size, *, stride=1, padding=0, dilation=1, groups: int = 1, simplify: bool = True
+) -> Tensor:
+    """Toeplitz matrix of the kernel: ``[C_out·∏O, C_in·∏I]`` with ``conv(x)[n].flatten() = T @ x[n].flatten()``.
+
+    Channel groups give a block-diagonal matrix (zeros between groups).
+    """
+    num_dims = weight.dim() - 2
+    c_in, c_out = _weight_geometry(weight, num_dims, groups, transposed=False)
+    size = spatial_size_argument(input_size, num_dims, "input_size")
+    geometry = _layer_geometry((1, c_in, *size), c_out, weight.shape[2:], stride, padding, dilation, groups, False, 0)
+    blocks = _evaluate(_unfold.unfold_kernel(weight, geometry), simplify)
+    if groups == 1:
+        return blocks[0]
+    return torch.block_diag(*blocks.unbind(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# weight-side quantities
+
+
+def _weight_side(
+    x, other, other_name, kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=0
+) -> ConvGeometry:
+    """Validate ``x`` and the output-side tensor ``other`` (``leading`` extra axes in front) and build the geometry."""
+    check_tensor(x, "x", min_dim=3)
+    check_tensor(other, other_name, dim=x.dim() + leading)
+    check_same_device_dtype(x=x, **{other_name: other})
+    geometry = _layer_geometry(
+        x.shape, other.shape[leading + 1], kernel_size, stride, padding, dilation, groups, transposed, output_padding
+    )
+    _check_output_like(other, other_name, geometry, x.shape[0], leading=tuple(other.shape[:leading]))
+    return geometry
+
+
+def _sides(x: Tensor, other: Tensor, geometry: ConvGeometry):
+    """``(i-side tensor, o-side tensor)`` of the reference convolution."""
+    return (other, x) if geometry.transposed else (x, other)
+
+
+def weight_vjp(
+    x: Tensor,
+    v: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    per_sample: bool = False,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Weight VJP (the weight gradient for output gradient ``v``), as ``torch.nn.grad.conv{N}d_weight``.
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        v: vector on the layer output ``[N, C_out, *O]``.
+        kernel_size: int or tuple.
+        per_sample: keep the batch axis (per-sample gradients).
+
+    Returns:
+        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``); transposed: ``[C_in, C_out // G, *K]``.
+    """
+    geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    return _evaluate(_weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample), simplify)
+
+
+def kfc(
+    x: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """KFC / KFAC-expand input factor ``Ω_g = 1/N Σ_n ⟦X_{n,g}⟧ᵀ⟦X_{n,g}⟧`` (sum over output locations).
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+
+    Returns:
+        ``[G, D, D]`` with ``D = C_in // G · ∏K``.
+    """
+    check_tensor(x, "x", min_dim=3)
+    geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    return _evaluate(kfac.kfc(x, geometry), simplify)
+
+
+def kfac_reduce(
+    x: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """KFAC-reduce input factor ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ``, ``ū`` the unfolded input averaged over output locations.
+
+    Returns:
+        ``[G, D, D]`` with ``D = C_in // G · ∏K``.
+    """
+    check_tensor(x, "x", min_dim=3)
+    geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    return _evaluate(kfac.kfac_reduce(x, geometry), simplify)
+
+
+def _check_blocks(blocks, weight_shape) -> tuple:
+    if blocks is None:
+        raise ValueError(f"blocks must be given: one int per weight axis {tuple(weight_shape)}")
+    blocks = tuple(blocks)
+    if len(blocks) != len(weight_shape) or not all(isinstance(b, int) and b >= 1 for b in blocks):
+        raise ValueError(f"blocks must have one positive int per weight axis {tuple(weight_shape)}, got {blocks!r}")
+    for axis, (size, b) in enumerate(zip(weight_shape, blocks)):
+        if size % b != 0:
+            raise ValueError(f"blocks[{axis}] = {b} does not divide weight axis {axis} of size {size}")
+    return blocks
+
+
+def ggn_mini_block(
+    x: Tensor,
+    s: Tensor,
+    kernel_size,
+    *,
+    blocks: Sequence[int],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """GGN mini-block diagonal (core paper B.2) of a convolution weight.
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        s: backpropagated loss-Hessian square root ``[C, N, C_out, *O]``.
+        blocks: number of blocks per weight axis ``(C_out, C_in // G, *K)``, each dividing its axis.
+
+    Returns:
+        ``[*blocks, d, d]`` with ``d = |w| / ∏blocks``; entry ``b`` is the GGN of the weight sub-tensor
+        ``w[b_0·z_0:(b_0+1)·z_0, b_1·z_1:…, …]`` (``z = axis / blocks``, flattened row-major).
+        ``blocks = (1, …, 1)`` is the full GGN, ``blocks = weight.shape`` the diagonal.
+    """
+    geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
+    blocks = _check_blocks(blocks, geometry.weight_shape)
+    return _evaluate(_ggn.ggn_blocks(x, s, geometry, blocks), simplify)
+
+
+def ggn(
+    x: Tensor,
+    s: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Full GGN of the weight, ``Σ_{c,n} J_{c,n} J_{c,n}ᵀ``: ``[|w|, |w|]`` in ``weight.flatten()`` order.
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        s: ``[C, N, C_out, *O]``.
+    """
+    geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
+    blocks = (1,) * len(geometry.weight_shape)
+    network = _ggn.ggn_blocks(x, s, geometry, blocks)
+    size = math.prod(geometry.weight_shape)
+    return _evaluate(network, simplify).reshape(size, size)
+
+
+def ggn_diag(
+    x: Tensor,
+    s: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    per_sample: bool = False,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """Diagonal of the weight's GGN, weight-shaped ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        s: ``[C, N, C_out, *O]``.
+    """
+    geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
+    shape = geometry.weight_shape
+    network = _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample)
+    result = _evaluate(network, simplify)
+    return result.reshape(*((x.shape[0],) if per_sample else ()), *shape)
+
+
+def ggn_gram(
+    x: Tensor,
+    s: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """GGN Gram matrix (empirical NTK for square loss) of the weight: ``[C, N, C, N]``.
+
+    Entry ``(c, n, c', n')`` is ``⟨J_{c,n}, J_{c',n'}⟩`` with ``J_{c,n}`` the weight VJP of column ``c``, sample ``n``.
+    """
+    geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
+    return _evaluate(_ggn.ggn_gram(x, s, geometry), simplify)
+
+
+def hesscale_weight_diag(
+    x: Tensor,
+    d: Tensor,
+    kernel_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    per_sample: bool = False,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """HesScale/BL89 weight Hessian diagonal ``diag(Jᵀ diag(d) J)`` (core paper B.4).
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        d: diagonal of the Hessian w.r.t. the layer output, shaped like it ``[N, C_out, *O]``.
+
+    Returns:
+        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
+    """
+    geometry = _weight_side(x, d, "d", kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    return _evaluate(hesscale.weight_diag(x, d, geometry, per_sample), simplify)
+
+
+def hesscale_input_diag(
+    weight: Tensor,
+    d: Tensor,
+    input_size,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    transposed: bool = False,
+    output_padding=0,
+    simplify: bool = True,
+) -> Tensor:
+    """HesScale/BL89 input Hessian diagonal ``diag(J_xᵀ diag(d) J_x)``: ``[N, C_in, *I]``.
+
+    Args:
+        weight: ``[C_out, C_in // G, *K]`` (``[C_in, C_out // G, *K]`` if ``transposed``).
+        d: ``[N, C_out, *O]``, shaped like the layer output.
+        input_size: the layer input's spatial size ``(*I)`` or full shape ``(N, C_in, *I)``.
+    """
+    check_tensor(d, "d", min_dim=3)
+    num_dims = d.dim() - 2
+    c_in, c_out = _weight_geometry(weight, num_dims, groups, transposed)
+    check_same_device_dtype(d=d, weight=weight)
+    size = spatial_size_argument(input_size, num_dims, "input_size")
+    geometry = _layer_geometry(
+        (d.shape[0], c_in, *size), c_out, weight.shape[2:], stride, padding, dilation, groups, transposed, output_padding
+    )
+    _check_output_like(d, "d", geometry, d.shape[0])
+    return _evaluate(hesscale.input_diag(weight, d, geometry), simplify)

@@ -1,0 +1,3 @@
+"""Curvature quantities computed by backward hooks (installed as ``curvlib.extensions``)."""
+
+__all__ = []
