@@ -371,6 +371,7 @@ def weight_vjp(
     dilation=1,
     groups: int = 1,
     per_sample: bool = False,
+    columns: bool = False,
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
@@ -379,15 +380,20 @@ def weight_vjp(
 
     Args:
         x: layer input ``[N, C_in, *I]``.
-        v: vector on the layer output ``[N, C_out, *O]``.
+        v: vector on the layer output ``[N, C_out, *O]``, or ``[C, N, C_out, *O]`` with ``columns=True``.
         kernel_size: int or tuple.
         per_sample: keep the batch axis (per-sample gradients).
+        columns: ``v`` holds ``C`` vectors (leading axis); one weight VJP per column.
 
     Returns:
-        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``); transposed: ``[C_in, C_out // G, *K]``.
+        ``[[C,] [N,] C_out, C_in // G, *K]`` (``C`` if ``columns``, ``N`` if ``per_sample``);
+        for a transposed layer the weight is ``[C_in, C_out // G, *K]``.
     """
-    geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(_weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample), simplify)
+    lead = 1 if columns else 0
+    geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding, lead)
+    side = ("i" if transposed else "o") if columns else None
+    network = _weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample, columns=side)
+    return _evaluate(network, simplify)
 
 
 def kfc(

@@ -1,0 +1,140 @@
+"""Loss functions: symmetric factorisations of the loss Hessian w.r.t. the model output.
+
+For a loss ``L = scale · Σ_n ℓ(f_n, y_n)`` (``scale = 1/N`` or ``1/numel`` for ``reduction='mean'``,
+1 for ``'sum'``) the Hessian w.r.t. the output ``f`` is block-diagonal, ``∇²_f L = S Sᵀ``. The
+columns of ``S`` are returned as a tensor ``[C, *f.shape]`` (``C`` columns first), each column
+non-zero only on its own sample:
+
+- :meth:`LossCall.sqrt_hessian` — exact (``C`` = number of classes / output dimensions).
+- :meth:`LossCall.sqrt_hessian_mc` — Monte-Carlo: ``C`` = ``mc_samples`` columns ``√(scale/M)·∇ℓ(f, ŷ_m)``
+  with ``ŷ_m`` drawn from the model's predictive distribution, so that ``E[S Sᵀ] = ∇²_f L``.
+- :meth:`LossCall.empirical` — one column ``√scale · ∇ℓ(f_n, y_n)`` (the empirical Fisher).
+- :meth:`LossCall.hessian_diagonal` — ``diag(∇²_f L)`` shaped like ``f``.
+
+Supported: ``CrossEntropyLoss`` (class-index or probability targets, ``[N, K]`` logits),
+``MSELoss`` and ``BCEWithLogitsLoss`` (any output shape ``[N, *D]``), reductions ``mean``/``sum``.
+The Gaussian/Bernoulli/categorical likelihoods behind the MC samples are those for which each loss
+is the negative log-likelihood (MSE: Gaussian with variance 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+def check_loss_module(loss_fn: nn.Module) -> None:
+    """Raise a clear error for losses (or loss options) whose Hessian factorisation we do not provide."""
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise ValueError(f"loss_fn must be one of {names}, got {type(loss_fn).__name__}")
+    if loss_fn.reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_fn.reduction must be 'mean' or 'sum', got {loss_fn.reduction!r}")
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError("CrossEntropyLoss with class weights or label_smoothing is not supported")
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise ValueError("BCEWithLogitsLoss with weight or pos_weight is not supported")
+
+
+@dataclass
+class LossCall:
+    """One evaluation ``loss_fn(output, target)`` recorded during the forward pass."""
+
+    loss_fn: nn.Module
+    output: Tensor
+    target: Tensor
+    loss: Tensor
+
+    def __post_init__(self):
+        check_loss_module(self.loss_fn)
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            if self.output.dim() != 2:
+                raise ValueError(
+                    f"CrossEntropyLoss is supported for logits [N, K]; got output shape {tuple(self.output.shape)}"
+                )
+            if self.target.dtype in (torch.long, torch.int) and (self.target == self.loss_fn.ignore_index).any():
+                raise ValueError("targets equal to CrossEntropyLoss.ignore_index are not supported")
+
+    @property
+    def batch_size(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """Factor of the reduction: the loss is ``scale · Σ_n ℓ_n``."""
+        if self.loss_fn.reduction == "sum":
+            return 1.0
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return 1.0 / self.batch_size
+        return 1.0 / self.output.numel()
+
+    def _flat(self) -> Tensor:
+        return self.output.detach().reshape(self.batch_size, -1)
+
+    def _probabilities(self) -> Tensor:
+        logits = self._flat()
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return logits.softmax(1)
+        return logits.sigmoid()
+
+    def _columns(self, columns: Tensor) -> Tensor:
+        """``[C, N, D]`` → ``[C, *output.shape]``."""
+        return columns.reshape(columns.shape[0], *self.output.shape)
+
+    def sqrt_hessian(self) -> Tensor:
+        """Exact factor ``S`` with ``S Sᵀ = ∇²_f L``: ``[D, *f.shape]``, ``D`` = classes / output dims."""
+        flat = self._flat()
+        n, dim = flat.shape
+        eye = torch.eye(dim, dtype=flat.dtype, device=flat.device)
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            p = self._probabilities()
+            # diag(p) − p pᵀ = Σ_c √p_c (e_c − p) (√p_c (e_c − p))ᵀ
+            columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
+        elif isinstance(self.loss_fn, nn.MSELoss):
+            columns = math.sqrt(2.0) * eye[:, None, :].expand(dim, n, dim)
+        else:
+            p = self._probabilities()
+            columns = (p * (1 - p)).sqrt().T[:, :, None] * eye[:, None, :]
+        return self._columns(columns * math.sqrt(self.scale))
+
+    def sqrt_hessian_mc(self, mc_samples: int = 1, generator: torch.Generator = None) -> Tensor:
+        """Monte-Carlo factor ``[M, *f.shape]`` with ``E[S Sᵀ] = ∇²_f L`` (gradients at sampled targets)."""
+        flat = self._flat()
+        n, dim = flat.shape
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            p = self._probabilities()
+            labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator).T  # [M, N]
+            columns = p[None] - nn.functional.one_hot(labels, dim).to(p.dtype)
+        elif isinstance(self.loss_fn, nn.MSELoss):
+            noise = torch.randn(mc_samples, n, dim, dtype=flat.dtype, device=flat.device, generator=generator)
+            columns = math.sqrt(2.0) * noise
+        else:
+            p = self._probabilities()
+            samples = torch.bernoulli(p.expand(mc_samples, n, dim), generator=generator)
+            columns = p[None] - samples
+        return self._columns(columns * math.sqrt(self.scale / mc_samples))
+
+    def gradient(self) -> Tensor:
+        """``∂L/∂f`` (shaped like ``f``)."""
+        return torch.autograd.grad(self.loss, self.output, retain_graph=True)[0]
+
+    def empirical(self) -> Tensor:
+        """Empirical-Fisher factor ``[1, *f.shape]``: per-sample gradients ``√scale · ∇ℓ_n``."""
+        return (self.gradient() / math.sqrt(self.scale))[None]
+
+    def hessian_diagonal(self) -> Tensor:
+        """``diag(∇²_f L)`` shaped like ``f``."""
+        flat = self._flat()
+        if isinstance(self.loss_fn, nn.MSELoss):
+            diagonal = torch.full_like(flat, 2.0)
+        else:
+            p = self._probabilities()
+            diagonal = p * (1 - p)
+        return (diagonal * self.scale).reshape(self.output.shape)
