@@ -82,7 +82,9 @@ def inspect_plans():
     try:
         yield plans
     finally:
-        _RECORDERS.remove(plans)
+        # by identity: list.remove compares by equality, and two recorders holding the same plans
+        # are equal (nested blocks), which would stop the wrong one
+        del _RECORDERS[next(pos for pos, rec in enumerate(_RECORDERS) if rec is plans)]
 
 
 def clear_cache() -> None:

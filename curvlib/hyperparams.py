@@ -208,12 +208,9 @@ def make_geometry(
             output_size=tuple(layer_input_size),
             transposed=True,
         )
-        check = tuple(conv_output_size(*args) for args in geometry.pattern_args)
-        if check != geometry.output_size:  # padding larger than the kernel's reach
-            raise ValueError(
-                f"inconsistent transposed convolution: padding={pads} is too large for kernel_size={kernel}, "
-                f"dilation={dilations}"
-            )
+        # The reference convolution of the size-``ref_input`` side has ``O + ⌊A/S⌋`` outputs (Eq. D12
+        # with D13): for output_padding A ≥ stride (allowed when dilation > stride) the layer input
+        # covers only its first ``O`` outputs (``NetworkBuilder.patterns`` sets the patterns' output_limit).
         return geometry
 
     if output_padding not in (0, (0,) * num_dims, [0] * num_dims):

@@ -168,6 +168,16 @@ def prune_identities(network: TensorNetwork) -> TensorNetwork:
                     continue  # the size-1 kernel leg is used elsewhere: squeeze it first
             else:
                 continue
+            if a == b:
+                # an earlier renaming joined both legs (two identity patterns on one leg pair): the
+                # diagonal of an identity is all ones, so the operand is a factor 1 — drop it while
+                # another operand still carries the leg
+                if len(network.users(a)) > 1:
+                    operands = [op for pos, op in enumerate(network.operands) if pos != position]
+                    network = network.with_operands(operands)
+                    changed = True
+                    break
+                continue
             if a in network.output and b in network.output:
                 continue
             if a in _embedding_legs(network) or b in _embedding_legs(network):
@@ -240,6 +250,8 @@ def _merge_pair(network: TensorNetwork, a: str, b: str) -> Optional[TensorNetwor
         if a not in operand.legs:
             operands.append(operand)
             continue
+        if operand.delta:  # a delta joins its two legs: merging them would leave a one-legged delta
+            return None
         axis = operand.legs.index(a)
         legs = operand.legs[:axis] + (a,) + operand.legs[axis + 2 :]
         tensor = operand.tensor

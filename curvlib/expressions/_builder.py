@@ -95,6 +95,11 @@ class NetworkBuilder:
             k_legs = [(leg,) for leg in spatial_legs(geometry, "k")]
         for j, (size, kernel, stride, pad, dilation) in enumerate(geometry.pattern_args):
             spec = PatternSpec(size, kernel, stride, pad, dilation, mean_over=mean_over)
+            if spec.output_size != geometry.output_size[j]:
+                # transposed layer with output_padding >= stride: its input is the reference
+                # convolution's first O outputs only (the rest are cut off, not summed)
+                spec = PatternSpec(size, kernel, stride, pad, dilation, mean_over=mean_over,
+                                   output_limit=geometry.output_size[j])
             if mean_over == "output":
                 legs = (i_legs[j], *k_legs[j])
             elif mean_over == "input":
