@@ -15,7 +15,7 @@ import itertools
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest
@@ -69,7 +69,7 @@ def seed(request) -> int:
 
 
 def assert_close(actual, expected, *, rtol: float = 1e-10, atol: Optional[float] = None, name: str = "result",
-                 allow_zero: bool = False) -> None:
+                 allow_zero: bool = False, check_dtype: bool = True) -> None:
     """``actual ≈ expected`` elementwise with a message naming the quantity, worst error and location.
 
     ``atol`` defaults to ``rtol · max|expected|`` (errors of sums scale with the magnitude). Unless
@@ -79,6 +79,8 @@ def assert_close(actual, expected, *, rtol: float = 1e-10, atol: Optional[float]
     assert tuple(actual.shape) == tuple(expected.shape), (
         f"{name}: shape {tuple(actual.shape)} != reference shape {tuple(expected.shape)}"
     )
+    if check_dtype:
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference dtype {expected.dtype}"
     scale = expected.abs().max().item() if expected.numel() else 0.0
     if not allow_zero:
         assert scale > 0, f"{name}: the reference is identically zero; the comparison would be vacuous"
@@ -155,7 +157,6 @@ class Layer:
     columns: int = 2
     transposed: bool = False
     output_padding: object = 0
-    tags: Tuple[str, ...] = field(default=())
 
     @property
     def num_dims(self) -> int:
