@@ -1,0 +1,293 @@
+"""The :class:`curvature` context manager: hooks that compute extensions during ``loss.backward()``.
+
+Inside the context, a forward hook on every module with parameters records its input and output,
+and a forward hook on the loss module records the model output and targets. When the backward
+pass starts (a hook on the loss value), the engine
+
+1. builds the messages the active extensions need — columns of the loss-Hessian square root
+   (exact, Monte-Carlo or empirical) at the model output — and backpropagates them to every
+   recorded layer output with autograd (batched over columns, chunked to fit ``memory_budget``),
+   which works for any graph autograd can differentiate (residuals, concatenations, shared layers);
+2. runs HesScale's diagonal backpropagation if requested (:mod:`curvlib.engine.diagonal_backprop`);
+3. lets each extension turn the messages into per-parameter results.
+
+Extensions that need only the plain gradient w.r.t. layer outputs (``BatchGrad``, empirical KFAC)
+read it from hooks during the ordinary backward pass, at no extra backward cost.
+
+When samples interact (a BatchNorm layer in train mode), backpropagating one column per class
+would mix samples; the engine then backpropagates one column per (class, sample) pair so that
+exact quantities stay exact (``batch_coupled="auto"`` detects this).
+
+On exit every hook is removed and every recorded tensor released; results stay on the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .extension import Extension
+from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters
+from .losses import LossCall, check_loss_module
+
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class curvature:
+    """Compute curvature quantities (extensions) of ``model`` during ``loss.backward()``.
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: the loss module the forward pass calls as ``loss_fn(model_output, target)``
+            (``CrossEntropyLoss``, ``MSELoss``, ``BCEWithLogitsLoss``; ``mean`` or ``sum``).
+        *extensions: instances from :mod:`curvlib.extensions`.
+        memory_budget: bytes the backpropagated columns and their per-layer intermediates may
+            take at once; columns are processed in chunks to stay under it (results identical up
+            to round-off). ``None``: all columns at once.
+        batch_coupled: ``"auto"`` (BatchNorm in train mode couples samples), ``True`` or ``False``.
+        skip: modules whose parameters are skipped silently (e.g. layers an extension refuses).
+
+    Example::
+
+        with curvlib.curvature(model, loss_fn, DiagGGNExact(), KFACReduce(fisher="mc")):
+            loss = loss_fn(model(X), y)
+            loss.backward()
+        model[0].weight.diag_ggn_exact, model[0].weight.kfac_reduce
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        *extensions: Extension,
+        memory_budget: Optional[int] = None,
+        batch_coupled="auto",
+        skip: Sequence[nn.Module] = (),
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_loss_module(loss_fn)
+        for ext in extensions:
+            if not isinstance(ext, Extension):
+                raise TypeError(f"extensions must be curvlib.extensions instances, got {type(ext).__name__}")
+        if memory_budget is not None and (not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+        if batch_coupled not in ("auto", True, False):
+            raise ValueError(f"batch_coupled must be 'auto', True or False, got {batch_coupled!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.extensions = list(extensions)
+        self.memory_budget = memory_budget
+        self.batch_coupled = batch_coupled
+        self.skip = set(skip)
+        self._handles: List = []
+        self._calls: List[LayerCall] = []
+        self._modules: List[nn.Module] = []
+        self.last_chunk_size: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+
+    def __enter__(self) -> "curvature":
+        self._modules = [
+            m for m in self.model.modules() if direct_parameters(m) and m not in self.skip
+        ]
+        if not self._modules:
+            raise ValueError("model has no trainable parameters outside the skipped modules")
+        for module in self._modules:
+            check_module(module)
+            for ext in self.extensions:
+                ext.check(module)
+        self._clone_outputs = any(getattr(m, "inplace", False) for m in self.model.modules())
+        for module in self._modules:
+            self._handles.append(module.register_forward_hook(self._record_layer))
+        self._handles.append(self.loss_fn.register_forward_hook(self._record_loss))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls = []
+        self._modules = []
+
+    def _record_layer(self, module: nn.Module, inputs, output):
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
+            return None
+        call = LayerCall(module, inputs[0].detach(), output)
+        self._calls.append(call)
+        if self._grad_output_extensions():
+            output.register_hook(lambda grad, call=call: self._on_grad_output(call, grad))
+            call.grad_outputs = None
+        if self._clone_outputs:
+            # an in-place operation on the output (ReLU(inplace=True)) would rewrite its autograd
+            # history; the layer output we differentiate with respect to must stay untouched
+            return output.clone()
+        return None
+
+    def _record_loss(self, loss_fn, inputs, loss):
+        if not torch.is_grad_enabled() or not loss.requires_grad:
+            return None
+        output, target = inputs[0], inputs[1]
+        loss_call = LossCall(loss_fn, output, target, loss)
+        calls, self._calls = self._calls, []
+        loss.register_hook(lambda grad: self._on_backward(loss_call, calls))
+        self._pending_grad_outputs = OrderedDict()
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # computation
+
+    def _grad_output_extensions(self) -> List[Extension]:
+        return [e for e in self.extensions if e.message in ("grad_output", "empirical")]
+
+    def _coupled(self) -> bool:
+        if self.batch_coupled != "auto":
+            return bool(self.batch_coupled)
+        return any(isinstance(m, _BATCHNORM_TYPES) and m.training for m in self.model.modules())
+
+    def _groups(self, calls: Sequence[LayerCall], coupled: bool) -> List[ModuleCalls]:
+        by_module: "OrderedDict[nn.Module, List[LayerCall]]" = OrderedDict()
+        for call in calls:
+            by_module.setdefault(call.module, []).append(call)
+        return [ModuleCalls(module, group, coupled) for module, group in by_module.items()]
+
+    def _on_backward(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
+        coupled = self._coupled()
+        groups = self._groups(calls, coupled)
+        self._active = (loss_call, groups)
+        self._grad_output_states = {}
+        self._grad_output_seen = {}
+        column_extensions: "OrderedDict[object, List[Extension]]" = OrderedDict()
+        for ext in self.extensions:
+            if ext.message in ("ggn_exact", "ggn_mc"):
+                column_extensions.setdefault(ext.message_key(), []).append(ext)
+        for key, extensions in column_extensions.items():
+            columns = self._columns(loss_call, key)
+            self._run_columns(loss_call, groups, columns, extensions, coupled)
+        for ext in self.extensions:
+            if ext.message is None:
+                self._finish(ext, groups, [None] * 0)
+            elif ext.message in ("hessian_diagonal", "hessian_diagonal_gn"):
+                self._run_hessian_diagonal(loss_call, groups, ext)
+        if not self._grad_output_extensions():
+            self._active = None
+
+    def _columns(self, loss_call: LossCall, key) -> Tensor:
+        if key == "ggn_exact":
+            return loss_call.sqrt_hessian()
+        return loss_call.sqrt_hessian_mc(key[1])
+
+    def _chunk_size(self, groups: Sequence[ModuleCalls], num_columns: int, coupled: bool, whole: bool) -> int:
+        if self.memory_budget is None or whole:
+            return num_columns
+        itemsize = groups[0].calls[0].y.element_size() if groups else 4
+        batch = groups[0].calls[0].y.shape[0] if groups else 1
+        per_column = 0
+        largest = 0
+        for group in groups:
+            for call in group.calls:
+                per_column += call.y.numel()
+                params = sum(p.numel() for p in group.parameters.values())
+                largest = max(largest, batch * params, call.y.numel())
+        per_column = (2 * per_column + 2 * largest) * itemsize * (batch if coupled else 1)
+        chunk = int(self.memory_budget // max(per_column, 1))
+        if chunk < 1:
+            warnings.warn(
+                f"memory_budget={self.memory_budget} bytes is below one column's estimated need "
+                f"({per_column} bytes); processing one column at a time"
+            )
+            chunk = 1
+        return min(chunk, num_columns)
+
+    def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor) -> List[List[Tensor]]:
+        outputs = [call.y for group in groups for call in group.calls]
+        grads = batched_vjp(loss_call.output, outputs, columns)
+        result, position = [], 0
+        for group in groups:
+            result.append(grads[position : position + len(group.calls)])
+            position += len(group.calls)
+        return result
+
+    def _run_columns(self, loss_call, groups, columns: Tensor, extensions, coupled: bool) -> None:
+        if coupled:  # one column per (class, sample): column c restricted to sample n
+            batch = columns.shape[1]
+            eye = torch.eye(batch, dtype=columns.dtype, device=columns.device)
+            columns = columns[:, None] * eye.reshape(1, batch, batch, *([1] * (columns.dim() - 2)))
+        whole = any(ext.needs_all_columns for ext in extensions)
+        chunk = self._chunk_size(groups, columns.shape[0], coupled, whole)
+        self.last_chunk_size = chunk
+        states = {ext: {group.module: {} for group in groups} for ext in extensions}
+        for start in range(0, columns.shape[0], chunk):
+            block = columns[start : start + chunk]
+            if coupled:
+                block = block.flatten(0, 1)
+            messages = self._backpropagate(loss_call, groups, block)
+            for ext in extensions:
+                for group, message in zip(groups, messages):
+                    ext.accumulate(group, message, states[ext][group.module])
+            del messages
+        for ext in extensions:
+            self._store(ext, groups, states[ext])
+
+    def _run_hessian_diagonal(self, loss_call: LossCall, groups, ext: Extension) -> None:
+        from .diagonal_backprop import backpropagate_diagonal
+
+        watch = {call.y.grad_fn: (gi, ci) for gi, group in enumerate(groups) for ci, call in enumerate(group.calls)}
+        found = backpropagate_diagonal(
+            loss_call.output,
+            loss_call.hessian_diagonal(),
+            loss_call.gradient(),
+            watch=watch,
+            gauss_newton=ext.message == "hessian_diagonal_gn",
+        )
+        states = {}
+        for gi, group in enumerate(groups):
+            messages = []
+            for ci, call in enumerate(group.calls):
+                d = found.get((gi, ci))
+                messages.append(torch.zeros_like(call.y) if d is None else d[0])
+            state = {}
+            ext.accumulate(group, messages, state)
+            states[group.module] = state
+        self._store(ext, groups, states)
+
+    def _finish(self, ext: Extension, groups, _unused) -> None:
+        states = {}
+        for group in groups:
+            state = {}
+            ext.accumulate(group, [None] * len(group.calls), state)
+            states[group.module] = state
+        self._store(ext, groups, states)
+
+    def _store(self, ext: Extension, groups, states) -> None:
+        for group in groups:
+            results = ext.finalize(group, states[group.module])
+            for name, value in results.items():
+                setattr(group.parameters[name], ext.savefield, value)
+
+    # ------------------------------------------------------------------------------------------
+    # gradient-output extensions (run inside the ordinary backward pass)
+
+    def _on_grad_output(self, call: LayerCall, grad: Tensor) -> None:
+        if getattr(self, "_active", None) is None:
+            return
+        loss_call, groups = self._active
+        group = next(g for g in groups if call in g.calls)
+        seen = self._grad_output_seen.setdefault(group.module, {})
+        seen[id(call)] = grad
+        if len(seen) < len(group.calls):
+            return  # wait for the other calls of a shared layer
+        gradients = [seen[id(c)] for c in group.calls]
+        scale = 1.0 / math.sqrt(loss_call.scale)
+        for ext in self._grad_output_extensions():
+            messages = [g[None] * scale for g in gradients] if ext.message == "empirical" else [g[None] for g in gradients]
+            state = {}
+            ext.accumulate(group, messages, state)
+            for name, value in ext.finalize(group, state).items():
+                setattr(group.parameters[name], ext.savefield, value)

@@ -1,0 +1,61 @@
+"""The interface every curvature quantity implements (see ``examples/custom_extension.py``).
+
+An extension declares
+
+- ``savefield``: the attribute its per-parameter result is stored under (``param.<savefield>``);
+- ``message``: what it consumes at each layer output —
+  ``"ggn_exact"`` (columns of the exact loss-Hessian square root, ``[C, *y.shape]``),
+  ``"ggn_mc"`` (``mc_samples`` Monte-Carlo columns), ``"empirical"`` (per-sample gradients, one
+  column), ``"grad_output"`` (the plain gradient w.r.t. the layer output, ``[1, *y.shape]``),
+  ``"hessian_diagonal"`` / ``"hessian_diagonal_gn"`` (HesScale's diagonal, shaped like ``y``),
+  or ``None`` (only the layer input is needed);
+- ``accumulate(group, messages, state)``: add one chunk's contribution for a parameter-sharing
+  group of calls (:class:`~curvlib.engine.layers.ModuleCalls`) to ``state`` (a dict per module,
+  kept across chunks; ``messages`` holds one tensor per call);
+- ``finalize(group, state) -> {param_name: result}``: the per-parameter results;
+- optionally ``check(module)`` to refuse modules it does not support with a clear error.
+
+Columns may arrive in chunks (memory budget), so ``accumulate`` must be additive over columns;
+extensions that need all columns at once set ``needs_all_columns = True``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from torch import Tensor, nn
+
+MESSAGES = (None, "ggn_exact", "ggn_mc", "empirical", "grad_output", "hessian_diagonal", "hessian_diagonal_gn")
+
+
+class Extension:
+    """Base class of curvature quantities; subclasses set ``savefield`` and ``message``."""
+
+    savefield: str = ""
+    message: Optional[str] = None
+    mc_samples: int = 1
+    needs_all_columns: bool = False
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` if ``module`` (a module with parameters) is not supported."""
+
+    def message_key(self):
+        """Extensions with equal keys share one backpropagated message."""
+        if self.message == "ggn_mc":
+            return ("ggn_mc", self.mc_samples)
+        return self.message
+
+    def accumulate(self, group, messages: List[Tensor], state: Dict) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement accumulate")
+
+    def finalize(self, group, state: Dict) -> Dict[str, Tensor]:
+        return dict(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def add_into(state: Dict, results: Dict[str, Tensor]) -> None:
+    """``state[name] += result`` for each entry (first entry stored as is)."""
+    for name, value in results.items():
+        state[name] = value if name not in state else state[name] + value

@@ -1,0 +1,363 @@
+"""Per-layer curvature from a backpropagated message: one recorded module call, all quantities.
+
+A :class:`LayerCall` is one call of a module with parameters during the forward pass: its input
+``x`` and output ``y``. Given ``s`` — vectors backpropagated to ``y``, ``[C, *y.shape]`` — it
+computes each quantity for each of the module's parameters, returned as ``{name: tensor}``.
+
+Three kinds of layer:
+
+- convolutions (``Conv{1,2,3}d``, ``ConvTranspose{1,2,3}d``) through :mod:`curvlib.functional`;
+- ``Linear`` as a point-wise ``Conv1d`` over all leading dimensions but the batch (so a Linear on
+  ``[N, T, D]`` sums over the ``T`` "locations" like a convolution over its output locations);
+- any other module with parameters (BatchNorm, LayerNorm, Embedding …) through autograd: its
+  per-column parameter gradients are VJPs of the recorded output.
+
+*Column gradients* ``[C, N, *param]`` are the per-(column, sample) parameter gradients. For a
+network whose samples do not interact they are per-sample VJPs of column ``c``; when they do
+(BatchNorm in train mode), the engine backpropagates one column per (c, n) pair and ``N`` indexes
+those columns (see :mod:`curvlib.engine.context`). Every exact quantity is a function of them;
+convolutions compute the common ones (GGN diagonal, mini-blocks, Gram) directly as tensor
+networks without materialising them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..hyperparams import make_geometry
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"conv"`` (incl. transposed), ``"linear"`` or ``"generic"`` (autograd)."""
+    if isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "generic"
+
+
+def check_module(module: nn.Module) -> None:
+    """Refuse module configurations we cannot represent (non-zero padding modes)."""
+    if layer_kind(module) == "conv" and module.padding_mode != "zeros":
+        raise ValueError(
+            f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported: "
+            "use padding_mode='zeros' (or pad explicitly with torch.nn.functional.pad before the layer)"
+        )
+
+
+def direct_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+@dataclass
+class KroneckerFactors:
+    """KFAC factors of one parameter: ``input`` ``[G, D, D]`` and ``output`` ``[G, E, E]``.
+
+    The curvature of group ``g``'s weight block ``W_g`` (``[E, D]`` when flattened as
+    ``weight.flatten(1)`` restricted to the group) is approximated by ``output[g] ⊗ input[g]`` in
+    the row-major ``vec(W_g)`` order, i.e. ``W_g ↦ output[g] @ W_g @ input[g]``. For a bias the
+    input factor is ``[G, 1, 1]``.
+    """
+
+    input: Tensor
+    output: Tensor
+
+    def __add__(self, other: "KroneckerFactors") -> "KroneckerFactors":
+        return KroneckerFactors(self.input + other.input, self.output + other.output)
+
+
+class LayerCall:
+    """One call of a module with parameters: input ``x``, output ``y``, and its quantities."""
+
+    def __init__(self, module: nn.Module, x: Tensor, y: Tensor):
+        self.module = module
+        self.kind = layer_kind(module)
+        self.x = x
+        self.y = y
+        self.parameters = direct_parameters(module)
+        if self.kind == "conv":
+            transposed = isinstance(module, CONV_TRANSPOSE_TYPES)
+            self.hyper = dict(
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                transposed=transposed,
+                output_padding=module.output_padding if transposed else 0,
+            )
+            self.kernel_size = module.kernel_size
+            self.groups = module.groups
+        elif self.kind == "linear":
+            self.hyper = dict(stride=1, padding=0, dilation=1, groups=1, transposed=False, output_padding=0)
+            self.kernel_size = (1,)
+            self.groups = 1
+
+    # ------------------------------------------------------------------------------------------
+    # conv-shaped views of input, output messages and weights
+
+    def conv_input(self) -> Tensor:
+        """``x`` as a convolution input ``[N, C_in, *I]`` (Linear: ``[N, D_in, T]``)."""
+        if self.kind == "linear":
+            n = self.x.shape[0]
+            return self.x.reshape(n, -1, self.x.shape[-1]).transpose(1, 2)
+        return self.x
+
+    def conv_message(self, s: Tensor) -> Tensor:
+        """``s`` ``[C, *y.shape]`` as ``[C, N, C_out, *O]`` (Linear: ``[C, N, D_out, T]``)."""
+        if self.kind == "linear":
+            c, n = s.shape[:2]
+            return s.reshape(c, n, -1, s.shape[-1]).transpose(2, 3)
+        return s
+
+    def _to_weight(self, tensor: Tensor, lead: int) -> Tensor:
+        """Conv-layout weight-shaped result → the module's weight shape (Linear drops the kernel axis)."""
+        if self.kind == "linear":
+            return tensor.reshape(*tensor.shape[:lead], *self.module.weight.shape)
+        return tensor
+
+    def _kwargs(self) -> dict:
+        return dict(self.hyper)
+
+    @property
+    def locations(self) -> int:
+        """Number of output locations the weight is shared over (1 for a Linear on ``[N, D]``)."""
+        shape = self.y.shape[1:-1] if self.kind == "linear" else self.y.shape[2:]
+        return math.prod(shape)
+
+    def bias_columns(self, s: Tensor) -> Tensor:
+        """Per (column, sample) bias gradients ``[C, N, C_out]``: ``s`` summed over output locations."""
+        s = self.conv_message(s)
+        return s.flatten(3).sum(3)
+
+    # ------------------------------------------------------------------------------------------
+    # quantities
+
+    def column_gradients(self, s: Tensor, coupled: bool = False) -> Dict[str, Tensor]:
+        """Per-(column, sample) parameter gradients ``{name: [C, N, *param]}``.
+
+        ``coupled=False``: ``s`` is ``[C, *y.shape]`` and sample ``n``'s gradient is its own VJP.
+        ``coupled=True``: ``s`` is ``[C·N, *y.shape]``, one backpropagated vector per (c, n) pair,
+        each summed over the batch (samples interact, e.g. through BatchNorm in train mode).
+        """
+        batch = self.y.shape[0]
+        if self.kind == "generic":
+            return self._generic_column_gradients(s, coupled)
+        result = {}
+        x, message = self.conv_input(), self.conv_message(s)
+        if "weight" in self.parameters:
+            grads = F.weight_vjp(x, message, self.kernel_size, per_sample=not coupled, columns=True, **self._kwargs())
+            result["weight"] = self._to_weight(grads.reshape(-1, batch, *grads.shape[2 - coupled:]), 2)
+        if "bias" in self.parameters:
+            bias = self.bias_columns(s)
+            result["bias"] = bias.sum(1).reshape(-1, batch, bias.shape[-1]) if coupled else bias
+        return result
+
+    def _generic_column_gradients(self, s: Tensor, coupled: bool) -> Dict[str, Tensor]:
+        names = list(self.parameters)
+        batch = self.y.shape[0]
+        if coupled:
+            vectors = s
+        else:  # one vector per (column, sample): column c restricted to sample n
+            eye = torch.eye(batch, dtype=s.dtype, device=s.device)
+            vectors = (s[:, None] * eye.reshape(1, batch, batch, *([1] * (s.dim() - 2)))).flatten(0, 1)
+        grads = batched_vjp(self.y, [self.parameters[name] for name in names], vectors)
+        return {name: g.reshape(-1, batch, *self.parameters[name].shape) for name, g in zip(names, grads)}
+
+    def ggn_diag(self, s: Tensor, per_sample: bool = False) -> Dict[str, Tensor]:
+        """GGN diagonal ``Σ_{c,n} (J_{c,n})²`` per parameter (``[N, *param]`` summed over c if ``per_sample``)."""
+        if self.kind == "generic":
+            return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(s).items()}
+        result = {}
+        if "weight" in self.parameters:
+            diag = F.ggn_diag(self.conv_input(), self.conv_message(s), self.kernel_size, per_sample=per_sample, **self._kwargs())
+            result["weight"] = self._to_weight(diag, 1 if per_sample else 0)
+        if "bias" in self.parameters:
+            result["bias"] = _square_sum(self.bias_columns(s), per_sample)
+        return result
+
+    def ggn_mini_block(self, s: Tensor, blocks: Dict[str, Sequence[int]]) -> Dict[str, Tensor]:
+        """GGN mini-block diagonal ``[*blocks, d, d]`` per parameter; ``blocks[name]`` per parameter axis."""
+        result = {}
+        if self.kind == "conv" and "weight" in self.parameters:
+            result["weight"] = F.ggn_mini_block(
+                self.conv_input(), self.conv_message(s), self.kernel_size, blocks=tuple(blocks["weight"]), **self._kwargs()
+            )
+        remaining = [name for name in self.parameters if name not in result]
+        if remaining:
+            columns = self.column_gradients(s) if self.kind == "generic" else {}
+            for name in remaining:
+                grads = columns[name] if name in columns else self._column_gradient(s, name)
+                result[name] = blocks_from_columns(grads, tuple(blocks[name]))
+        return result
+
+    def _column_gradient(self, s: Tensor, name: str) -> Tensor:
+        if name == "bias":
+            return self.bias_columns(s)
+        return self.column_gradients(s)[name]
+
+    def ggn_gram(self, s: Tensor) -> Dict[str, Tensor]:
+        """Per-parameter GGN Gram matrices ``[C, N, C, N]``."""
+        if self.kind == "generic":
+            return {k: _gram(v) for k, v in self.column_gradients(s).items()}
+        result = {}
+        if "weight" in self.parameters:
+            result["weight"] = F.ggn_gram(self.conv_input(), self.conv_message(s), self.kernel_size, **self._kwargs())
+        if "bias" in self.parameters:
+            result["bias"] = _gram(self.bias_columns(s))
+        return result
+
+    def batch_grad(self, g: Tensor) -> Dict[str, Tensor]:
+        """Per-sample gradients ``[N, *param]`` from the gradient ``g`` w.r.t. the output."""
+        return {k: v[0] for k, v in self.column_gradients(g[None]).items()}
+
+    # ------------------------------------------------------------------------------------------
+    # KFAC
+
+    def kfac_input(self, approx: str) -> Dict[str, Tensor]:
+        """Input factors ``[G, D, D]`` (weight) and ``[G, 1, 1]`` (bias) for ``approx`` ``"expand"``/``"reduce"``."""
+        if self.kind == "generic":
+            raise ValueError(f"KFAC is not defined for {type(self.module).__name__}: only Linear and convolution layers")
+        x = self.conv_input()
+        function = F.kfc if approx == "expand" else F.kfac_reduce
+        result = {}
+        if "weight" in self.parameters:
+            result["weight"] = function(x, self.kernel_size, **self._kwargs())
+        if "bias" in self.parameters:
+            locations = self.locations if approx == "expand" else 1
+            result["bias"] = torch.full((self.groups, 1, 1), float(locations), dtype=x.dtype, device=x.device)
+        return result
+
+    def kfac_output(self, s: Tensor, approx: str) -> Tensor:
+        """Output factor ``[G, E, E]`` (shared by weight and bias).
+
+        expand: ``1/O Σ_{c,n,o} s sᵀ`` (``O`` output locations); reduce: ``Σ_{c,n} (Σ_o s)(Σ_o s)ᵀ``.
+        With the input factors' ``1/N`` these reproduce KFAC of a Linear layer exactly when ``O = 1``.
+        """
+        message = self.conv_message(s)
+        c, n, channels = message.shape[:3]
+        flat = message.reshape(c, n, self.groups, channels // self.groups, -1)
+        locations = flat.shape[-1]
+        if approx == "expand":
+            return torch.einsum("cngel,cngfl->gef", flat, flat) / locations
+        summed = flat.sum(-1)
+        return torch.einsum("cnge,cngf->gef", summed, summed)
+
+
+def _square_sum(columns: Tensor, per_sample: bool) -> Tensor:
+    squared = columns**2
+    return squared.sum(0) if per_sample else squared.sum((0, 1))
+
+
+def _gram(columns: Tensor) -> Tensor:
+    flat = columns.flatten(2)
+    return torch.einsum("cnp,dmp->cndm", flat, flat)
+
+
+def blocks_from_columns(columns: Tensor, blocks: Sequence[int]) -> Tensor:
+    """Mini-block GGN ``[*blocks, d, d]`` from column gradients ``[C, N, *param]``."""
+    shape = columns.shape[2:]
+    if len(blocks) != len(shape) or any(size % b for size, b in zip(shape, blocks)):
+        raise ValueError(f"blocks {tuple(blocks)} must have one divisor per parameter axis {tuple(shape)}")
+    split = []
+    for size, b in zip(shape, blocks):
+        split += [b, size // b]
+    tensor = columns.reshape(*columns.shape[:2], *split)
+    k = len(shape)
+    block_axes = [2 + 2 * a for a in range(k)]
+    within_axes = [3 + 2 * a for a in range(k)]
+    tensor = tensor.permute(0, 1, *block_axes, *within_axes)
+    d = math.prod(size // b for size, b in zip(shape, blocks))
+    tensor = tensor.reshape(*columns.shape[:2], *blocks, d)
+    return torch.einsum("cn...i,cn...j->...ij", tensor, tensor)
+
+
+def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor) -> list:
+    """VJPs of ``output`` w.r.t. ``inputs`` for each of the vectors ``[J, *output.shape]`` (graph kept).
+
+    Uses autograd's batched gradients (vmap over the backward pass) and falls back to a loop over
+    the vectors for operations without a batching rule. Inputs not reached give zeros.
+    """
+    try:
+        grads = torch.autograd.grad(
+            output, inputs, grad_outputs=vectors, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:
+        per_vector = [
+            torch.autograd.grad(output, inputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in vectors
+        ]
+        grads = [
+            None if any(g[i] is None for g in per_vector) else torch.stack([g[i] for g in per_vector])
+            for i in range(len(inputs))
+        ]
+    return [
+        torch.zeros(vectors.shape[0], *inp.shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
+        for g, inp in zip(grads, inputs)
+    ]
+
+
+class ModuleCalls:
+    """All calls of one module in a forward pass (a layer applied twice shares its parameters).
+
+    Exact quantities of shared parameters need the per-column gradients summed over the calls
+    before they are squared; so do networks whose samples interact (``coupled``). Otherwise, with
+    a single call, the quantities come straight from the call's tensor networks.
+    """
+
+    def __init__(self, module: nn.Module, calls: Sequence[LayerCall], coupled: bool = False):
+        self.module = module
+        self.calls = list(calls)
+        self.coupled = coupled
+        self.parameters = direct_parameters(module)
+
+    @property
+    def by_columns(self) -> bool:
+        return self.coupled or len(self.calls) > 1
+
+    def column_gradients(self, messages: Sequence[Tensor]) -> Dict[str, Tensor]:
+        total: Dict[str, Tensor] = {}
+        for call, s in zip(self.calls, messages):
+            for name, value in call.column_gradients(s, self.coupled).items():
+                total[name] = value if name not in total else total[name] + value
+        return total
+
+    def ggn_diag(self, messages: Sequence[Tensor], per_sample: bool = False) -> Dict[str, Tensor]:
+        if self.by_columns:
+            return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(messages).items()}
+        return self.calls[0].ggn_diag(messages[0], per_sample)
+
+    def ggn_mini_block(self, messages: Sequence[Tensor], blocks: Dict[str, Sequence[int]]) -> Dict[str, Tensor]:
+        if self.by_columns:
+            return {k: blocks_from_columns(v, tuple(blocks[k])) for k, v in self.column_gradients(messages).items()}
+        return self.calls[0].ggn_mini_block(messages[0], blocks)
+
+    def ggn_gram(self, messages: Sequence[Tensor]) -> Dict[str, Tensor]:
+        if self.by_columns:
+            return {k: _gram(v) for k, v in self.column_gradients(messages).items()}
+        return self.calls[0].ggn_gram(messages[0])
+
+    def batch_grad(self, gradients: Sequence[Tensor]) -> Dict[str, Tensor]:
+        total: Dict[str, Tensor] = {}
+        for call, g in zip(self.calls, gradients):
+            for name, value in call.batch_grad(g).items():
+                total[name] = value if name not in total else total[name] + value
+        return total
+
+    def kfac_input(self, approx: str) -> Dict[str, Tensor]:
+        """Input factors summed over the calls (a shared layer's factors add up)."""
+        total: Dict[str, Tensor] = {}
+        for call in self.calls:
+            for name, value in call.kfac_input(approx).items():
+                total[name] = value if name not in total else total[name] + value
+        return total
+
+    def kfac_output(self, messages: Sequence[Tensor], approx: str) -> Tensor:
+        return sum(call.kfac_output(s, approx) for call, s in zip(self.calls, messages))
