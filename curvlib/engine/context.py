@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .extension import Extension
-from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters
+from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -117,7 +117,7 @@ class curvature:
         self._modules = []
 
     def _record_layer(self, module: nn.Module, inputs, output):
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
+        if recording_suspended() or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
             return None
         call = LayerCall(module, inputs[0].detach(), output)
         self._calls.append(call)
@@ -207,7 +207,11 @@ class curvature:
 
     def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor) -> List[List[Tensor]]:
         outputs = [call.y for group in groups for call in group.calls]
-        grads = batched_vjp(loss_call.output, outputs, columns)
+        self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
+        try:
+            grads = batched_vjp(loss_call.output, outputs, columns)
+        finally:
+            self._engine_backprop = False
         result, position = [], 0
         for group in groups:
             result.append(grads[position : position + len(group.calls)])
@@ -275,7 +279,7 @@ class curvature:
     # gradient-output extensions (run inside the ordinary backward pass)
 
     def _on_grad_output(self, call: LayerCall, grad: Tensor) -> None:
-        if getattr(self, "_active", None) is None:
+        if getattr(self, "_active", None) is None or getattr(self, "_engine_backprop", False):
             return
         loss_call, groups = self._active
         group = next(g for g in groups if call in g.calls)

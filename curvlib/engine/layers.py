@@ -22,6 +22,7 @@ networks without materialising them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -162,15 +163,20 @@ class LayerCall:
         return result
 
     def _generic_column_gradients(self, s: Tensor, coupled: bool) -> Dict[str, Tensor]:
-        names = list(self.parameters)
+        # Re-run the module functionally on its recorded input (buffers cloned so running statistics
+        # are untouched): an independent graph, usable inside hooks of the ordinary backward pass.
         batch = self.y.shape[0]
         if coupled:
             vectors = s
         else:  # one vector per (column, sample): column c restricted to sample n
             eye = torch.eye(batch, dtype=s.dtype, device=s.device)
             vectors = (s[:, None] * eye.reshape(1, batch, batch, *([1] * (s.dim() - 2)))).flatten(0, 1)
-        grads = batched_vjp(self.y, [self.parameters[name] for name in names], vectors)
-        return {name: g.reshape(-1, batch, *self.parameters[name].shape) for name, g in zip(names, grads)}
+        params = {name: p.detach().requires_grad_() for name, p in self.parameters.items()}
+        buffers = {name: b.clone() for name, b in self.module.named_buffers(recurse=False)}
+        with torch.enable_grad(), suspend_recording():
+            y = torch.func.functional_call(self.module, {**params, **buffers}, (self.x,))
+            grads = batched_vjp(y, list(params.values()), vectors, retain_graph=False)
+        return {name: g.reshape(-1, batch, *params[name].shape) for name, g in zip(params, grads)}
 
     def ggn_diag(self, s: Tensor, per_sample: bool = False) -> Dict[str, Tensor]:
         """GGN diagonal ``Σ_{c,n} (J_{c,n})²`` per parameter (``[N, *param]`` summed over c if ``per_sample``)."""
@@ -280,7 +286,24 @@ def blocks_from_columns(columns: Tensor, blocks: Sequence[int]) -> Tensor:
     return torch.einsum("cn...i,cn...j->...ij", tensor, tensor)
 
 
-def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor) -> list:
+_RECORDING_SUSPENDED = [0]
+
+
+@contextlib.contextmanager
+def suspend_recording():
+    """Forward calls inside this block are not recorded by the engine's hooks (internal recomputation)."""
+    _RECORDING_SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _RECORDING_SUSPENDED[0] -= 1
+
+
+def recording_suspended() -> bool:
+    return _RECORDING_SUSPENDED[0] > 0
+
+
+def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor, retain_graph: bool = True) -> list:
     """VJPs of ``output`` w.r.t. ``inputs`` for each of the vectors ``[J, *output.shape]`` (graph kept).
 
     Uses autograd's batched gradients (vmap over the backward pass) and falls back to a loop over
@@ -290,7 +313,7 @@ def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor) -> li
         grads = torch.autograd.grad(
             output, inputs, grad_outputs=vectors, retain_graph=True, is_grads_batched=True, allow_unused=True
         )
-    except RuntimeError:
+    except (RuntimeError, SystemError):  # some backward kernels (BatchNorm) lack a batching rule
         per_vector = [
             torch.autograd.grad(output, inputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in vectors
         ]
