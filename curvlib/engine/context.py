@@ -158,6 +158,15 @@ class curvature:
         return [ModuleCalls(module, group, coupled) for module, group in by_module.items()]
 
     def _on_backward(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
+        if getattr(self, "_computing", False):
+            return  # our own differentiation of the loss (its gradient) passes through this hook again
+        self._computing = True
+        try:
+            self._compute(loss_call, calls)
+        finally:
+            self._computing = False
+
+    def _compute(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
         coupled = self._coupled()
         groups = self._groups(calls, coupled)
         self._active = (loss_call, groups)
