@@ -17,3 +17,8 @@ target="."
 [ -n "$extra" ] && target=".[${extra}]"
 python -m pip install -q -c "$constraint" -e "$target"
 rm -f "$constraint"
+if [ "$extra" = "test" ] && ! python -c "import backpack" 2>/dev/null; then
+  # BackPACK (reference for the plug-in's tests) stays optional; --no-deps because it lists
+  # torchvision, which would pull a second (CUDA) torch; nothing it needs imports torchvision.
+  python -m pip install -q --no-deps "backpack-for-pytorch>=1.6" "einops>=0.3,<1" "unfoldNd>=0.2,<1"
+fi

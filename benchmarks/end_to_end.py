@@ -1,0 +1,182 @@
+"""End-to-end cost of curvlib's extensions on 3c3d (CIFAR-10 shapes) and All-CNN-C (CIFAR-100 shapes).
+
+    python benchmarks/end_to_end.py [--device cuda] [--batch 128] [--repeats 10] [--out DIR] [--quick]
+
+For each model: a plain forward + backward, then forward + backward inside ``curvlib.curvature``
+with one extension at a time. Time: median wall-clock of ``--repeats`` steps after warm-up
+(CUDA-synchronised); peak: ``max_memory_allocated`` during one step minus the memory before it.
+Also the GGN Gram matrix (``GGNGram`` with ``MSELoss(reduction='sum')``, i.e. twice the empirical
+NTK) against an empirical NTK from ``torch.func`` (vmap over jacrev) on 3c3d.
+Writes ``end_to_end.jsonl`` and ``end_to_end.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import curvlib  # noqa: E402
+from curvlib import extensions as E  # noqa: E402
+
+
+def three_c_three_d(num_classes: int = 10) -> nn.Module:
+    """DeepOBS 3c3d with the layer shapes of the core paper's Table E3a."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.ZeroPad2d(1), nn.Conv2d(96, 128, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Flatten(), nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def all_cnn_c(num_classes: int = 100) -> nn.Module:
+    """DeepOBS All-CNN-C (without dropout) with the layer shapes of Table E3c."""
+    def block(c_in, c_out, stride=1):
+        pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.ZeroPad2d(1)
+        return [pad, nn.Conv2d(c_in, c_out, 3, stride=stride), nn.ReLU()]
+    return nn.Sequential(
+        *block(3, 96), *block(96, 96), *block(96, 96, 2),
+        *block(96, 192), *block(192, 192), *block(192, 192, 2),
+        nn.Conv2d(192, 192, 3), nn.ReLU(), nn.Conv2d(192, 192, 1), nn.ReLU(),
+        nn.Conv2d(192, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def measure(step, device, repeats: int):
+    for _ in range(2):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return statistics.median(times), min(times), peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--memory-budget", type=float, default=2e9)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="batch 4, 1 repeat (CPU smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 4, 1
+    device = torch.device(args.device)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = args.out or os.path.join("benchmarks", "results", f"{name.replace(' ', '_')}-{datetime.date.today()}")
+    os.makedirs(out, exist_ok=True)
+    records = []
+    extensions = {
+        "DiagGGNMC": lambda: E.DiagGGNMC(),
+        "DiagGGNExact": lambda: E.DiagGGNExact(),
+        "KFACExpand(mc)": lambda: E.KFACExpand(fisher="mc"),
+        "KFACReduce(mc)": lambda: E.KFACReduce(fisher="mc"),
+        "KFACReduce(type-2)": lambda: E.KFACReduce(fisher="type-2"),
+        "BatchGrad": lambda: E.BatchGrad(),
+        "HesScale": lambda: E.HesScale(),
+    }
+    for net, build, classes in (("3c3d", three_c_three_d, 10), ("all_cnn_c", all_cnn_c, 100)):
+        torch.manual_seed(0)
+        model = build(classes).to(device)
+        loss_fn = nn.CrossEntropyLoss()
+        X = torch.randn(args.batch, 3, 32, 32, device=device)
+        y = torch.randint(0, classes, (args.batch,), device=device)
+
+        def plain():
+            model.zero_grad()
+            loss_fn(model(X), y).backward()
+
+        base, base_min, base_peak = measure(plain, device, args.repeats)
+        records.append(dict(net=net, ext="plain", s=base, min_s=base_min, peak_mib=base_peak))
+        print(f"{net:10s} plain              {base * 1e3:8.1f} ms  peak {base_peak} MiB", flush=True)
+        for ext_name, make in extensions.items():
+            ext = make()
+
+            def step():
+                with curvlib.curvature(model, loss_fn, ext, memory_budget=args.memory_budget):
+                    model.zero_grad()
+                    loss_fn(model(X), y).backward()
+
+            try:
+                t, t_min, peak = measure(step, device, args.repeats)
+            except torch.cuda.OutOfMemoryError as error:  # record and go on
+                print(f"{net:10s} {ext_name:18s} OOM: {error}", flush=True)
+                records.append(dict(net=net, ext=ext_name, error="out of memory"))
+                continue
+            records.append(dict(net=net, ext=ext_name, s=t, min_s=t_min, peak_mib=peak, vs_plain=t / base))
+            print(f"{net:10s} {ext_name:18s} {t * 1e3:8.1f} ms  ({t / base:5.2f}x plain)  peak {peak} MiB", flush=True)
+
+    # GGN Gram (square loss) vs torch.func empirical NTK on 3c3d
+    torch.manual_seed(0)
+    model = three_c_three_d().to(device)
+    X = torch.randn(args.batch, 3, 32, 32, device=device)
+    target = torch.randn(args.batch, 10, device=device)
+    mse = nn.MSELoss(reduction="sum")
+    gram = E.GGNGram()
+
+    def curvlib_gram():
+        with curvlib.curvature(model, mse, gram):
+            model.zero_grad()
+            mse(model(X), target).backward()
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def func_ntk():
+        def f(p, x):
+            return torch.func.functional_call(model, p, (x[None],))[0]
+        jac = torch.func.vmap(torch.func.jacrev(f), (None, 0))(params, X)
+        flat = torch.cat([j.flatten(2) for j in jac.values()], 2)  # [N, 10, P]
+        return torch.einsum("nap,mbp->anbm", flat, flat)
+
+    for impl, step in (("GGNGram (curvlib)", curvlib_gram), ("eNTK torch.func", func_ntk)):
+        t, t_min, peak = measure(step, device, args.repeats)
+        records.append(dict(net="3c3d", ext=impl, s=t, min_s=t_min, peak_mib=peak))
+        print(f"3c3d       {impl:18s} {t * 1e3:8.1f} ms  peak {peak} MiB", flush=True)
+    ntk = func_ntk()
+    curvlib_gram()
+    relerr = ((gram.gram - 2 * ntk).norm() / (2 * ntk).norm()).item()
+    print(f"GGN Gram vs 2·eNTK relative error {relerr:.2e}", flush=True)
+
+    meta = dict(device=name, torch=torch.__version__, date=str(datetime.date.today()), batch=args.batch,
+                memory_budget=args.memory_budget, gram_relerr=relerr)
+    with open(os.path.join(out, "end_to_end.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps({**meta, **r}) + "\n")
+    with open(os.path.join(out, "end_to_end.md"), "w") as f:
+        f.write(f"End to end, batch {args.batch}, {name}, torch {torch.__version__}, {meta['date']}\n\n")
+        f.write("| model | extension | median ms | × plain | peak MiB |\n|---|---|---|---|---|\n")
+        for r in records:
+            if "s" in r:
+                ratio = f"{r['vs_plain']:.2f}" if "vs_plain" in r else ""
+                f.write(f"| {r['net']} | {r['ext']} | {r['s'] * 1e3:.1f} | {ratio} | {r['peak_mib']} |\n")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
