@@ -3,13 +3,15 @@
 Rewrites that remove index patterns (used by :func:`simplify`):
 
 - :func:`unfold_input_leg` — transformations **T1** (dense, ``K = S``) and **T2** (down-sampling,
-  ``S > K``) generalised: when a pattern's input leg ``i`` is summed and carried by one data
-  operand, and windows do not overlap (``S ≥ D·(K−1)+1``), the contraction with Π is the strided
+  ``S > K``) generalised: when a pattern's input leg ``i`` is summed and carried only by data
+  operands, and windows do not overlap (``S ≥ D·(K−1)+1``), the contraction with Π is the strided
   *view* ``X[..., o·S + k·D − P, ...]`` — no pattern, no copy (padding, if any, is applied first).
   Trailing pixels that no window touches (D14 violated) are skipped by the view. Averaged
   patterns (KFAC-reduce) become the same view summed over ``o`` and scaled by ``1/O``.
 - :func:`embed_output_leg` — the same for a pattern whose input leg is an *output* leg (input
   VJPs, fold): the network returns ``(o, k)`` and a post-processing step writes them into ``i``.
+- :func:`merge_duplicate_patterns` — two copies of one pattern sharing two legs are a delta on the
+  third (``Π[i,o,k] Π[i,o,k'] = δ_{kk'} Π[i,o,k]``): one copy is dropped.
 - :func:`prune_identities` — identity patterns (``K = S = 1``, no padding) and Kronecker deltas are
   removed by renaming one leg to the other.
 - :func:`squeeze_legs` — legs of size 1 are dropped.
@@ -113,18 +115,22 @@ def unfold_input_leg(network: TensorNetwork, position: int, allow_overlap: bool 
         return network
     if not (allow_overlap or _non_overlapping(spec)):
         return network
+    # every other operand carrying i is data (several, e.g. X twice in HesScale: Π picks one i per (o, k))
     carriers = [pos for pos in network.users(i) if pos != position]
-    if len(carriers) != 1:
+    if not carriers:
         return network
-    carrier = network.operands[carriers[0]]
-    if carrier.tensor is None or carrier.legs.count(i) != 1 or o in carrier.legs or k in carrier.legs:
-        return network
-    axis = carrier.legs.index(i)
-    view = window_view(pad_axis(carrier.tensor, axis, spec.padding), axis, spec.plain())
-    legs = carrier.legs[:axis] + (o, k) + carrier.legs[axis + 1 :]
-    sizes = dict(network.sizes, **{o: spec.output_size})
+    for pos in carriers:
+        carrier = network.operands[pos]
+        if carrier.tensor is None or carrier.legs.count(i) != 1 or o in carrier.legs or k in carrier.legs:
+            return network
     operands = list(network.operands)
-    operands[carriers[0]] = replace(carrier, tensor=view, legs=legs)
+    for pos in carriers:
+        carrier = network.operands[pos]
+        axis = carrier.legs.index(i)
+        view = window_view(pad_axis(carrier.tensor, axis, spec.padding), axis, spec.plain())
+        legs = carrier.legs[:axis] + (o, k) + carrier.legs[axis + 1 :]
+        operands[pos] = replace(carrier, tensor=view, legs=legs)
+    sizes = dict(network.sizes, **{o: spec.output_size})
     del operands[position]
     scale = network.scale / spec.output_size if averaged else network.scale
     return network.with_operands(operands, sizes=sizes, scale=scale)
@@ -149,6 +155,43 @@ def embed_output_leg(network: TensorNetwork, position: int) -> TensorNetwork:
     operands = [op for pos, op in enumerate(network.operands) if pos != position]
     embeddings = network.embeddings + (Embedding(o, k, i, spec),)
     return network.with_operands(operands, output=output, embeddings=embeddings)
+
+
+def merge_duplicate_patterns(network: TensorNetwork) -> TensorNetwork:
+    """Two copies of one pattern sharing two of their legs are forced equal on the third.
+
+    For fixed ``(i, o)`` at most one ``k`` satisfies ``i = o·S + k·D − P`` (and likewise for the
+    other pairs), so ``Π[i,o,k] Π[i,o,k'] = δ_{kk'} Π[i,o,k]``: the second pattern is dropped and its
+    free leg renamed to the first one's. This turns the two Jacobian copies of HesScale's networks
+    into squared operands (``W∘W``, ``X∘X``) instead of large intermediates.
+    """
+    changed = True
+    while changed:
+        changed = False
+        plain = [pos for pos in range(len(network.operands)) if _full_plain_pattern(network, pos)]
+        for a in plain:
+            for b in plain:
+                if b <= a or network.operands[a].pattern != network.operands[b].pattern:
+                    continue
+                legs_a, legs_b = network.operands[a].legs, network.operands[b].legs
+                differing = [axis for axis in range(3) if legs_a[axis] != legs_b[axis]]
+                if len(differing) != 1:
+                    continue
+                keep, drop = legs_a[differing[0]], legs_b[differing[0]]
+                if keep in network.output and drop in network.output:
+                    continue  # both legs are kept: the result would need a diagonal embedding
+                if keep in _embedding_legs(network) or drop in _embedding_legs(network):
+                    continue
+                if any(keep in op.legs and drop in op.legs for op in network.operands):
+                    continue  # an operand carrying both legs would need its diagonal
+                if drop in network.output:
+                    keep, drop = drop, keep
+                network = _rename(network, drop, keep, drop=b)
+                changed = True
+                break
+            if changed:
+                break
+    return network
 
 
 def prune_identities(network: TensorNetwork) -> TensorNetwork:
@@ -341,7 +384,9 @@ def transpose_as_convolution(network: TensorNetwork, position: int) -> TensorNet
 
 
 def simplify(network: TensorNetwork) -> TensorNetwork:
-    """Apply the pattern-removing rewrites until none applies, then prune, squeeze and merge legs."""
+    """Merge duplicate patterns, apply the pattern-removing rewrites until none applies, then
+    prune, squeeze and merge legs."""
+    network = merge_duplicate_patterns(network)
     changed = True
     while changed:
         changed = False

@@ -479,8 +479,8 @@ def test_pipeline(name, kind, seed):
     simplified = S.simplify(network)
     assert_same_value(simplified, network, f"simplify({kind}, {name})")
     if remaining == 0:
-        stays = kind == "hesscale_input" and name != "pointwise"  # i leg shared by two patterns
-        stays |= kind in ("kfc", "kfac_reduce", "hesscale_weight") and geo.transposed  # i legs shared
+        # (HesScale's two pattern copies share two legs and are merged first, so they vanish too)
+        stays = kind in ("kfc", "kfac_reduce") and geo.transposed  # i legs shared by two patterns
         stays |= kind == "unfold_kernel" and name != "pointwise"  # i and o are both output legs
         if kind == "unfold_kernel" and name == "pointwise":
             # identity patterns between two output legs are the Toeplitz matrix' identity blocks
@@ -490,6 +490,9 @@ def test_pipeline(name, kind, seed):
             assert simplified.num_patterns > 0
         else:
             assert simplified.num_patterns == 0, simplified
+    elif kind.startswith("hesscale"):
+        # overlapping windows keep their patterns, but HesScale's two copies merge into one
+        assert simplified.num_patterns == network.num_patterns // 2
     else:
         assert simplified.num_patterns == network.num_patterns  # overlapping windows keep their patterns
     assert S.simplify(simplified).named_equation == simplified.named_equation
@@ -498,3 +501,44 @@ def test_pipeline(name, kind, seed):
 def test_pipeline_leaves_irreducible_network_alone(seed):
     network = build("kfc", OVERLAP)
     assert S.simplify(network) is network
+
+
+# --------------------------------------------------------------------------------------------
+# merge_duplicate_patterns: two copies of one pattern sharing two legs
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("which", ["input_diag", "weight_diag"])
+def test_merge_duplicate_patterns_hesscale(seed, transposed, which):
+    from curvlib.contract import contract
+    from curvlib.expressions import hesscale
+    from curvlib.hyperparams import make_geometry
+    from curvlib.simplify import merge_duplicate_patterns
+
+    g = torch.Generator().manual_seed(seed)
+    geometry = make_geometry(4, 6, (7, 6), kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2,
+                             transposed=transposed, output_padding=(1, 0) if transposed else 0)
+    weight = torch.randn(*geometry.weight_shape, generator=g, dtype=torch.float64)
+    d = torch.rand(3, geometry.layer_output_channels, *geometry.layer_output_size, generator=g, dtype=torch.float64)
+    if which == "input_diag":
+        network = hesscale.input_diag(weight, d, geometry)
+    else:
+        x = torch.randn(3, geometry.layer_input_channels, *geometry.layer_input_size, generator=g, dtype=torch.float64)
+        network = hesscale.weight_diag(x, d, geometry)
+    merged = merge_duplicate_patterns(network)
+    assert merged.num_patterns == network.num_patterns // 2  # one copy of each spatial pattern dropped
+    reference = contract(network)
+    assert torch.allclose(contract(merged), reference, rtol=1e-10, atol=1e-12 * reference.abs().max())
+
+
+def test_merge_duplicate_patterns_keeps_distinct_output_legs(seed):
+    """Full GGN: both kernel legs are output legs, the copies share no two legs: nothing to merge."""
+    from curvlib.expressions import ggn
+    from curvlib.hyperparams import make_geometry
+    from curvlib.simplify import merge_duplicate_patterns
+
+    geometry = make_geometry(2, 2, (5, 5), kernel_size=3)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    s = torch.randn(3, 2, 2, 3, 3, dtype=torch.float64)
+    network = ggn.ggn_blocks(x, s, geometry, (1, 1, 1, 1))
+    assert merge_duplicate_patterns(network) is network
