@@ -14,6 +14,10 @@ output and kernel sizes; any number of spatial dimensions, inferred from ``x.dim
   ``[C_in, C_out // G, *K]`` (PyTorch's ``ConvTranspose`` layout) and the factors' ``D`` is
   ``C_in // G · ∏K`` (the layer input's channels per group times the kernel).
 - ``simplify=True`` applies the exact rewrites of :mod:`curvlib.simplify` before contracting.
+- ``pathway`` (weight-side functions): ``"tn"`` keeps the index patterns of overlapping windows;
+  ``"unfold"`` views overlapping windows as the unfolded input, which turns the contraction into
+  batched matrix products (faster for many columns, e.g. the GGN diagonal with ``C·N`` large; the
+  unfolded input is materialised by einsum).
 
 Normalisation: ``kfc`` and ``kfac_reduce`` average over the batch (``1/N``); GGN quantities are
 plain sums over the columns of ``s`` and the batch.
@@ -71,7 +75,16 @@ __all__ = [
 ]
 
 
-def _evaluate(network: TensorNetwork, simplify: bool) -> Tensor:
+PATHWAYS = ("tn", "unfold")
+
+
+def _evaluate(network: TensorNetwork, simplify: bool, pathway: str = "tn") -> Tensor:
+    """Contract ``network``; ``pathway="unfold"`` also removes overlapping patterns by viewing the
+    input as unfolded (faster when many columns share one unfolded input, e.g. the GGN diagonal)."""
+    if pathway not in PATHWAYS:
+        raise ValueError(f"pathway must be one of {PATHWAYS}, got {pathway!r}")
+    if pathway == "unfold":
+        return contract(_simplify.simplify(network, unfold_overlapping=True))
     return contract(_simplify.simplify(network) if simplify else network)
 
 
@@ -375,6 +388,7 @@ def weight_vjp(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """Weight VJP (the weight gradient for output gradient ``v``), as ``torch.nn.grad.conv{N}d_weight``.
 
@@ -393,7 +407,7 @@ def weight_vjp(
     geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding, lead)
     side = ("i" if transposed else "o") if columns else None
     network = _weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample, columns=side)
-    return _evaluate(network, simplify)
+    return _evaluate(network, simplify, pathway)
 
 
 def kfc(
@@ -407,6 +421,7 @@ def kfc(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """KFC / KFAC-expand input factor ``Ω_g = 1/N Σ_n ⟦X_{n,g}⟧ᵀ⟦X_{n,g}⟧`` (sum over output locations).
 
@@ -418,7 +433,7 @@ def kfc(
     """
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(kfac.kfc(x, geometry), simplify)
+    return _evaluate(kfac.kfc(x, geometry), simplify, pathway)
 
 
 def kfac_reduce(
@@ -468,6 +483,7 @@ def ggn_mini_block(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """GGN mini-block diagonal (core paper B.2) of a convolution weight.
 
@@ -483,7 +499,7 @@ def ggn_mini_block(
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     blocks = _check_blocks(blocks, geometry.weight_shape)
-    return _evaluate(_ggn.ggn_blocks(x, s, geometry, blocks), simplify)
+    return _evaluate(_ggn.ggn_blocks(x, s, geometry, blocks), simplify, pathway)
 
 
 def ggn(
@@ -498,6 +514,7 @@ def ggn(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """Full GGN of the weight, ``Σ_{c,n} J_{c,n} J_{c,n}ᵀ``: ``[|w|, |w|]`` in ``weight.flatten()`` order.
 
@@ -509,7 +526,7 @@ def ggn(
     blocks = (1,) * len(geometry.weight_shape)
     network = _ggn.ggn_blocks(x, s, geometry, blocks)
     size = math.prod(geometry.weight_shape)
-    return _evaluate(network, simplify).reshape(size, size)
+    return _evaluate(network, simplify, pathway).reshape(size, size)
 
 
 def ggn_diag(
@@ -525,6 +542,7 @@ def ggn_diag(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """Diagonal of the weight's GGN, weight-shaped ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
 
@@ -535,7 +553,7 @@ def ggn_diag(
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     shape = geometry.weight_shape
     network = _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample)
-    result = _evaluate(network, simplify)
+    result = _evaluate(network, simplify, pathway)
     return result.reshape(*((x.shape[0],) if per_sample else ()), *shape)
 
 
@@ -551,13 +569,14 @@ def ggn_gram(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """GGN Gram matrix (empirical NTK for square loss) of the weight: ``[C, N, C, N]``.
 
     Entry ``(c, n, c', n')`` is ``⟨J_{c,n}, J_{c',n'}⟩`` with ``J_{c,n}`` the weight VJP of column ``c``, sample ``n``.
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
-    return _evaluate(_ggn.ggn_gram(x, s, geometry), simplify)
+    return _evaluate(_ggn.ggn_gram(x, s, geometry), simplify, pathway)
 
 
 def hesscale_weight_diag(
@@ -573,6 +592,7 @@ def hesscale_weight_diag(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """HesScale/BL89 weight Hessian diagonal ``diag(Jᵀ diag(d) J)`` (core paper B.4).
 
@@ -584,7 +604,7 @@ def hesscale_weight_diag(
         ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
     """
     geometry = _weight_side(x, d, "d", kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(hesscale.weight_diag(x, d, geometry, per_sample), simplify)
+    return _evaluate(hesscale.weight_diag(x, d, geometry, per_sample), simplify, pathway)
 
 
 def hesscale_input_diag(

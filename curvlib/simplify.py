@@ -383,16 +383,24 @@ def transpose_as_convolution(network: TensorNetwork, position: int) -> TensorNet
 # pipeline
 
 
-def simplify(network: TensorNetwork) -> TensorNetwork:
+def simplify(network: TensorNetwork, unfold_overlapping: bool = False) -> TensorNetwork:
     """Merge duplicate patterns, apply the pattern-removing rewrites until none applies, then
-    prune, squeeze and merge legs."""
+    prune, squeeze and merge legs.
+
+    ``unfold_overlapping=True`` also views overlapping windows as the unfolded input (the
+    ``"unfold"`` pathway of :mod:`curvlib.functional`): no pattern contractions and GEMM-shaped
+    work, at the memory cost of the unfolded input when einsum materialises the view.
+    """
     network = merge_duplicate_patterns(network)
     changed = True
     while changed:
         changed = False
         for position in range(len(network.operands)):
             for rewrite in (embed_output_leg, unfold_input_leg):
-                rewritten = rewrite(network, position)
+                if rewrite is unfold_input_leg:
+                    rewritten = rewrite(network, position, allow_overlap=unfold_overlapping)
+                else:
+                    rewritten = rewrite(network, position)
                 if rewritten is not network:
                     network, changed = rewritten, True
                     break

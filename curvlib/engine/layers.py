@@ -37,6 +37,12 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+#: Pathway of :mod:`curvlib.functional` for the column-heavy quantities (GGN diagonal, mini-blocks,
+#: Gram matrix, column gradients): many columns share one unfolded input, so viewing overlapping
+#: windows as the unfolded input (batched matrix products) beats contracting index patterns.
+GGN_PATHWAY = "unfold"
+
+
 def layer_kind(module: nn.Module) -> str:
     """``"conv"`` (incl. transposed), ``"linear"`` or ``"generic"`` (autograd)."""
     if isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES):
@@ -155,7 +161,9 @@ class LayerCall:
         result = {}
         x, message = self.conv_input(), self.conv_message(s)
         if "weight" in self.parameters:
-            grads = F.weight_vjp(x, message, self.kernel_size, per_sample=not coupled, columns=True, **self._kwargs())
+            grads = F.weight_vjp(
+                x, message, self.kernel_size, per_sample=not coupled, columns=True, pathway=GGN_PATHWAY, **self._kwargs()
+            )
             result["weight"] = self._to_weight(grads.reshape(-1, batch, *grads.shape[2 - coupled:]), 2)
         if "bias" in self.parameters:
             bias = self.bias_columns(s)
@@ -184,7 +192,10 @@ class LayerCall:
             return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(s).items()}
         result = {}
         if "weight" in self.parameters:
-            diag = F.ggn_diag(self.conv_input(), self.conv_message(s), self.kernel_size, per_sample=per_sample, **self._kwargs())
+            diag = F.ggn_diag(
+                self.conv_input(), self.conv_message(s), self.kernel_size, per_sample=per_sample,
+                pathway=GGN_PATHWAY, **self._kwargs()
+            )
             result["weight"] = self._to_weight(diag, 1 if per_sample else 0)
         if "bias" in self.parameters:
             result["bias"] = _square_sum(self.bias_columns(s), per_sample)
@@ -195,7 +206,8 @@ class LayerCall:
         result = {}
         if self.kind == "conv" and "weight" in self.parameters:
             result["weight"] = F.ggn_mini_block(
-                self.conv_input(), self.conv_message(s), self.kernel_size, blocks=tuple(blocks["weight"]), **self._kwargs()
+                self.conv_input(), self.conv_message(s), self.kernel_size, blocks=tuple(blocks["weight"]),
+                pathway=GGN_PATHWAY, **self._kwargs()
             )
         remaining = [name for name in self.parameters if name not in result]
         if remaining:
@@ -216,7 +228,9 @@ class LayerCall:
             return {k: _gram(v) for k, v in self.column_gradients(s).items()}
         result = {}
         if "weight" in self.parameters:
-            result["weight"] = F.ggn_gram(self.conv_input(), self.conv_message(s), self.kernel_size, **self._kwargs())
+            result["weight"] = F.ggn_gram(
+                self.conv_input(), self.conv_message(s), self.kernel_size, pathway=GGN_PATHWAY, **self._kwargs()
+            )
         if "bias" in self.parameters:
             result["bias"] = _gram(self.bias_columns(s))
         return result
