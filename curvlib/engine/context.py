@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -75,8 +76,13 @@ class curvature:
         for ext in extensions:
             if not isinstance(ext, Extension):
                 raise TypeError(f"extensions must be curvlib.extensions instances, got {type(ext).__name__}")
-        if memory_budget is not None and (not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
-            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, (int, float))
+            or not math.isfinite(memory_budget)
+            or memory_budget <= 0
+        ):
+            raise ValueError(f"memory_budget must be a positive, finite number of bytes or None, got {memory_budget!r}")
         if batch_coupled not in ("auto", True, False):
             raise ValueError(f"batch_coupled must be 'auto', True or False, got {batch_coupled!r}")
         self.model = model
@@ -86,7 +92,13 @@ class curvature:
         self.batch_coupled = batch_coupled
         self.skip = set(skip)
         self._handles: List = []
+        # hooks on tensors (layer outputs, losses): removed on exit, so that a backward pass after the
+        # context computes nothing; their closures hold no strong reference back to the tensors they
+        # sit on (a reference cycle through a tensor hook is never collected)
+        self._tensor_handles: List = []
         self._calls: List[LayerCall] = []
+        self._active = None
+        self._in_backward = False
         self._modules: List[nn.Module] = []
         self.last_chunk_size: Optional[int] = None
 
@@ -110,11 +122,14 @@ class curvature:
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
+        for handle in self._handles + self._tensor_handles:
             handle.remove()
         self._handles.clear()
+        self._tensor_handles.clear()
         self._calls = []
         self._modules = []
+        self._active = None
+        self._grad_output_seen = {}
 
     def _record_layer(self, module: nn.Module, inputs, output):
         if recording_suspended() or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
@@ -122,8 +137,8 @@ class curvature:
         call = LayerCall(module, inputs[0].detach(), output)
         self._calls.append(call)
         if self._grad_output_extensions():
-            output.register_hook(lambda grad, call=call: self._on_grad_output(call, grad))
-            call.grad_outputs = None
+            call_ref = weakref.ref(call)  # the call holds the output: a strong reference would be a cycle
+            self._tensor_handles.append(output.register_hook(lambda grad: self._on_grad_output(call_ref(), grad)))
         if self._clone_outputs:
             # an in-place operation on the output (ReLU(inplace=True)) would rewrite its autograd
             # history; the layer output we differentiate with respect to must stay untouched
@@ -131,13 +146,18 @@ class curvature:
         return None
 
     def _record_loss(self, loss_fn, inputs, loss):
-        if not torch.is_grad_enabled() or not loss.requires_grad:
+        if recording_suspended() or not torch.is_grad_enabled() or not loss.requires_grad:
             return None
         output, target = inputs[0], inputs[1]
-        loss_call = LossCall(loss_fn, output, target, loss)
-        calls, self._calls = self._calls, []
-        loss.register_hook(lambda grad: self._on_backward(loss_call, calls))
-        self._pending_grad_outputs = OrderedDict()
+        loss_call = LossCall(loss_fn, output, target)  # without the loss itself: no cycle through its hook
+        # only the calls this loss depends on (a forward pass whose output never reached a loss, e.g.
+        # a monitoring pass with gradients enabled, must not count as a second call of each layer)
+        graph = _graph_nodes(output)
+        calls = [call for call in self._calls if call.y.grad_fn in graph]
+        self._calls = []
+        self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
+        self._tensor_handles.append(loss.register_hook(lambda grad: self._on_backward(loss_call, calls)))
+        self._in_backward = False
         return None
 
     # ------------------------------------------------------------------------------------------
@@ -160,17 +180,29 @@ class curvature:
     def _on_backward(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
         if getattr(self, "_computing", False):
             return  # our own differentiation of the loss (its gradient) passes through this hook again
+        if self._in_backward:
+            raise ValueError(
+                "curvlib.curvature: several recorded losses in one backward pass (e.g. a sum of two "
+                "loss_fn calls) are not supported; call backward on each loss separately"
+            )
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         self._computing = True
         try:
             self._compute(loss_call, calls)
         finally:
             self._computing = False
 
+    def _end_backward(self) -> None:
+        """Queued at the first loss hook: runs when autograd has finished the whole backward pass."""
+        self._in_backward = False
+        self._active = None  # release this pass's recorded calls
+        self._grad_output_seen = {}
+
     def _compute(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
         coupled = self._coupled()
         groups = self._groups(calls, coupled)
         self._active = (loss_call, groups)
-        self._grad_output_states = {}
         self._grad_output_seen = {}
         column_extensions: "OrderedDict[object, List[Extension]]" = OrderedDict()
         for ext in self.extensions:
@@ -287,11 +319,13 @@ class curvature:
     # ------------------------------------------------------------------------------------------
     # gradient-output extensions (run inside the ordinary backward pass)
 
-    def _on_grad_output(self, call: LayerCall, grad: Tensor) -> None:
-        if getattr(self, "_active", None) is None or getattr(self, "_engine_backprop", False):
+    def _on_grad_output(self, call: Optional[LayerCall], grad: Tensor) -> None:
+        if call is None or self._active is None or getattr(self, "_engine_backprop", False):
             return
         loss_call, groups = self._active
-        group = next(g for g in groups if call in g.calls)
+        group = next((g for g in groups if call in g.calls), None)
+        if group is None:
+            return  # a call of another loss's forward pass
         seen = self._grad_output_seen.setdefault(group.module, {})
         seen[id(call)] = grad
         if len(seen) < len(group.calls):
@@ -304,3 +338,15 @@ class curvature:
             ext.accumulate(group, messages, state)
             for name, value in ext.finalize(group, state).items():
                 setattr(group.parameters[name], ext.savefield, value)
+
+
+def _graph_nodes(output: Tensor) -> set:
+    """The autograd nodes ``output`` depends on."""
+    nodes, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return nodes

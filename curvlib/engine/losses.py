@@ -11,7 +11,11 @@ non-zero only on its own sample:
 - :meth:`LossCall.empirical` — one column ``√scale · ∇ℓ(f_n, y_n)`` (the empirical Fisher).
 - :meth:`LossCall.hessian_diagonal` — ``diag(∇²_f L)`` shaped like ``f``.
 
-Supported: ``CrossEntropyLoss`` (class-index or probability targets, ``[N, K]`` logits),
+"Column ``c``" means ``C`` columns per sample packed into one tensor: ``Σ_c S[c, n] S[c, n]ᵀ`` is the
+Hessian block of sample ``n`` (``S[c]`` itself spans all samples; there are no cross-sample terms).
+
+Supported: ``CrossEntropyLoss`` (class-index or probability targets, ``[N, K]`` logits; probability
+targets need not sum to one — the Hessian scales with their sum ``Σ_k t_nk`` per sample),
 ``MSELoss`` and ``BCEWithLogitsLoss`` (any output shape ``[N, *D]``), reductions ``mean``/``sum``.
 The Gaussian/Bernoulli/categorical likelihoods behind the MC samples are those for which each loss
 is the negative log-likelihood (MSE: Gaussian with variance 1/2).
@@ -23,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as tf
 from torch import Tensor, nn
 
 SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -45,12 +50,15 @@ def check_loss_module(loss_fn: nn.Module) -> None:
 
 @dataclass
 class LossCall:
-    """One evaluation ``loss_fn(output, target)`` recorded during the forward pass."""
+    """One evaluation ``loss_fn(output, target)`` recorded during the forward pass.
+
+    The loss value itself is not kept (the engine hooks it; keeping it here would make a reference
+    cycle through that hook): :meth:`gradient` re-evaluates the loss on a detached output.
+    """
 
     loss_fn: nn.Module
     output: Tensor
     target: Tensor
-    loss: Tensor
 
     def __post_init__(self):
         check_loss_module(self.loss_fn)
@@ -59,8 +67,17 @@ class LossCall:
                 raise ValueError(
                     f"CrossEntropyLoss is supported for logits [N, K]; got output shape {tuple(self.output.shape)}"
                 )
-            if self.target.dtype in (torch.long, torch.int) and (self.target == self.loss_fn.ignore_index).any():
+            if not self.target.is_floating_point() and (self.target == self.loss_fn.ignore_index).any():
                 raise ValueError("targets equal to CrossEntropyLoss.ignore_index are not supported")
+            if self.target.is_floating_point() and (self.target < 0).any():
+                raise ValueError("CrossEntropyLoss probability targets must be non-negative")
+
+    def _target_mass(self) -> Tensor:
+        """``[N, 1]``: ``Σ_k t_nk`` for cross-entropy probability targets (the Hessian's factor), else 1."""
+        flat = self._flat()
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss) and self.target.is_floating_point():
+            return self.target.detach().to(flat.dtype).reshape(flat.shape[0], -1).sum(1, keepdim=True)
+        return torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
 
     @property
     def batch_size(self) -> int:
@@ -95,8 +112,8 @@ class LossCall:
         eye = torch.eye(dim, dtype=flat.dtype, device=flat.device)
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
             p = self._probabilities()
-            # diag(p) − p pᵀ = Σ_c √p_c (e_c − p) (√p_c (e_c − p))ᵀ
-            columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
+            # diag(p) − p pᵀ = Σ_c √p_c (e_c − p) (√p_c (e_c − p))ᵀ, times the target mass
+            columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None]) * self._target_mass().sqrt()
         elif isinstance(self.loss_fn, nn.MSELoss):
             columns = math.sqrt(2.0) * eye[:, None, :].expand(dim, n, dim)
         else:
@@ -111,7 +128,7 @@ class LossCall:
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
             p = self._probabilities()
             labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator).T  # [M, N]
-            columns = p[None] - nn.functional.one_hot(labels, dim).to(p.dtype)
+            columns = (p[None] - nn.functional.one_hot(labels, dim).to(p.dtype)) * self._target_mass().sqrt()
         elif isinstance(self.loss_fn, nn.MSELoss):
             noise = torch.randn(mc_samples, n, dim, dtype=flat.dtype, device=flat.device, generator=generator)
             columns = math.sqrt(2.0) * noise
@@ -122,8 +139,17 @@ class LossCall:
         return self._columns(columns * math.sqrt(self.scale / mc_samples))
 
     def gradient(self) -> Tensor:
-        """``∂L/∂f`` (shaped like ``f``)."""
-        return torch.autograd.grad(self.loss, self.output, retain_graph=True)[0]
+        """``∂L/∂f`` (shaped like ``f``), by differentiating the loss re-evaluated on a detached output."""
+        output = self.output.detach().requires_grad_(True)
+        loss_fn, reduction = self.loss_fn, self.loss_fn.reduction
+        with torch.enable_grad():
+            if isinstance(loss_fn, nn.CrossEntropyLoss):
+                loss = tf.cross_entropy(output, self.target, reduction=reduction, ignore_index=loss_fn.ignore_index)
+            elif isinstance(loss_fn, nn.MSELoss):
+                loss = tf.mse_loss(output, self.target, reduction=reduction)
+            else:
+                loss = tf.binary_cross_entropy_with_logits(output, self.target, reduction=reduction)
+            return torch.autograd.grad(loss, output)[0]
 
     def empirical(self) -> Tensor:
         """Empirical-Fisher factor ``[1, *f.shape]``: per-sample gradients ``√scale · ∇ℓ_n``."""
@@ -136,5 +162,5 @@ class LossCall:
             diagonal = torch.full_like(flat, 2.0)
         else:
             p = self._probabilities()
-            diagonal = p * (1 - p)
+            diagonal = p * (1 - p) * self._target_mass()
         return (diagonal * self.scale).reshape(self.output.shape)

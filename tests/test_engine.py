@@ -1,0 +1,531 @@
+"""The ``curvlib.curvature`` context manager: hygiene, memory budget, errors, engine behaviour.
+
+Results are compared with independent references (tests/test_engine_references.py) or with the
+engine's own results under a different configuration where the claim is "identical" (chunking,
+``batch_coupled=True`` on a model whose samples do not interact).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import curvlib
+import curvlib.engine.context as engine_context
+from conftest import assert_close
+from curvlib.extensions import (
+    BatchDiagGGNExact,
+    BatchDiagGGNMC,
+    BatchGrad,
+    DiagGGNExact,
+    DiagGGNMC,
+    Extension,
+    GGNGram,
+    GGNMiniBlock,
+    HesScale,
+    HesScaleGN,
+    KFACExpand,
+    KFACReduce,
+    KroneckerFactors,
+)
+from test_engine_references import DT, GGNReference, make_loss, make_model, per_sample_gradients, run_engine
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+SAVEFIELDS = {
+    "diag_ggn_exact",
+    "diag_ggn_mc",
+    "diag_ggn_exact_batch",
+    "diag_ggn_mc_batch",
+    "ggn_mini_block",
+    "ggn_gram",
+    "diag_hesscale",
+    "diag_hesscale_gn",
+    "kfac_expand",
+    "kfac_reduce",
+    "grad_batch",
+}
+
+
+@pytest.fixture(autouse=True)
+def _seeded(seed):
+    return seed
+
+
+def all_extensions(hesscale=True, kfac=True):
+    extensions = [
+        DiagGGNExact(), DiagGGNMC(2), BatchDiagGGNExact(), BatchDiagGGNMC(2), GGNMiniBlock("output"), GGNGram(), BatchGrad(),
+    ]
+    if hesscale:
+        extensions += [HesScale(), HesScaleGN()]
+    if kfac:
+        extensions += [KFACExpand(fisher="mc"), KFACReduce(fisher="type-2"), KFACExpand(fisher="empirical")]
+    return extensions
+
+
+def cnn_with_bn_eval():
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, groups=1),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+    ).to(DT)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# where the results land
+
+
+def test_results_land_under_documented_names_and_shapes():
+    model = cnn_with_bn_eval()
+    X = torch.randn(3, 2, 8, 8, dtype=DT)
+    loss_fn, y = make_loss("ce", (3, 3))
+    gram = GGNGram()
+    run_engine(
+        model, loss_fn, X, y,
+        DiagGGNExact(), DiagGGNMC(2), BatchDiagGGNExact(), BatchDiagGGNMC(3), GGNMiniBlock("output"), gram,
+        HesScale(), HesScaleGN(), BatchGrad(), KFACExpand(fisher="type-2"), KFACReduce(fisher="mc"),
+        skip=[model[1]],
+    )
+    for module in (model[0], model[4], model[6]):
+        for name, p in module.named_parameters():
+            for field in ("diag_ggn_exact", "diag_ggn_mc", "diag_hesscale", "diag_hesscale_gn"):
+                assert getattr(p, field).shape == p.shape, field
+            for field in ("diag_ggn_exact_batch", "diag_ggn_mc_batch", "grad_batch"):
+                assert getattr(p, field).shape == (3, *p.shape), field
+            assert p.ggn_mini_block.shape == (p.shape[0], *([1] * (p.dim() - 1)), p[0].numel(), p[0].numel())
+            assert p.ggn_gram.shape == (3, 3, 3, 3)
+            for field in ("kfac_expand", "kfac_reduce"):
+                factors = getattr(p, field)
+                assert isinstance(factors, KroneckerFactors)
+                out_channels = module.weight.shape[0]
+                assert factors.output.shape == (1, out_channels, out_channels)
+                d = module.weight[0].numel() if name == "weight" else 1
+                assert factors.input.shape == (1, d, d)
+            assert set(vars(p)) - {"_is_param"} <= SAVEFIELDS
+    for p in model[1].parameters():  # skipped
+        assert not set(vars(p)) & SAVEFIELDS
+    assert gram.gram.shape == (3, 3, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# hygiene
+
+
+HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+)
+
+
+def hook_count(modules) -> int:
+    return sum(len(getattr(m, d, {}) or {}) for m in modules for d in HOOK_DICTS)
+
+
+def module_state(modules):
+    return [(sorted(vars(m)), {d: dict(getattr(m, d, {}) or {}) for d in HOOK_DICTS}) for m in modules]
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "residual_train", "shared", "sequence"])
+def test_context_leaves_no_trace(model_name):
+    model, X = make_model(model_name)
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    modules = list(model.modules()) + [loss_fn]
+    before = module_state(modules)
+    hesscale = not model_name.startswith("residual")  # BN in train mode: no HesScale
+    kfac = model_name != "residual_train"
+    with curvlib.curvature(model, loss_fn, *all_extensions(hesscale, kfac)):
+        out = model(X)
+        loss = loss_fn(out, y)
+        loss.backward(retain_graph=True)
+    assert module_state(modules) == before, "hooks or attributes left on modules"
+    assert not out._backward_hooks and not loss._backward_hooks, "tensor hooks left on the output / loss"
+    for p in model.parameters():
+        assert set(vars(p)) - {"_is_param"} <= SAVEFIELDS
+        for field in SAVEFIELDS:
+            if hasattr(p, field):
+                delattr(p, field)
+    snapshot = {name: set(vars(p)) for name, p in model.named_parameters()}
+    # the retained graph, backpropagated again after the context: plain autograd, nothing computed
+    model.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    # a plain new forward/backward pass afterwards works and sets nothing either
+    model.zero_grad()
+    loss_fn(model(X), y).backward()
+    assert {name: set(vars(p)) for name, p in model.named_parameters()} == snapshot
+    assert module_state(modules) == before
+    if not model_name.endswith("train"):
+        for name, p in model.named_parameters():
+            assert_close(p.grad, grads[name], name=f"{name}.grad")
+
+
+class _TrackedCall(engine_context.LayerCall):
+    """LayerCall that registers weak references to itself and its recorded input and output."""
+
+    alive: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _TrackedCall.alive.append((weakref.ref(self), weakref.ref(self.x), weakref.ref(self.y)))
+
+
+@pytest.fixture
+def tracked_calls(monkeypatch):
+    _TrackedCall.alive = []
+    monkeypatch.setattr(engine_context, "LayerCall", _TrackedCall)
+    return _TrackedCall.alive
+
+
+def _alive(refs) -> int:
+    return sum(ref() is not None for entry in refs for ref in entry)
+
+
+def _count_tensors() -> int:
+    gc.collect()
+    return sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())  # type(): no attribute lookups
+
+
+def test_repeated_use_leaks_neither_hooks_nor_memory(tracked_calls):
+    model, X = make_model("cnn")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    modules = list(model.modules()) + [loss_fn]
+    baseline = hook_count(modules)
+    extensions = [DiagGGNExact(), BatchGrad(), KFACExpand(fisher="empirical"), HesScale(), GGNGram()]
+    counts = []
+    for step in range(100):
+        with curvlib.curvature(model, loss_fn, *extensions):
+            assert hook_count(modules) > baseline
+            loss = loss_fn(model(X), y)
+            loss.backward()
+        assert hook_count(modules) == baseline, f"step {step}: hooks left"
+        assert tracked_calls, "nothing recorded"
+        # released by reference counting alone (no cycles): input, output and the call itself
+        del loss
+        assert _alive(tracked_calls) == 0, f"step {step}: recorded calls still alive after exit"
+        tracked_calls.clear()
+        if step in (10, 99):
+            counts.append(_count_tensors())
+    assert counts[1] <= counts[0], f"live tensors grew from {counts[0]} to {counts[1]} over 90 uses"
+
+
+def test_training_loop_inside_one_context_releases_each_step(tracked_calls):
+    """Many steps inside one context: a step's recorded tensors die with its loss (no reference cycles)."""
+    model, X = make_model("shared")
+    loss_fn, y = make_loss("mse", (X.shape[0], 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with curvlib.curvature(model, loss_fn, DiagGGNExact(), BatchGrad(), KFACReduce(fisher="empirical")):
+        for step in range(5):
+            optimizer.zero_grad()
+            loss = loss_fn(model(X), y)
+            loss.backward()
+            if step < 4:
+                optimizer.step()
+                del loss
+                assert _alive(tracked_calls) == 0, f"step {step}: recorded calls alive inside the context"
+                tracked_calls.clear()
+    reference_model = copy.deepcopy(model)  # after the context (a deep copy inside would copy its hooks)
+    # the results of the last step are those of the parameters at that step
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    expected = per_sample_gradients(reference_model, loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=f"{name} after 4 steps")
+        assert_close(p.grad_batch, expected[name], rtol=1e-9, name=f"{name}.grad_batch after 4 steps")
+
+
+def test_exception_inside_the_context_removes_hooks():
+    model, X = make_model("cnn")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    modules = list(model.modules()) + [loss_fn]
+    baseline = hook_count(modules)
+    with pytest.raises(RuntimeError, match="boom"):
+        with curvlib.curvature(model, loss_fn, DiagGGNExact()):
+            model(X)
+            raise RuntimeError("boom")
+    assert hook_count(modules) == baseline
+
+
+# ----------------------------------------------------------------------------------------------
+# memory budget
+
+
+def _results(model):
+    return {
+        (name, field): (value.input.clone(), value.output.clone()) if isinstance(value, KroneckerFactors) else value.clone()
+        for name, p in model.named_parameters()
+        for field, value in vars(p).items()
+        if field in SAVEFIELDS
+    }
+
+
+def _assert_same(a, b, label):
+    assert a.keys() == b.keys()
+    for key in a:
+        first, second = (a[key], b[key]) if isinstance(a[key], tuple) else ((a[key],), (b[key],))
+        for u, v in zip(first, second):
+            scale = max(v.abs().max().item(), 1e-300)
+            assert_close(u, v, rtol=1e-11, atol=1e-12 * scale, allow_zero=True, name=f"{label}: {key}")
+
+
+BUDGET_CASES = {
+    "cnn": (lambda m: [DiagGGNExact(), BatchDiagGGNExact(), GGNMiniBlock("output"), KFACExpand(fisher="type-2"), KFACReduce(fisher="type-2")], []),
+    "resbn_train": (lambda m: [DiagGGNExact(), BatchDiagGGNExact(), GGNMiniBlock("full")], []),
+    "shared": (lambda m: [DiagGGNExact(), BatchDiagGGNExact(), GGNMiniBlock("full"), KFACReduce(fisher="type-2")], []),
+    "mixed_conv": (lambda m: [DiagGGNExact(), BatchDiagGGNExact(), GGNMiniBlock("diagonal"), KFACExpand(fisher="type-2")], []),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(BUDGET_CASES))
+@pytest.mark.parametrize("message", ["exact", "mc"])
+def test_memory_budget_chunks_give_identical_results(model_name, message):
+    make_extensions, _ = BUDGET_CASES[model_name]
+    model, X = make_model(model_name)
+    # MSE on 6 outputs: 6 exact columns; 7 MC samples
+    out_dim = 3
+    loss_fn, y = make_loss("mse", (X.shape[0], out_dim))
+    state = copy.deepcopy(model.state_dict())
+
+    def run(budget, seed=1234):
+        model.load_state_dict(state)
+        for p in model.parameters():
+            for field in SAVEFIELDS & set(vars(p)):
+                delattr(p, field)
+        extensions = make_extensions(model) if message == "exact" else [DiagGGNMC(7), BatchDiagGGNMC(7), KFACReduce(fisher="mc", mc_samples=7)]
+        if message == "mc" and model_name == "resbn_train":
+            extensions = extensions[:2]
+        torch.manual_seed(seed)  # the same MC draws in every run (drawn before chunking)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ctx = run_engine(model, loss_fn, X, y, *extensions, memory_budget=budget)
+        return ctx.last_chunk_size, _results(model)
+
+    columns = out_dim if message == "exact" else 7
+    whole_chunk, whole = run(None)
+    assert whole_chunk == columns
+    chunk_sizes = set()
+    budget = 1
+    while True:  # budgets growing by 1.5×: every chunk size from 1 to all columns occurs
+        chunk, chunked = run(budget)
+        chunk_sizes.add(chunk)
+        _assert_same(chunked, whole, f"budget {budget} (chunk {chunk})")
+        if chunk == columns:
+            break
+        budget = max(int(budget * 1.5), 1000)
+        assert budget < 1e12
+    assert 1 in chunk_sizes, "no budget forced single columns"
+    assert any(1 < c < columns for c in chunk_sizes) or columns <= 2, f"no multi-column chunk: {chunk_sizes}"
+    # and a different seed gives different MC results (the comparison above is not vacuous)
+    if message == "mc":
+        _, other = run(None, seed=99)
+        key = next(k for k in whole if k[1] == "diag_ggn_mc")
+        assert not torch.equal(other[key], whole[key])
+
+
+def test_tiny_budget_warns_and_gram_takes_all_columns():
+    model, X = make_model("cnn")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    with pytest.warns(UserWarning, match="memory_budget=1 bytes is below one column"):
+        ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=1)
+    assert ctx.last_chunk_size == 1
+    gram = GGNGram()
+    ctx = run_engine(model, loss_fn, X, y, gram, memory_budget=1)
+    assert ctx.last_chunk_size == 3, "Gram matrices need all columns at once"
+
+
+# ----------------------------------------------------------------------------------------------
+# engine behaviour
+
+
+def test_batch_coupled_flag():
+    """True on independent samples changes nothing; False on train-mode BatchNorm would be wrong ("auto" detects it)."""
+    model, X = make_model("cnn")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), GGNGram(), batch_coupled=False)
+    uncoupled = _results(model)
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), GGNGram(), batch_coupled=True)
+    _assert_same(_results(model), uncoupled, "batch_coupled=True on independent samples")
+
+    model, X = make_model("resbn_train")
+    reference_model = copy.deepcopy(model)
+    state = copy.deepcopy(model.state_dict())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    run_engine(model, loss_fn, X, y, DiagGGNExact())
+    expected = ref.diag("c1.weight")  # c1 feeds the BatchNorm
+    assert_close(model.c1.weight.diag_ggn_exact, expected, rtol=1e-9, name="auto")
+    model.load_state_dict(state)
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), batch_coupled=False)
+    error = (model.c1.weight.diag_ggn_exact - expected).abs().max()
+    assert error > 1e-6 * expected.abs().max(), "train-mode BN did not couple the samples here"
+
+
+def test_forward_passes_that_do_not_reach_the_loss_are_ignored():
+    """A monitoring forward pass (gradients on, different batch size) before the training pass."""
+    model, X = make_model("shared")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    reference_model = copy.deepcopy(model)
+    with curvlib.curvature(model, loss_fn, DiagGGNExact(), BatchGrad()):
+        model(torch.randn(2, 5, dtype=DT)).sum()  # e.g. logging; never backpropagated
+        with torch.no_grad():
+            model(torch.randn(3, 5, dtype=DT))
+        loss_fn(model(X), y).backward()
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    expected = per_sample_gradients(reference_model, loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=name)
+        assert_close(p.grad_batch, expected[name], rtol=1e-9, name=f"{name}.grad_batch")
+
+
+def test_frozen_parameters_get_no_results():
+    model, X = make_model("cnn")
+    model[0].weight.requires_grad_(False)
+    for p in model[3].parameters():
+        p.requires_grad_(False)
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    reference_model = copy.deepcopy(model)
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), GGNMiniBlock("full"), KFACReduce(fisher="type-2"), BatchGrad())
+    assert not set(vars(model[0].weight)) & SAVEFIELDS
+    assert not any(set(vars(p)) & SAVEFIELDS for p in model[3].parameters())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    for name in ("0.bias", "5.weight", "5.bias"):
+        p = dict(model.named_parameters())[name]
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=name)
+        assert_close(p.ggn_mini_block.reshape(p.numel(), -1), ref.block(name), rtol=1e-9, atol=1e-12, name=name)
+
+
+def test_inplace_activation():
+    """In-place activations rewrite a layer's output; the engine differentiates w.r.t. an untouched one."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Conv2d(3, 2, 3), nn.ELU(inplace=True), nn.Flatten(), nn.Linear(2 * 4 * 4, 3),
+    ).to(DT)
+    X = torch.randn(3, 2, 8, 8, dtype=DT)
+    loss_fn, y = make_loss("ce", (3, 3))
+    reference_model = copy.deepcopy(model)
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchGrad(), HesScaleGN())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    expected = per_sample_gradients(reference_model, loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=name)
+        assert_close(p.grad_batch, expected[name], rtol=1e-9, name=f"{name}.grad_batch")
+    # HesScaleGN of the last layer (nothing after it) is its exact GGN diagonal
+    assert_close(model[5].weight.diag_hesscale_gn, ref.diag("5.weight"), rtol=1e-9, name="HesScaleGN last layer")
+
+
+def test_custom_extension_interface():
+    """A user extension of the documented interface sees one message per call, chunk by chunk."""
+
+    class ColumnCount(Extension):
+        savefield = "column_count"
+        message = "ggn_exact"
+
+        def accumulate(self, group, messages, state):
+            assert len(messages) == len(group.calls)
+            for call, m in zip(group.calls, messages):
+                assert m.shape[1:] == call.y.shape
+            state["weight"] = state.get("weight", 0) + messages[0].shape[0]
+
+        def finalize(self, group, state):
+            return {name: torch.tensor(state["weight"]) for name in group.parameters}
+
+    model, X = make_model("shared")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        run_engine(model, loss_fn, X, y, ColumnCount(), memory_budget=1)
+    assert model.shared.weight.column_count.item() == 3
+    try:
+        for p in model.parameters():
+            del p.column_count
+    except AttributeError:
+        pytest.fail("every parameter should have received the custom result")
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def test_argument_errors():
+    model, X = make_model("cnn")
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        curvlib.curvature(lambda x: x, loss_fn)
+    with pytest.raises(TypeError, match="curvlib.extensions instances.*str"):
+        curvlib.curvature(model, loss_fn, "DiagGGNExact")
+    with pytest.raises(TypeError, match="curvlib.extensions instances.*type"):
+        curvlib.curvature(model, loss_fn, DiagGGNExact)  # the class, not an instance
+    for bad in (0, -5, float("nan"), float("inf"), "1e6", True, [1]):
+        with pytest.raises(ValueError, match="memory_budget must be a positive"):
+            curvlib.curvature(model, loss_fn, DiagGGNExact(), memory_budget=bad)
+    with pytest.raises(ValueError, match="batch_coupled"):
+        curvlib.curvature(model, loss_fn, DiagGGNExact(), batch_coupled="yes")
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        with curvlib.curvature(frozen, loss_fn, DiagGGNExact()):
+            pass
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        with curvlib.curvature(model, loss_fn, DiagGGNExact(), skip=list(model.modules())):
+            pass
+
+
+@pytest.mark.parametrize(
+    "loss_fn,match",
+    [
+        (nn.NLLLoss(), "must be one of CrossEntropyLoss, MSELoss, BCEWithLogitsLoss, got NLLLoss"),
+        (nn.SmoothL1Loss(), "got SmoothL1Loss"),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), "label_smoothing"),
+        (nn.CrossEntropyLoss(reduction="none"), "reduction must be 'mean' or 'sum'"),
+        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), "pos_weight"),
+    ],
+)
+def test_unsupported_losses_are_refused(loss_fn, match):
+    model, _ = make_model("cnn")
+    with pytest.raises(ValueError, match=match):
+        curvlib.curvature(model, loss_fn, DiagGGNExact())
+
+
+def test_unsupported_modules_are_refused():
+    loss_fn = nn.CrossEntropyLoss()
+    reflect = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(2 * 64, 3))
+    with pytest.raises(ValueError, match="Conv2d with padding_mode='reflect' is not supported"):
+        with curvlib.curvature(reflect, loss_fn, DiagGGNExact()):
+            pass
+    model, X = make_model("resbn_eval")
+    with pytest.raises(ValueError, match="KFACReduce supports Linear and convolution layers, not BatchNorm2d.*skip"):
+        with curvlib.curvature(model, loss_fn, KFACReduce()):
+            pass
+    with curvlib.curvature(model, loss_fn, KFACReduce(), skip=[model.bn]):  # skipping it is fine
+        loss_fn(model(X), torch.randint(0, 3, (X.shape[0],))).backward()
+    assert model.c2.weight.kfac_reduce.input.shape == (1, 27, 27)
+
+
+def test_usage_errors_during_the_passes():
+    model, X = make_model("cnn")
+    loss_fn = nn.CrossEntropyLoss()
+    y = torch.randint(0, 3, (X.shape[0],))
+    modules = list(model.modules()) + [loss_fn]
+    baseline = hook_count(modules)
+    # CrossEntropy on [N, K, L] outputs: refused when the loss is recorded
+    seq = nn.Conv1d(2, 3, 1).to(DT)
+    with pytest.raises(ValueError, match=r"logits \[N, K\]"):
+        with curvlib.curvature(seq, loss_fn, DiagGGNExact()):
+            loss_fn(seq(torch.randn(2, 2, 4, dtype=DT)), torch.randint(0, 3, (2, 4)))
+    # two recorded losses summed into one backward pass
+    with pytest.raises(ValueError, match="several recorded losses in one backward pass"):
+        with curvlib.curvature(model, loss_fn, DiagGGNExact()):
+            (loss_fn(model(X), y) + loss_fn(model(X[:2]), y[:2])).backward()
+    assert hook_count(modules) == baseline
+    # after the failed pass the engine works again
+    reference_model = copy.deepcopy(model)
+    run_engine(model, loss_fn, X, y, DiagGGNExact())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    assert_close(model[0].weight.diag_ggn_exact, ref.diag("0.weight"), rtol=1e-9, name="after the error")
+    # backward twice through a retained graph inside the context is fine (not "two losses")
+    with curvlib.curvature(model, loss_fn, DiagGGNExact()):
+        loss = loss_fn(model(X), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_close(model[0].weight.diag_ggn_exact, ref.diag("0.weight"), rtol=1e-9, name="second backward")
