@@ -12,6 +12,7 @@ Rewrites that remove index patterns (used by :func:`simplify`):
   VJPs, fold): the network returns ``(o, k)`` and a post-processing step writes them into ``i``.
 - :func:`merge_duplicate_patterns` — two copies of one pattern sharing two legs are a delta on the
   third (``Π[i,o,k] Π[i,o,k'] = δ_{kk'} Π[i,o,k]``): one copy is dropped.
+- :func:`square_repeated_operands` — the same tensor twice with the same legs becomes its square.
 - :func:`prune_identities` — identity patterns (``K = S = 1``, no padding) and Kronecker deltas are
   removed by renaming one leg to the other.
 - :func:`squeeze_legs` — legs of size 1 are dropped.
@@ -187,6 +188,31 @@ def merge_duplicate_patterns(network: TensorNetwork) -> TensorNetwork:
                 if drop in network.output:
                     keep, drop = drop, keep
                 network = _rename(network, drop, keep, drop=b)
+                changed = True
+                break
+            if changed:
+                break
+    return network
+
+
+def square_repeated_operands(network: TensorNetwork) -> TensorNetwork:
+    """Two data operands holding the same tensor with the same legs become one operand, its square.
+
+    After :func:`merge_duplicate_patterns`, HesScale's networks hold ``X`` (or ``W``) twice with equal
+    legs; einsum would otherwise treat them as independent factors and may plan large intermediates.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for a, first in enumerate(network.operands):
+            for b in range(a + 1, len(network.operands)):
+                second = network.operands[b]
+                if first.tensor is None or second.tensor is not first.tensor or first.legs != second.legs:
+                    continue
+                operands = list(network.operands)
+                operands[a] = replace(first, tensor=first.tensor * first.tensor, name=f"{first.name}²")
+                del operands[b]
+                network = network.with_operands(operands)
                 changed = True
                 break
             if changed:
@@ -391,7 +417,7 @@ def simplify(network: TensorNetwork, unfold_overlapping: bool = False) -> Tensor
     ``"unfold"`` pathway of :mod:`curvlib.functional`): no pattern contractions and GEMM-shaped
     work, at the memory cost of the unfolded input when einsum materialises the view.
     """
-    network = merge_duplicate_patterns(network)
+    network = square_repeated_operands(merge_duplicate_patterns(network))
     changed = True
     while changed:
         changed = False

@@ -49,6 +49,7 @@ class NetworkBuilder:
         self.dtype = dtype
         self.operands: List[Operand] = []
         self.sizes: Dict[str, int] = {}
+        self._views: Dict[tuple, tuple] = {}
         if geometry is not None:
             for side in "iok":
                 for suffix in ("", COPY):
@@ -75,7 +76,11 @@ class NetworkBuilder:
             known = math.prod(self.sizes[leg] for leg in legs if leg != unknown[0])
             self.sizes[unknown[0]] = tensor.numel() // max(known, 1)
         shape = tuple(self.sizes[leg] for leg in legs)
-        self.operands.append(Operand(legs=legs, tensor=tensor.reshape(shape), name=name))
+        # one view object per (tensor, shape): copies of an operand stay recognisably identical
+        key = (id(tensor), shape)
+        if key not in self._views:
+            self._views[key] = (tensor, tensor.reshape(shape))
+        self.operands.append(Operand(legs=legs, tensor=self._views[key][1], name=name))
 
     def patterns(
         self,
