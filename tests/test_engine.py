@@ -415,6 +415,49 @@ def test_inplace_activation():
     assert_close(model[5].weight.diag_hesscale_gn, ref.diag("5.weight"), rtol=1e-9, name="HesScaleGN last layer")
 
 
+class _InPlaceForward(nn.Module):
+    """Layer outputs modified in place by the forward code itself (no ``inplace`` module to detect)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.lin = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.c1(x))  # rebinds c1's output to the ReLU node
+        h = self.bn(h)
+        h += x  # and the BatchNorm's output to the addition
+        return self.lin(torch.tanh(self.c2(h)).flatten(1))
+
+    def as_layers(self):
+        """The same computation as a chain of out-of-place functions (for the HesScale reference)."""
+        return [self.c1, torch.relu, self.bn, None, self.c2, torch.tanh, nn.Flatten(), self.lin]
+
+
+def test_functional_inplace_operations_on_layer_outputs():
+    from test_engine_references import hesscale_reference, randomize_batchnorm
+
+    model = randomize_batchnorm(_InPlaceForward()).to(DT).eval()
+    X = torch.randn(3, 2, 4, 4, dtype=DT)
+    loss_fn, y = make_loss("ce", (3, 3))
+    reference_model = copy.deepcopy(model)
+    run_engine(model, loss_fn, X, y, DiagGGNExact(), GGNMiniBlock("full"), BatchGrad(), HesScale())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    expected = per_sample_gradients(reference_model, loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=name)
+        assert_close(p.ggn_mini_block.reshape(p.numel(), -1), ref.block(name), rtol=1e-9, name=f"{name} block")
+        assert_close(p.grad_batch, expected[name], rtol=1e-9, name=f"{name}.grad_batch")
+    layers = reference_model.as_layers()
+    layers[3] = lambda h: h + X  # the residual addition with the (constant) input
+    hesscale = hesscale_reference(layers, X, loss_fn, y, gauss_newton=False)
+    for module, ref_module in zip((model.c1, model.bn, model.c2, model.lin), layers[:1] + layers[2:3] + layers[4:5] + layers[7:]):
+        for name, p in module.named_parameters():
+            assert_close(p.diag_hesscale, hesscale[id(ref_module)][name], rtol=1e-9, name=f"HesScale {name}")
+
+
 def test_custom_extension_interface():
     """A user extension of the documented interface sees one message per call, chunk by chunk."""
 

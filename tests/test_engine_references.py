@@ -115,6 +115,18 @@ class SequenceModel(nn.Module):
         return self.head(self.l2(torch.tanh(self.l1(x))).flatten(1))
 
 
+class SequenceOutput(nn.Module):
+    """Linear layers on ``[N, T, D]`` with a ``[N, T, K]`` output (per-position regression/labels)."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.l1 = nn.Linear(4, 3)
+        self.l2 = nn.Linear(3, classes)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
 def sequential_cnn(classes: int = 3) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
@@ -149,6 +161,7 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
     "mixed_conv": (lambda: MixedConv(), (3, 2, 4, 4)),
     "shared": (lambda: SharedMLP(), (4, 5)),
     "sequence": (lambda: SequenceModel(), (3, 3, 4)),
+    "sequence_output": (lambda: SequenceOutput(), (2, 2, 4)),  # output [N, T, 3]: MSE/BCE only
 }
 
 

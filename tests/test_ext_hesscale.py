@@ -68,7 +68,19 @@ def _conv3d_avgpool():
     )
 
 
+def _depthwise_transpose2d():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        nn.Sigmoid(),
+        nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 8 * 8, 3),
+    )
+
+
 MODELS = {
+    "depthwise_transpose2d": (_depthwise_transpose2d, (2, 2, 4, 4)),
     "cnn_bn_eval": (_cnn, (3, 2, 8, 8)),
     "shared_linear": (_shared, (4, 5)),
     "conv1d_transpose": (_conv1d, (3, 2, 8)),

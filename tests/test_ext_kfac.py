@@ -81,6 +81,7 @@ CASES = [
     ("shared", "ce_prob"),
     ("sequence", "mse_sum"),
     ("sequence", "ce"),
+    ("sequence_output", "bce"),
     ("residual_eval_skip_bn", "ce"),
 ]
 
@@ -92,7 +93,9 @@ def _setup(model_name, loss_kind):
         skip = [model.bn]
     else:
         model, X = make_model(model_name)
-    loss_fn, y = make_loss(loss_kind, (X.shape[0], 3))
+    with torch.no_grad():
+        out_shape = copy.deepcopy(model)(X).shape
+    loss_fn, y = make_loss(loss_kind, out_shape)
     return model, X, loss_fn, y, copy.deepcopy(model), skip
 
 

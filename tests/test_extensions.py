@@ -52,8 +52,10 @@ def _seeded(seed):
 
 def setup(model_name: str, loss_kind: str):
     model, X = make_model(model_name)
-    loss_fn, y = make_loss(loss_kind, (X.shape[0], 3))
     reference_model = copy.deepcopy(model)  # before the engine's forward pass touches BN statistics
+    with torch.no_grad():
+        out_shape = copy.deepcopy(model)(X).shape
+    loss_fn, y = make_loss(loss_kind, out_shape)
     return model, X, loss_fn, y, reference_model
 
 
@@ -92,6 +94,8 @@ EXACT_CASES = [
     ("shared", "bce"),
     ("sequence", "ce_sum"),
     ("sequence", "mse"),
+    ("sequence_output", "mse"),
+    ("sequence_output", "bce_sum"),
 ]
 
 
@@ -114,7 +118,8 @@ def test_exact_ggn_quantities(model_name, loss_kind):
         block = ref.block(name)
         assert p.ggn_mini_block.shape == (*([1] * p.dim()), p.numel(), p.numel())
         compare(p.ggn_mini_block.reshape(block.shape), block, scale, f"{name}.ggn_mini_block")
-        assert p.ggn_gram.shape == (3, N, 3, N)
+        C = math.prod(ref.out.shape[1:])
+        assert p.ggn_gram.shape == (C, N, C, N)
         compare(p.ggn_gram, grams[name], gram_scale, f"{name}.ggn_gram")
     total_gram = sum(grams.values())
     compare(gram.gram, total_gram, total_gram.abs().max().item(), "network gram")
@@ -200,7 +205,10 @@ def test_mini_block_bad_blocks_raise():
 
 @pytest.mark.parametrize(
     "model_name,loss_kind",
-    [("cnn", "ce"), ("residual_eval", "mse"), ("resbn_eval", "ce_sum"), ("mixed_conv", "bce"), ("shared", "ce_prob"), ("sequence", "mse_sum")],
+    [
+        ("cnn", "ce"), ("residual_eval", "mse"), ("resbn_eval", "ce_sum"), ("mixed_conv", "bce"), ("shared", "ce_prob"),
+        ("sequence", "mse_sum"), ("sequence_output", "mse"),
+    ],
 )
 def test_batch_grad_matches_vmap_grad(model_name, loss_kind):
     model, X, loss_fn, y, reference_model = setup(model_name, loss_kind)
@@ -239,7 +247,7 @@ def test_mc_diagonals_share_their_samples(model_name):
         compare(p.diag_ggn_mc_batch.sum(0), p.diag_ggn_mc, scale, f"{name}: MC per-sample sum")
 
 
-@pytest.mark.parametrize("model_name,loss_kind", [("cnn", "ce"), ("resbn_train", "bce"), ("sequence", "mse")])
+@pytest.mark.parametrize("model_name,loss_kind", [("cnn", "ce"), ("resbn_train", "bce"), ("sequence_output", "mse")])
 def test_mc_diagonal_is_unbiased(model_name, loss_kind):
     """Mean of R independent DiagGGNMC(M) estimates within 6 standard errors of DiagGGNExact.
 

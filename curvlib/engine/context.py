@@ -135,6 +135,11 @@ class curvature:
         if recording_suspended() or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
             return None
         call = LayerCall(module, inputs[0].detach(), output)
+        # the autograd edge of the output as produced by the layer: an in-place operation later in
+        # the forward pass (torch.relu_(y), y += r) rebinds y to a new node, but differentiating
+        # w.r.t. this edge still gives the gradient w.r.t. the layer's own output
+        call.edge = _gradient_edge(output)
+        call.node = output.grad_fn
         self._calls.append(call)
         if self._grad_output_extensions():
             call_ref = weakref.ref(call)  # the call holds the output: a strong reference would be a cycle
@@ -153,7 +158,7 @@ class curvature:
         # only the calls this loss depends on (a forward pass whose output never reached a loss, e.g.
         # a monitoring pass with gradients enabled, must not count as a second call of each layer)
         graph = _graph_nodes(output)
-        calls = [call for call in self._calls if call.y.grad_fn in graph]
+        calls = [call for call in self._calls if call.node in graph]
         self._calls = []
         self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
         self._tensor_handles.append(loss.register_hook(lambda grad: self._on_backward(loss_call, calls)))
@@ -247,10 +252,10 @@ class curvature:
         return min(chunk, num_columns)
 
     def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor) -> List[List[Tensor]]:
-        outputs = [call.y for group in groups for call in group.calls]
+        calls = [call for group in groups for call in group.calls]
         self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
         try:
-            grads = batched_vjp(loss_call.output, outputs, columns)
+            grads = batched_vjp(loss_call.output, [c.edge for c in calls], columns, like=[c.y for c in calls])
         finally:
             self._engine_backprop = False
         result, position = [], 0
@@ -283,7 +288,7 @@ class curvature:
     def _run_hessian_diagonal(self, loss_call: LossCall, groups, ext: Extension) -> None:
         from .diagonal_backprop import backpropagate_diagonal
 
-        watch = {call.y.grad_fn: (gi, ci) for gi, group in enumerate(groups) for ci, call in enumerate(group.calls)}
+        watch = {call.node: (gi, ci) for gi, group in enumerate(groups) for ci, call in enumerate(group.calls)}
         found = backpropagate_diagonal(
             loss_call.output,
             loss_call.hessian_diagonal(),
@@ -350,3 +355,9 @@ def _graph_nodes(output: Tensor) -> set:
         nodes.add(node)
         stack.extend(child for child, _ in node.next_functions)
     return nodes
+
+
+def _gradient_edge(output: Tensor):
+    """``torch.autograd.graph.get_gradient_edge(output)`` where available (torch ≥ 2.2), else the tensor."""
+    get_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    return output if get_edge is None else get_edge(output)

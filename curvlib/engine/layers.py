@@ -337,11 +337,14 @@ def recording_suspended() -> bool:
     return _RECORDING_SUSPENDED[0] > 0
 
 
-def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor, retain_graph: bool = True) -> list:
+def batched_vjp(
+    output: Tensor, inputs: Sequence, vectors: Tensor, retain_graph: bool = True, like: Optional[Sequence[Tensor]] = None
+) -> list:
     """VJPs of ``output`` w.r.t. ``inputs`` for each of the vectors ``[J, *output.shape]`` (graph kept).
 
-    Uses autograd's batched gradients (vmap over the backward pass) and falls back to a loop over
-    the vectors for operations without a batching rule. Inputs not reached give zeros.
+    ``inputs`` are tensors or autograd gradient edges (then ``like`` gives their shapes). Uses
+    autograd's batched gradients (vmap over the backward pass) and falls back to a loop over the
+    vectors for operations without a batching rule. Inputs not reached give zeros.
     """
     try:
         grads = torch.autograd.grad(
@@ -355,9 +358,10 @@ def batched_vjp(output: Tensor, inputs: Sequence[Tensor], vectors: Tensor, retai
             None if any(g[i] is None for g in per_vector) else torch.stack([g[i] for g in per_vector])
             for i in range(len(inputs))
         ]
+    like = inputs if like is None else like
     return [
         torch.zeros(vectors.shape[0], *inp.shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
-        for g, inp in zip(grads, inputs)
+        for g, inp in zip(grads, like)
     ]
 
 
