@@ -447,6 +447,7 @@ def kfac_reduce(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "tn",
 ) -> Tensor:
     """KFAC-reduce input factor ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ``, ``ū`` the unfolded input averaged over output locations.
 
@@ -455,7 +456,7 @@ def kfac_reduce(
     """
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(kfac.kfac_reduce(x, geometry), simplify)
+    return _evaluate(kfac.kfac_reduce(x, geometry), simplify, pathway)
 
 
 def _check_blocks(blocks, weight_shape) -> tuple:

@@ -538,6 +538,7 @@ def test_pipeline_rewrites_are_exercised(monkeypatch, seed):
         F.input_vjp(w, s[0], x.shape[2:], **hyper)
         F.kfc(x, layer.kernel, **hyper)
         F.kfac_reduce(x, layer.kernel, **hyper)
+        F.kfac_reduce(x, layer.kernel, pathway="unfold", **hyper)  # averaged patterns are viewed only here
         F.ggn_diag(x, s, layer.kernel, **hyper)
         F.hesscale_input_diag(w, s[0], x.shape[2:], **hyper)
     missing = [name for name, count in fired.items() if count == 0]

@@ -38,6 +38,8 @@ def test_unfold_pathway(seed, hyper):
     unfolded = unfolded.reshape(3, hyper["groups"], -1, unfolded.shape[-1])
     kfc = torch.einsum("ngdo,ngeo->gde", unfolded, unfolded) / 3
     assert torch.allclose(F.kfc(x, (3, 2), **kw), kfc)
+    mean = unfolded.mean(-1)
+    assert torch.allclose(F.kfac_reduce(x, (3, 2), **kw), torch.einsum("ngd,nge->gde", mean, mean) / 3)
 
 
 def test_unknown_pathway():

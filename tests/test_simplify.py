@@ -481,6 +481,7 @@ def test_pipeline(name, kind, seed):
     if remaining == 0:
         # (HesScale's two pattern copies share two legs and are merged first, so they vanish too)
         stays = kind in ("kfc", "kfac_reduce") and geo.transposed  # i legs shared by two patterns
+        stays |= kind == "kfac_reduce"  # averaged patterns are kept by default (cheaper than the view)
         stays |= kind == "unfold_kernel" and name != "pointwise"  # i and o are both output legs
         if kind == "unfold_kernel" and name == "pointwise":
             # identity patterns between two output legs are the Toeplitz matrix' identity blocks
