@@ -135,11 +135,6 @@ class curvature:
         if recording_suspended() or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not inputs:
             return None
         call = LayerCall(module, inputs[0].detach(), output)
-        # the autograd edge of the output as produced by the layer: an in-place operation later in
-        # the forward pass (torch.relu_(y), y += r) rebinds y to a new node, but differentiating
-        # w.r.t. this edge still gives the gradient w.r.t. the layer's own output
-        call.edge = _gradient_edge(output)
-        call.node = output.grad_fn
         self._calls.append(call)
         if self._grad_output_extensions():
             call_ref = weakref.ref(call)  # the call holds the output: a strong reference would be a cycle
@@ -355,9 +350,3 @@ def _graph_nodes(output: Tensor) -> set:
         nodes.add(node)
         stack.extend(child for child, _ in node.next_functions)
     return nodes
-
-
-def _gradient_edge(output: Tensor):
-    """``torch.autograd.graph.get_gradient_edge(output)`` where available (torch ≥ 2.2), else the tensor."""
-    get_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
-    return output if get_edge is None else get_edge(output)

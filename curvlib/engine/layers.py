@@ -93,6 +93,11 @@ class LayerCall:
         self.kind = layer_kind(module)
         self.x = x
         self.y = y
+        # the autograd node and edge of the output as the layer produced it: an in-place operation
+        # later in the forward pass (torch.relu_(y), y += r) rebinds y to a new node, but
+        # differentiating w.r.t. this edge still gives the gradient w.r.t. the layer's own output
+        self.node = y.grad_fn
+        self.edge = _gradient_edge(y)
         self.parameters = direct_parameters(module)
         if self.kind == "conv":
             transposed = isinstance(module, CONV_TRANSPOSE_TYPES)
@@ -318,6 +323,12 @@ def blocks_from_columns(columns: Tensor, blocks: Sequence[int]) -> Tensor:
     d = math.prod(size // b for size, b in zip(shape, blocks))
     tensor = tensor.reshape(*columns.shape[:2], *blocks, d)
     return torch.einsum("cn...i,cn...j->...ij", tensor, tensor)
+
+
+def _gradient_edge(y: Tensor):
+    """``torch.autograd.graph.get_gradient_edge(y)`` where available (torch ≥ 2.2), else ``y`` itself."""
+    get_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    return y if get_edge is None or y.grad_fn is None else get_edge(y)
 
 
 _RECORDING_SUSPENDED = [0]
