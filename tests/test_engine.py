@@ -466,6 +466,42 @@ def test_functional_inplace_operations_on_layer_outputs():
             assert_close(p.diag_hesscale, hesscale[id(ref_module)][name], rtol=1e-9, name=f"HesScale {name}")
 
 
+class _TransposeWithOutputSize(nn.Module):
+    """A ConvTranspose2d called with ``output_size=`` (implies output_padding 1), unless told otherwise."""
+
+    def __init__(self, explicit_padding=False):
+        super().__init__()
+        self.t = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1 if explicit_padding else 0)
+        self.lin = nn.Linear(2 * 6 * 6, 3)
+        self.explicit_padding = explicit_padding
+
+    def forward(self, x):
+        h = self.t(x) if self.explicit_padding else self.t(x, output_size=(6, 6))
+        return self.lin(torch.sigmoid(h).flatten(1))
+
+
+def test_conv_transpose_called_with_output_size():
+    model = _TransposeWithOutputSize().to(DT)
+    twin = _TransposeWithOutputSize(explicit_padding=True).to(DT)
+    twin.load_state_dict(model.state_dict())
+    X = torch.randn(2, 2, 3, 3, dtype=DT)
+    loss_fn, y = make_loss("ce", (2, 3))
+    reference_model = copy.deepcopy(model)
+    extensions = lambda: [  # noqa: E731
+        DiagGGNExact(), BatchDiagGGNExact(), GGNMiniBlock("output"), BatchGrad(), HesScale(), KFACExpand(fisher="type-2"),
+        KFACReduce(fisher="empirical"),
+    ]
+    run_engine(model, loss_fn, X, y, *extensions())
+    ref = GGNReference(reference_model, loss_fn, X, y)
+    expected = per_sample_gradients(reference_model, loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-9, name=name)
+        assert_close(p.grad_batch, expected[name], rtol=1e-9, name=f"{name}.grad_batch")
+    # the same layer with output_padding=1 set on the module: every quantity identical
+    run_engine(twin, loss_fn, X, y, *extensions())
+    _assert_same(_results(model), _results(twin), "output_size= vs output_padding=1")
+
+
 def test_custom_extension_interface():
     """A user extension of the documented interface sees one message per call, chunk by chunk."""
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .diagonal_backprop import _transposed_output_padding
 from ..hyperparams import make_geometry
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -107,7 +108,8 @@ class LayerCall:
                 dilation=module.dilation,
                 groups=module.groups,
                 transposed=transposed,
-                output_padding=module.output_padding if transposed else 0,
+                # the effective output padding (a forward call with output_size=... sets its own)
+                output_padding=_transposed_output_padding(module, x, y) if transposed else 0,
             )
             self.kernel_size = module.kernel_size
             self.groups = module.groups
