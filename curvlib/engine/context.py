@@ -115,7 +115,6 @@ class curvature:
             check_module(module)
             for ext in self.extensions:
                 ext.check(module)
-        self._clone_outputs = any(getattr(m, "inplace", False) for m in self.model.modules())
         for module in self._modules:
             self._handles.append(module.register_forward_hook(self._record_layer))
         self._handles.append(self.loss_fn.register_forward_hook(self._record_loss))
@@ -139,10 +138,6 @@ class curvature:
         if self._grad_output_extensions():
             call_ref = weakref.ref(call)  # the call holds the output: a strong reference would be a cycle
             self._tensor_handles.append(output.register_hook(lambda grad: self._on_grad_output(call_ref(), grad)))
-        if self._clone_outputs:
-            # an in-place operation on the output (ReLU(inplace=True)) would rewrite its autograd
-            # history; the layer output we differentiate with respect to must stay untouched
-            return output.clone()
         return None
 
     def _record_loss(self, loss_fn, inputs, loss):
