@@ -9,7 +9,7 @@ variable.
 >>> import torch, curvlib.functional as F
 >>> from curvlib.contract import inspect_plans
 >>> with inspect_plans() as plans:
-...     _ = F.kfc(torch.randn(2, 3, 8, 8), 3)
+...     _ = F.kfc(torch.randn(2, 3, 8, 8), 3, pathway="tn")
 >>> plans[0].flops > 0
 True
 """

@@ -14,10 +14,14 @@ output and kernel sizes; any number of spatial dimensions, inferred from ``x.dim
   ``[C_in, C_out // G, *K]`` (PyTorch's ``ConvTranspose`` layout) and the factors' ``D`` is
   ``C_in // G · ∏K`` (the layer input's channels per group times the kernel).
 - ``simplify=True`` applies the exact rewrites of :mod:`curvlib.simplify` before contracting.
-- ``pathway`` (weight-side functions): ``"tn"`` keeps the index patterns of overlapping windows;
-  ``"unfold"`` views overlapping windows as the unfolded input, which turns the contraction into
-  batched matrix products (faster for many columns, e.g. the GGN diagonal with ``C·N`` large; the
-  unfolded input is materialised by einsum).
+- ``pathway`` chooses the implementation (:mod:`curvlib.pathways`): ``"auto"`` (default) takes the
+  fastest that fits the memory budget, per configuration (measured with
+  ``curvlib.pathways.configure(autotune=True)``, otherwise by the cost model of :mod:`curvlib.cost`);
+  ``"native"`` uses PyTorch's kernels (cuDNN/ATen convolutions, unfold plus matrix products);
+  ``"tn"`` the tensor network (``simplify=True`` first applies the exact rewrites of
+  :mod:`curvlib.simplify`); ``"unfold"`` the network with overlapping windows viewed as the unfolded
+  input (batched matrix products); ``"fused"`` a Triton kernel (:mod:`curvlib.kernels`, CUDA). A forced
+  pathway that does not apply raises ``ValueError`` naming those that do.
 
 Normalisation: ``kfc`` and ``kfac_reduce`` average over the batch (``1/N``); GGN quantities are
 plain sums over the columns of ``s`` and the batch.
@@ -34,12 +38,16 @@ torch.Size([6, 3, 3, 3])
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import cost as _cost
+from . import native as _native_module
+from . import pathways as _pathways
 from . import simplify as _simplify
 from .contract import contract
 from .expressions import convolution, ggn as _ggn, hesscale, kfac, unfold as _unfold, weight as _weight
@@ -75,20 +83,105 @@ __all__ = [
 ]
 
 
-PATHWAYS = ("tn", "unfold")
+PATHWAYS = _pathways.PATHWAYS
 
 
 def _evaluate(network: TensorNetwork, simplify: bool, pathway: str = "tn") -> Tensor:
-    """Contract ``network``; ``pathway="unfold"`` also removes overlapping patterns by viewing the
-    input as unfolded (faster when many columns share one unfolded input, e.g. the GGN diagonal)."""
-    if pathway not in PATHWAYS:
-        raise ValueError(f"pathway must be one of {PATHWAYS}, got {pathway!r}")
+    """Contract ``network`` as built (``simplify=False``), simplified, or (``pathway="unfold"``) with
+    overlapping windows viewed as the unfolded input."""
     if pathway == "unfold":
         return contract(_simplify.simplify(network, unfold_overlapping=True))
     return contract(_simplify.simplify(network) if simplify else network)
 
 
-def _layer_geometry(
+_KERNELS = None
+
+
+def _kernels():
+    """:mod:`curvlib.kernels` if it imports (Triton kernels), else ``False``."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import kernels as module
+        except ImportError:  # pragma: no cover - depends on the installation
+            module = False
+        _KERNELS = module if hasattr(module, "supports") else False
+    return _KERNELS
+
+
+def _dispatch(
+    op: str,
+    pathway: str,
+    simplify: bool,
+    geometry: ConvGeometry,
+    tensors: Sequence[Tensor],
+    network,
+    native=None,
+    fused=None,
+    options: tuple = (),
+    batch: Optional[int] = None,
+    columns: int = 1,
+) -> Tensor:
+    """Run ``op`` on the requested pathway (or the automatic choice among those available).
+
+    ``network`` builds the tensor network; ``native``/``fused`` compute the result natively / with a
+    fused kernel (``None``: not available for these arguments); ``options`` (hashable) completes the
+    configuration key.
+    """
+    first = tensors[0]
+    key = (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options)
+    if pathway == "auto":  # fast path: a configuration seen before runs its choice directly
+        choice = _pathways.cached_choice(key)
+        if choice == "native" and native is not None:
+            return native()
+        if choice == "fused" and fused is not None:
+            return fused()
+    runners = {
+        "tn": lambda: contract(network()),
+        "tn+simplify": lambda: contract(_simplify.simplify(network())),
+        "unfold": lambda: contract(_simplify.simplify(network(), unfold_overlapping=True)),
+    }
+    if native is not None:
+        runners["native"] = native
+    if fused is not None:
+        runners["fused"] = fused
+    call = _pathways.Call(
+        op=op,
+        key=key,
+        runners=runners,
+        device=first.device,
+        analytic=lambda name: _cost.operation_cost(
+            op, name, geometry, first.shape[0] if batch is None else batch, columns, first.element_size()
+        ),
+        element_size=first.element_size(),
+        network=network,
+    )
+    return _pathways.run(call, pathway, simplify)
+
+
+def _fused(op: str, x: Tensor, geometry: ConvGeometry, run, **options):
+    """``run`` if a fused kernel handles ``op`` here, else ``None``."""
+    kernels = _kernels()
+    if kernels and kernels.supports(op, x, geometry, **options):
+        return run
+    return None
+
+
+def _native(op: str, geometry: ConvGeometry, run, **options):
+    return run if _native_module.supports(op, geometry, **options) else None
+
+
+def _layer_geometry(*args) -> ConvGeometry:
+    """:func:`_make_layer_geometry`, cached: validating hyper-parameters dominates the cost of a small call."""
+    try:
+        return _cached_layer_geometry(*args)
+    except TypeError as error:  # unhashable arguments (lists): validate without the cache
+        if "unhashable" not in str(error):
+            raise
+        return _make_layer_geometry(*args)
+
+
+def _make_layer_geometry(
     x_shape: Sequence[int],
     out_channels: int,
     kernel_size,
@@ -113,6 +206,9 @@ def _layer_geometry(
         output_padding=output_padding,
         padding_mode=padding_mode,
     )
+
+
+_cached_layer_geometry = functools.lru_cache(maxsize=4096)(_make_layer_geometry)
 
 
 def _check_output_like(tensor: Tensor, name: str, geometry: ConvGeometry, batch: int, leading=()) -> None:
@@ -156,6 +252,7 @@ def conv(
     *,
     padding_mode: str = "zeros",
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """N-d convolution, same signature and result as ``torch.nn.functional.conv{N}d``.
 
@@ -175,7 +272,11 @@ def conv(
     geometry = _layer_geometry(
         x.shape, c_out, weight.shape[2:], stride, padding, dilation, groups, False, 0, padding_mode
     )
-    result = _evaluate(convolution.propagate(x, weight, geometry, "i"), simplify)
+    result = _dispatch(
+        "conv", pathway, simplify, geometry, (x, weight),
+        network=lambda: convolution.propagate(x, weight, geometry, "i"),
+        native=_native("conv", geometry, lambda: _native_module.to_output_side(x, weight, geometry)),
+    )
     return _add_bias(result, bias, c_out)
 
 
@@ -190,6 +291,7 @@ def conv_transpose(
     dilation=1,
     *,
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """N-d transposed convolution, as ``torch.nn.functional.conv_transpose{N}d``.
 
@@ -207,7 +309,11 @@ def conv_transpose(
     if x.shape[1] != c_in:
         raise ValueError(f"x has {x.shape[1]} channels, weight {tuple(weight.shape)} expects {c_in}")
     geometry = _layer_geometry(x.shape, c_out, weight.shape[2:], stride, padding, dilation, groups, True, output_padding)
-    result = _evaluate(convolution.propagate(x, weight, geometry, "o"), simplify)
+    result = _dispatch(
+        "conv_transpose", pathway, simplify, geometry, (x, weight),
+        network=lambda: convolution.propagate(x, weight, geometry, "o"),
+        native=_native("conv_transpose", geometry, lambda: _native_module.to_input_side(x, weight, geometry)),
+    )
     return _add_bias(result, bias, c_out)
 
 
@@ -222,14 +328,17 @@ def weight_jvp(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """Weight JVP: the layer output's change ``[N, C_out, *O]`` for a weight perturbation ``v_weight``.
 
     ``v_weight`` is weight-shaped; the result is the (transposed) convolution of ``x`` with it, no bias.
     """
     if transposed:
-        return conv_transpose(x, v_weight, None, stride, padding, output_padding, groups, dilation, simplify=simplify)
-    return conv(x, v_weight, None, stride, padding, dilation, groups, simplify=simplify)
+        return conv_transpose(
+            x, v_weight, None, stride, padding, output_padding, groups, dilation, simplify=simplify, pathway=pathway
+        )
+    return conv(x, v_weight, None, stride, padding, dilation, groups, simplify=simplify, pathway=pathway)
 
 
 def input_jvp(
@@ -243,11 +352,12 @@ def input_jvp(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """Input JVP: the layer output's change ``[N, C_out, *O]`` for an input perturbation ``v_x`` ``[N, C_in, *I]``."""
     return weight_jvp(
         v_x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        transposed=transposed, output_padding=output_padding, simplify=simplify,
+        transposed=transposed, output_padding=output_padding, simplify=simplify, pathway=pathway,
     )
 
 
@@ -263,6 +373,7 @@ def input_vjp(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """Input VJP (for a convolution: the transposed convolution), as ``torch.nn.grad.conv{N}d_input``.
 
@@ -284,7 +395,12 @@ def input_vjp(
     )
     _check_output_like(v, "v", geometry, v.shape[0])
     source_side = "i" if transposed else "o"
-    return _evaluate(convolution.propagate(v, weight, geometry, source_side), simplify)
+    propagate = _native_module.to_output_side if transposed else _native_module.to_input_side
+    return _dispatch(
+        "input_vjp", pathway, simplify, geometry, (v, weight),
+        network=lambda: convolution.propagate(v, weight, geometry, source_side),
+        native=_native("input_vjp", geometry, lambda: propagate(v, weight, geometry)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,23 +411,28 @@ def _unfold_geometry(x_shape, kernel_size, stride, padding, dilation) -> ConvGeo
     return _layer_geometry(x_shape, x_shape[1], kernel_size, stride, padding, dilation, 1, False, 0)
 
 
-def unfold(x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True) -> Tensor:
+def unfold(x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True, pathway: str = "auto") -> Tensor:
     """im2col: ``[N, C, *I]`` → ``[N, C·∏K, ∏O]``, the layout of ``torch.nn.functional.unfold`` (any N-d).
 
     Row ``(c, k_1, …)`` and column ``(o_1, …)`` are ordered row-major.
     """
     check_tensor(x, "x", min_dim=3)
     geometry = _unfold_geometry(x.shape, kernel_size, stride, padding, dilation)
-    return _evaluate(_unfold.unfold(x, geometry), simplify)
+    return _dispatch(
+        "unfold", pathway, simplify, geometry, (x,),
+        network=lambda: _unfold.unfold(x, geometry),
+        native=lambda: _native_module.unfold_input(x, geometry).flatten(1, 2),
+    )
 
 
-def unfold_jvp(v_x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True) -> Tensor:
+def unfold_jvp(v_x: Tensor, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True, pathway: str = "auto") -> Tensor:
     """JVP of :func:`unfold` (which is linear): the unfolded perturbation ``[N, C·∏K, ∏O]``."""
-    return unfold(v_x, kernel_size, dilation=dilation, padding=padding, stride=stride, simplify=simplify)
+    return unfold(v_x, kernel_size, dilation=dilation, padding=padding, stride=stride, simplify=simplify, pathway=pathway)
 
 
 def unfold_vjp(
-    v: Tensor, input_size, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True
+    v: Tensor, input_size, kernel_size, *, dilation=1, padding=0, stride=1, simplify: bool = True,
+    pathway: str = "auto"
 ) -> Tensor:
     """VJP of :func:`unfold` (``fold`` / col2im): ``v`` ``[N, C·∏K, ∏O]`` → ``[N, C, *I]``.
 
@@ -331,11 +452,14 @@ def unfold_vjp(
     channels = v.shape[1] // math.prod(kernel)
     geometry = _unfold_geometry((v.shape[0], channels, *size), kernel_size, stride, padding, dilation)
     check_shape(v, "v", (v.shape[0], channels * math.prod(kernel), math.prod(geometry.output_size)), "[N, C·∏K, ∏O]")
-    return _evaluate(_unfold.unfold_vjp(v, geometry, channels), simplify)
+    return _dispatch(
+        "unfold_vjp", pathway, simplify, geometry, (v,), network=lambda: _unfold.unfold_vjp(v, geometry, channels)
+    )
 
 
 def unfold_kernel(
-    weight: Tensor, input_size, *, stride=1, padding=0, dilation=1, groups: int = 1, simplify: bool = True
+    weight: Tensor, input_size, *, stride=1, padding=0, dilation=1, groups: int = 1, simplify: bool = True,
+    pathway: str = "auto"
 ) -> Tensor:
     """Toeplitz matrix of the kernel: ``[C_out·∏O, C_in·∏I]`` with ``conv(x)[n].flatten() = T @ x[n].flatten()``.
 
@@ -345,7 +469,10 @@ def unfold_kernel(
     c_in, c_out = _weight_geometry(weight, num_dims, groups, transposed=False)
     size = spatial_size_argument(input_size, num_dims, "input_size")
     geometry = _layer_geometry((1, c_in, *size), c_out, weight.shape[2:], stride, padding, dilation, groups, False, 0)
-    blocks = _evaluate(_unfold.unfold_kernel(weight, geometry), simplify)
+    blocks = _dispatch(
+        "unfold_kernel", pathway, simplify, geometry, (weight,), network=lambda: _unfold.unfold_kernel(weight, geometry),
+        batch=1,
+    )
     if groups == 1:
         return blocks[0]
     return torch.block_diag(*blocks.unbind(0))
@@ -388,7 +515,7 @@ def weight_vjp(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """Weight VJP (the weight gradient for output gradient ``v``), as ``torch.nn.grad.conv{N}d_weight``.
 
@@ -406,8 +533,16 @@ def weight_vjp(
     lead = 1 if columns else 0
     geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding, lead)
     side = ("i" if transposed else "o") if columns else None
-    network = _weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample, columns=side)
-    return _evaluate(network, simplify, pathway)
+    return _dispatch(
+        "weight_vjp", pathway, simplify, geometry, (x, v),
+        network=lambda: _weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample, columns=side),
+        native=_native(
+            "weight_vjp", geometry, lambda: _native_module.reference_weight_vjp(*_sides(x, v, geometry), geometry),
+            per_sample=per_sample, columns=columns,
+        ),
+        options=(per_sample, columns),
+        columns=v.shape[0] if columns else 1,
+    )
 
 
 def kfc(
@@ -421,7 +556,7 @@ def kfc(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """KFC / KFAC-expand input factor ``Ω_g = 1/N Σ_n ⟦X_{n,g}⟧ᵀ⟦X_{n,g}⟧`` (sum over output locations).
 
@@ -433,7 +568,12 @@ def kfc(
     """
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(kfac.kfc(x, geometry), simplify, pathway)
+    return _dispatch(
+        "kfc", pathway, simplify, geometry, (x,),
+        network=lambda: kfac.kfc(x, geometry),
+        native=_native("kfc", geometry, lambda: _native_module.kfc(x, geometry)),
+        fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry)),
+    )
 
 
 def kfac_reduce(
@@ -447,7 +587,7 @@ def kfac_reduce(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """KFAC-reduce input factor ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ``, ``ū`` the unfolded input averaged over output locations.
 
@@ -456,7 +596,12 @@ def kfac_reduce(
     """
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(kfac.kfac_reduce(x, geometry), simplify, pathway)
+    return _dispatch(
+        "kfac_reduce", pathway, simplify, geometry, (x,),
+        network=lambda: kfac.kfac_reduce(x, geometry),
+        native=_native("kfac_reduce", geometry, lambda: _native_module.kfac_reduce(x, geometry)),
+        fused=_fused("kfac_reduce", x, geometry, lambda: _kernels().kfac_reduce(x, geometry)),
+    )
 
 
 def _check_blocks(blocks, weight_shape) -> tuple:
@@ -484,7 +629,7 @@ def ggn_mini_block(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """GGN mini-block diagonal (core paper B.2) of a convolution weight.
 
@@ -500,7 +645,10 @@ def ggn_mini_block(
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     blocks = _check_blocks(blocks, geometry.weight_shape)
-    return _evaluate(_ggn.ggn_blocks(x, s, geometry, blocks), simplify, pathway)
+    return _dispatch(
+        "ggn_mini_block", pathway, simplify, geometry, (x, s),
+        network=lambda: _ggn.ggn_blocks(x, s, geometry, blocks), options=(blocks,), columns=s.shape[0],
+    )
 
 
 def ggn(
@@ -515,7 +663,7 @@ def ggn(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """Full GGN of the weight, ``Σ_{c,n} J_{c,n} J_{c,n}ᵀ``: ``[|w|, |w|]`` in ``weight.flatten()`` order.
 
@@ -525,9 +673,11 @@ def ggn(
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     blocks = (1,) * len(geometry.weight_shape)
-    network = _ggn.ggn_blocks(x, s, geometry, blocks)
     size = math.prod(geometry.weight_shape)
-    return _evaluate(network, simplify, pathway).reshape(size, size)
+    return _dispatch(
+        "ggn", pathway, simplify, geometry, (x, s), network=lambda: _ggn.ggn_blocks(x, s, geometry, blocks),
+        columns=s.shape[0],
+    ).reshape(size, size)
 
 
 def ggn_diag(
@@ -543,7 +693,7 @@ def ggn_diag(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """Diagonal of the weight's GGN, weight-shaped ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
 
@@ -553,8 +703,17 @@ def ggn_diag(
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     shape = geometry.weight_shape
-    network = _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample)
-    result = _evaluate(network, simplify, pathway)
+    result = _dispatch(
+        "ggn_diag", pathway, simplify, geometry, (x, s),
+        network=lambda: _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample),
+        native=_native("ggn_diag", geometry, lambda: _native_module.ggn_diag(x, s, geometry, per_sample)),
+        fused=_fused(
+            "ggn_diag", x, geometry, lambda: _kernels().ggn_diag(x, s, geometry, per_sample=per_sample),
+            per_sample=per_sample,
+        ),
+        options=(per_sample,),
+        columns=s.shape[0],
+    )
     return result.reshape(*((x.shape[0],) if per_sample else ()), *shape)
 
 
@@ -570,14 +729,19 @@ def ggn_gram(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """GGN Gram matrix (empirical NTK for square loss) of the weight: ``[C, N, C, N]``.
 
     Entry ``(c, n, c', n')`` is ``⟨J_{c,n}, J_{c',n'}⟩`` with ``J_{c,n}`` the weight VJP of column ``c``, sample ``n``.
     """
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
-    return _evaluate(_ggn.ggn_gram(x, s, geometry), simplify, pathway)
+    return _dispatch(
+        "ggn_gram", pathway, simplify, geometry, (x, s),
+        network=lambda: _ggn.ggn_gram(x, s, geometry),
+        native=_native("ggn_gram", geometry, lambda: _native_module.ggn_gram(x, s, geometry)),
+        columns=s.shape[0],
+    )
 
 
 def hesscale_weight_diag(
@@ -593,7 +757,7 @@ def hesscale_weight_diag(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
-    pathway: str = "tn",
+    pathway: str = "auto",
 ) -> Tensor:
     """HesScale/BL89 weight Hessian diagonal ``diag(Jᵀ diag(d) J)`` (core paper B.4).
 
@@ -605,7 +769,18 @@ def hesscale_weight_diag(
         ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
     """
     geometry = _weight_side(x, d, "d", kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _evaluate(hesscale.weight_diag(x, d, geometry, per_sample), simplify, pathway)
+    return _dispatch(
+        "hesscale_weight_diag", pathway, simplify, geometry, (x, d),
+        network=lambda: hesscale.weight_diag(x, d, geometry, per_sample),
+        native=_native(
+            "hesscale_weight_diag", geometry, lambda: _native_module.hesscale_weight_diag(x, d, geometry, per_sample)
+        ),
+        fused=_fused(
+            "hesscale_weight_diag", x, geometry,
+            lambda: _kernels().hesscale_weight_diag(x, d, geometry, per_sample=per_sample), per_sample=per_sample,
+        ),
+        options=(per_sample,),
+    )
 
 
 def hesscale_input_diag(
@@ -620,6 +795,7 @@ def hesscale_input_diag(
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
+    pathway: str = "auto",
 ) -> Tensor:
     """HesScale/BL89 input Hessian diagonal ``diag(J_xᵀ diag(d) J_x)``: ``[N, C_in, *I]``.
 
@@ -637,4 +813,9 @@ def hesscale_input_diag(
         (d.shape[0], c_in, *size), c_out, weight.shape[2:], stride, padding, dilation, groups, transposed, output_padding
     )
     _check_output_like(d, "d", geometry, d.shape[0])
-    return _evaluate(hesscale.input_diag(weight, d, geometry), simplify)
+    propagate = _native_module.to_output_side if transposed else _native_module.to_input_side
+    return _dispatch(
+        "hesscale_input_diag", pathway, simplify, geometry, (d, weight),
+        network=lambda: hesscale.input_diag(weight, d, geometry),
+        native=_native("input_vjp", geometry, lambda: propagate(d, weight.square(), geometry)),
+    )

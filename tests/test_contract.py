@@ -71,13 +71,13 @@ def test_new_shapes_or_dtype_plan_again(fresh_cache, count_path_searches, seed):
 def test_functional_calls_reuse_plans(fresh_cache, count_path_searches, seed):
     x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
     s = torch.randn(2, 2, 4, 6, 6, dtype=DTYPE)
-    F.ggn_diag(x, s, 3, padding=1, simplify=False)
-    F.kfc(x, 3, padding=1)
+    F.ggn_diag(x, s, 3, padding=1, simplify=False, pathway="tn")
+    F.kfc(x, 3, padding=1, pathway="tn")
     searches, size = len(count_path_searches), C.cache_size()
     assert searches == size == 2
     for _ in range(3):
-        F.ggn_diag(torch.randn_like(x), torch.randn_like(s), 3, padding=1, simplify=False)
-        F.kfc(torch.randn_like(x), 3, padding=1)
+        F.ggn_diag(torch.randn_like(x), torch.randn_like(s), 3, padding=1, simplify=False, pathway="tn")
+        F.kfc(torch.randn_like(x), 3, padding=1, pathway="tn")
     assert len(count_path_searches) == searches and C.cache_size() == size
 
 
@@ -106,17 +106,17 @@ def test_inspect_plans(fresh_cache, seed):
 def test_inspect_plans_of_functional(fresh_cache, seed):
     x = torch.randn(2, 3, 8, 8, dtype=DTYPE)
     with C.inspect_plans() as plans:
-        F.kfc(x, 3)
+        F.kfc(x, 3, pathway="tn")
     assert len(plans) == 1 and plans[0].flops > 0
     with C.inspect_plans() as outer:
         with C.inspect_plans() as inner:
-            F.kfc(x, 3)
-        F.kfc(x, 2, stride=2)
+            F.kfc(x, 3, pathway="tn")
+        F.kfc(x, 2, stride=2, pathway="tn")
     # nested blocks: each records what ran inside it (regression: the inner block's exit stopped
     # the outer recorder, whose list compared equal)
     assert len(inner) == 1 and len(outer) == 2 and outer[0] is inner[0]
     assert outer[1].shapes != inner[0].shapes
-    F.kfc(x, 3)
+    F.kfc(x, 3, pathway="tn")
     assert len(inner) == 1 and len(outer) == 2
 
 
@@ -151,6 +151,6 @@ def test_single_operand_network(fresh_cache, seed):
     """A network reduced to one operand is contracted by torch.einsum directly."""
     x = torch.randn(2, 3, 6, 4, dtype=DTYPE)
     with C.inspect_plans() as plans:
-        result = F.unfold(x, 2, stride=2)
+        result = F.unfold(x, 2, stride=2, pathway="tn")
     assert len(plans[0].shapes) == 1 and plans[0].path == [(0,)]
     assert_close(result, torch.nn.functional.unfold(x, 2, stride=2), name="unfold via a single operand")

@@ -2,11 +2,13 @@
 
 References come from ``torch.nn.functional`` (convolutions, ``unfold``, ``fold``), autograd,
 ``torch.func`` (``jacrev``, ``vmap``, ``jvp``, ``grad``) and explicit loops, see ``conftest.py``;
-never from another curvlib network. Every configuration runs with ``simplify=True`` and ``False``.
+never from another curvlib network. Every configuration runs on every pathway (:mod:`curvlib.pathways`):
+the tensor network as built and simplified, ``unfold``, ``native`` (where it applies) and ``auto``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -117,9 +119,30 @@ def _random_layers(count_per_dim: int = 4):
 
 
 LAYERS = HAND_PICKED + _random_layers()
-SIMPLIFY = [pytest.param(True, id="simplified"), pytest.param(False, id="plain")]
+ROUTES = [
+    pytest.param(dict(pathway="tn", simplify=True), id="simplified"),
+    pytest.param(dict(pathway="tn", simplify=False), id="plain"),
+    pytest.param(dict(pathway="unfold"), id="unfold"),
+    pytest.param(dict(pathway="native"), id="native"),
+    pytest.param(dict(pathway="auto"), id="auto"),
+]
 by_layer = pytest.mark.parametrize("layer", LAYERS, ids=str)
-by_simplify = pytest.mark.parametrize("simplify", SIMPLIFY)
+
+
+def by_route(test):
+    """Run ``test`` on every pathway; a forced native pathway that does not apply (transposed layers
+    for unfold-based operations, per-sample weight VJPs) must say so and is skipped."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except ValueError as error:
+            if kwargs["route"]["pathway"] == "native" and "pathway='native' is not available" in str(error):
+                pytest.skip(str(error))
+            raise
+
+    return pytest.mark.parametrize("route", ROUTES)(wrapper)
 forward_layers = [layer for layer in LAYERS if not layer.transposed]
 
 
@@ -152,22 +175,22 @@ def test_reference_patches_reproduce_forward(layer, seed):
 # forward maps and JVPs
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_forward(layer, simplify, seed):
+def test_forward(layer, route, seed):
     x, w, y_shape = _data(layer)
     bias = torch.randn(y_shape[1], dtype=DTYPE)
     if layer.transposed:
         result = F.conv_transpose(x, w, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
-                                  layer.dilation, simplify=simplify)
+                                  layer.dilation, **route)
         name = "conv_transpose"
     else:
-        result = F.conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups, simplify=simplify)
+        result = F.conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups, **route)
         name = "conv"
     assert_close(result, layer.forward(w, x, bias), name=name)
-    no_bias = F.conv_transpose(x, w, **_transpose_kwargs(layer), simplify=simplify) if layer.transposed else \
+    no_bias = F.conv_transpose(x, w, **_transpose_kwargs(layer), **route) if layer.transposed else \
         F.conv(x, w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-               simplify=simplify)
+               **route)
     assert_close(no_bias, layer.forward(w, x), name=name + " without bias")
 
 
@@ -176,42 +199,42 @@ def _transpose_kwargs(layer):
                 groups=layer.groups, dilation=layer.dilation)
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_weight_jvp(layer, simplify, seed):
+def test_weight_jvp(layer, route, seed):
     x, w, _ = _data(layer)
     v_w = torch.randn_like(w)
     _, expected = jvp(lambda w: layer.forward(w, x), (w,), (v_w,))
-    assert_close(F.weight_jvp(x, v_w, **layer.hyper(), simplify=simplify), expected, name="weight_jvp")
+    assert_close(F.weight_jvp(x, v_w, **layer.hyper(), **route), expected, name="weight_jvp")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_input_jvp(layer, simplify, seed):
+def test_input_jvp(layer, route, seed):
     x, w, _ = _data(layer)
     v_x = torch.randn_like(x)
     _, expected = jvp(lambda x: layer.forward(w, x), (x,), (v_x,))
-    assert_close(F.input_jvp(w, v_x, **layer.hyper(), simplify=simplify), expected, name="input_jvp")
+    assert_close(F.input_jvp(w, v_x, **layer.hyper(), **route), expected, name="input_jvp")
 
 
 # ----------------------------------------------------------------------------------------------
 # VJPs
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_weight_vjp(layer, simplify, seed):
+def test_weight_vjp(layer, route, seed):
     x, w, y_shape = _data(layer)
     v = torch.randn(y_shape, dtype=DTYPE)
     w.requires_grad_(True)
     (expected,) = torch.autograd.grad(layer.forward(w, x), w, v)
-    result = F.weight_vjp(x, v, layer.kernel, **layer.hyper(), simplify=simplify)
+    result = F.weight_vjp(x, v, layer.kernel, **layer.hyper(), **route)
     assert_close(result, expected, name="weight_vjp")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_weight_vjp_per_sample(layer, simplify, seed):
+def test_weight_vjp_per_sample(layer, route, seed):
     x, w, y_shape = _data(layer)
     v = torch.randn(y_shape, dtype=DTYPE)
 
@@ -219,14 +242,14 @@ def test_weight_vjp_per_sample(layer, simplify, seed):
         return (layer.forward(w, x_n[None]) * v_n[None]).sum()
 
     expected = vmap(grad(sample_loss), in_dims=(None, 0, 0))(w, x, v)
-    result = F.weight_vjp(x, v, layer.kernel, **layer.hyper(), per_sample=True, simplify=simplify)
+    result = F.weight_vjp(x, v, layer.kernel, **layer.hyper(), per_sample=True, **route)
     assert_close(result, expected, name="weight_vjp(per_sample=True)")
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
 @by_layer
-def test_weight_vjp_columns(layer, per_sample, simplify, seed):
+def test_weight_vjp_columns(layer, per_sample, route, seed):
     """Several backpropagated vectors at once (``columns=True``): one weight VJP per column."""
     x, w, y_shape = _data(layer)
     v = torch.randn(layer.columns, *y_shape, dtype=DTYPE)
@@ -237,20 +260,20 @@ def test_weight_vjp_columns(layer, per_sample, simplify, seed):
     per_column_and_sample = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)), in_dims=(None, None, 0))(w, x, v)
     expected = per_column_and_sample if per_sample else per_column_and_sample.sum(1)
     result = F.weight_vjp(x, v, layer.kernel, **layer.hyper(), columns=True, per_sample=per_sample,
-                          simplify=simplify)
+                          **route)
     assert_close(result, expected, name=f"weight_vjp(columns=True, per_sample={per_sample})")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_input_vjp(layer, simplify, seed):
+def test_input_vjp(layer, route, seed):
     x, w, y_shape = _data(layer)
     v = torch.randn(y_shape, dtype=DTYPE)
     x.requires_grad_(True)
     (expected,) = torch.autograd.grad(layer.forward(w, x), x, v)
-    assert_close(F.input_vjp(w, v, x.shape[2:], **layer.hyper(), simplify=simplify), expected, name="input_vjp")
+    assert_close(F.input_vjp(w, v, x.shape[2:], **layer.hyper(), **route), expected, name="input_vjp")
     # the full input shape is accepted as well
-    assert_close(F.input_vjp(w, v, x.shape, **layer.hyper(), simplify=simplify), expected,
+    assert_close(F.input_vjp(w, v, x.shape, **layer.hyper(), **route), expected,
                  name="input_vjp(full input shape)")
 
 
@@ -258,22 +281,22 @@ def test_input_vjp(layer, simplify, seed):
 # Kronecker factors
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_kfc(layer, simplify, seed):
+def test_kfc(layer, route, seed):
     x, _, _ = _data(layer)
     patches = layer.unfolded_input(x)  # [N, G, L, D]
     expected = torch.einsum("ngld,ngle->gde", patches, patches) / x.shape[0]
-    assert_close(F.kfc(x, layer.kernel, **layer.hyper(), simplify=simplify), expected, name="kfc")
+    assert_close(F.kfc(x, layer.kernel, **layer.hyper(), **route), expected, name="kfc")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_kfac_reduce(layer, simplify, seed):
+def test_kfac_reduce(layer, route, seed):
     x, _, _ = _data(layer)
     mean_patch = layer.unfolded_input(x).mean(2)  # [N, G, D]
     expected = torch.einsum("ngd,nge->gde", mean_patch, mean_patch) / x.shape[0]
-    assert_close(F.kfac_reduce(x, layer.kernel, **layer.hyper(), simplify=simplify), expected,
+    assert_close(F.kfac_reduce(x, layer.kernel, **layer.hyper(), **route), expected,
                  name="kfac_reduce")
 
 
@@ -290,31 +313,31 @@ def _ggn_setup(layer):
     return x, w, s, vjps
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_ggn(layer, simplify, seed):
+def test_ggn(layer, route, seed):
     x, w, s, vjps = _ggn_setup(layer)
     expected = torch.einsum("cnw,cnv->wv", vjps, vjps)
-    assert_close(F.ggn(x, s, layer.kernel, **layer.hyper(), simplify=simplify), expected, name="ggn")
+    assert_close(F.ggn(x, s, layer.kernel, **layer.hyper(), **route), expected, name="ggn")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_ggn_diag(layer, simplify, seed):
+def test_ggn_diag(layer, route, seed):
     x, w, s, vjps = _ggn_setup(layer)
     expected = (vjps**2).sum((0, 1)).reshape(w.shape)
-    assert_close(F.ggn_diag(x, s, layer.kernel, **layer.hyper(), simplify=simplify), expected, name="ggn_diag")
+    assert_close(F.ggn_diag(x, s, layer.kernel, **layer.hyper(), **route), expected, name="ggn_diag")
     expected_per_sample = (vjps**2).sum(0).reshape(x.shape[0], *w.shape)
-    result = F.ggn_diag(x, s, layer.kernel, **layer.hyper(), per_sample=True, simplify=simplify)
+    result = F.ggn_diag(x, s, layer.kernel, **layer.hyper(), per_sample=True, **route)
     assert_close(result, expected_per_sample, name="ggn_diag(per_sample=True)")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_ggn_gram(layer, simplify, seed):
+def test_ggn_gram(layer, route, seed):
     x, w, s, vjps = _ggn_setup(layer)
     expected = torch.einsum("cnw,dmw->cndm", vjps, vjps)
-    assert_close(F.ggn_gram(x, s, layer.kernel, **layer.hyper(), simplify=simplify), expected, name="ggn_gram")
+    assert_close(F.ggn_gram(x, s, layer.kernel, **layer.hyper(), **route), expected, name="ggn_gram")
 
 
 def _divisors(n):
@@ -362,14 +385,14 @@ def test_ggn_blocks_use_membership_only_when_straddling(blocks, membership, seed
     assert ("group_membership" in names) == membership, names
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_ggn_mini_block(layer, simplify, seed):
+def test_ggn_mini_block(layer, route, seed):
     x, w, s, vjps = _ggn_setup(layer)
     full = torch.einsum("cnw,cnv->wv", vjps, vjps)
     for blocks in _block_choices(layer):
         expected = _mini_block_reference(full, w.shape, blocks)
-        result = F.ggn_mini_block(x, s, layer.kernel, blocks=blocks, **layer.hyper(), simplify=simplify)
+        result = F.ggn_mini_block(x, s, layer.kernel, blocks=blocks, **layer.hyper(), **route)
         assert_close(result, expected, name=f"ggn_mini_block(blocks={blocks})")
 
 
@@ -377,27 +400,27 @@ def test_ggn_mini_block(layer, simplify, seed):
 # HesScale
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_hesscale_weight_diag(layer, simplify, seed):
+def test_hesscale_weight_diag(layer, route, seed):
     x, w, y_shape = _data(layer)
     d = torch.randn(y_shape, dtype=DTYPE)  # any sign: the formula is linear in d
     jac = layer.weight_jacobian(x)  # [N, P, W]
     weighted = torch.einsum("npw,np->nw", jac**2, d.reshape(x.shape[0], -1))
-    result = F.hesscale_weight_diag(x, d, layer.kernel, **layer.hyper(), simplify=simplify)
+    result = F.hesscale_weight_diag(x, d, layer.kernel, **layer.hyper(), **route)
     assert_close(result, weighted.sum(0).reshape(w.shape), name="hesscale_weight_diag")
-    result = F.hesscale_weight_diag(x, d, layer.kernel, **layer.hyper(), per_sample=True, simplify=simplify)
+    result = F.hesscale_weight_diag(x, d, layer.kernel, **layer.hyper(), per_sample=True, **route)
     assert_close(result, weighted.reshape(x.shape[0], *w.shape), name="hesscale_weight_diag(per_sample=True)")
 
 
-@by_simplify
+@by_route
 @by_layer
-def test_hesscale_input_diag(layer, simplify, seed):
+def test_hesscale_input_diag(layer, route, seed):
     x, w, y_shape = _data(layer)
     d = torch.randn(y_shape, dtype=DTYPE)
     jac = layer.input_jacobian(w)  # [P, |x_n|]
     expected = torch.einsum("pi,np->ni", jac**2, d.reshape(d.shape[0], -1)).reshape(x.shape)
-    result = F.hesscale_input_diag(w, d, x.shape[2:], **layer.hyper(), simplify=simplify)
+    result = F.hesscale_input_diag(w, d, x.shape[2:], **layer.hyper(), **route)
     assert_close(result, expected, name="hesscale_input_diag")
 
 
@@ -418,49 +441,49 @@ def _torch_unfold_supported(layer):
     return layer.num_dims == 2 and not isinstance(layer.padding, str)
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("layer", forward_layers, ids=str)
-def test_unfold(layer, simplify, seed):
+def test_unfold(layer, route, seed):
     x, _, _ = _data(layer)
     kernel, stride, pads, dilation, kwargs = _unfold_args(layer)
-    result = F.unfold(x, kernel, **kwargs, simplify=simplify)
+    result = F.unfold(x, kernel, **kwargs, **route)
     assert_close(result, unfold_loop(x, kernel, stride, pads, dilation), name="unfold (loop reference)")
     if _torch_unfold_supported(layer):
         assert_close(result, tf.unfold(x, kernel, **kwargs), name="unfold (torch reference)")
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("layer", forward_layers, ids=str)
-def test_unfold_jvp(layer, simplify, seed):
+def test_unfold_jvp(layer, route, seed):
     x, _, _ = _data(layer)
     v_x = torch.randn_like(x)
     kernel, stride, pads, dilation, kwargs = _unfold_args(layer)
     _, expected = jvp(lambda x: unfold_loop(x, kernel, stride, pads, dilation), (x,), (v_x,))
-    assert_close(F.unfold_jvp(v_x, kernel, **kwargs, simplify=simplify), expected, name="unfold_jvp")
+    assert_close(F.unfold_jvp(v_x, kernel, **kwargs, **route), expected, name="unfold_jvp")
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("layer", forward_layers, ids=str)
-def test_unfold_vjp(layer, simplify, seed):
+def test_unfold_vjp(layer, route, seed):
     x, _, _ = _data(layer)
     kernel, stride, pads, dilation, kwargs = _unfold_args(layer)
     x.requires_grad_(True)
     unfolded = unfold_loop(x, kernel, stride, pads, dilation)
     v = torch.randn_like(unfolded)
     (expected,) = torch.autograd.grad(unfolded, x, v)
-    result = F.unfold_vjp(v, x.shape[2:], kernel, **kwargs, simplify=simplify)
+    result = F.unfold_vjp(v, x.shape[2:], kernel, **kwargs, **route)
     assert_close(result, expected, name="unfold_vjp (autograd of the loop)")
     if _torch_unfold_supported(layer):
         assert_close(result, tf.fold(v, x.shape[2:], kernel, **kwargs), name="unfold_vjp (torch fold)")
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("layer", forward_layers, ids=str)
-def test_unfold_kernel(layer, simplify, seed):
+def test_unfold_kernel(layer, route, seed):
     _, w, _ = _data(layer)
     expected = layer.input_jacobian(w)  # [C_out·∏O, C_in·∏I], zero between groups
     result = F.unfold_kernel(w, layer.in_size, stride=layer.stride, padding=layer.padding,
-                             dilation=layer.dilation, groups=layer.groups, simplify=simplify)
+                             dilation=layer.dilation, groups=layer.groups, **route)
     assert_close(result, expected, name="unfold_kernel")
 
 
@@ -482,9 +505,9 @@ FLOAT32_LAYERS = [layer for layer in HAND_PICKED if layer.name in
                   ("1d-overlap-dilated-groups", "2d-valid-groups", "2d-transposed", "3d-mixed")]
 
 
-@by_simplify
+@by_route
 @pytest.mark.parametrize("layer", FLOAT32_LAYERS, ids=str)
-def test_float32(layer, simplify, seed):
+def test_float32(layer, route, seed):
     """float32 in, float32 out, close to the float64 reference up to float32 round-off."""
     x64, w64, y_shape = _data(layer)
     s64 = torch.randn(layer.columns, *y_shape, dtype=DTYPE)
@@ -494,13 +517,13 @@ def test_float32(layer, simplify, seed):
     vjps = torch.einsum("cnp,npw->cnw", s64.reshape(layer.columns, x.shape[0], -1), jac)
     patches = layer.unfolded_input(x64)
     checks = {
-        "conv": (F.weight_jvp(x, w, **hyper, simplify=simplify), layer.forward(w64, x64)),
-        "ggn": (F.ggn(x, s, layer.kernel, **hyper, simplify=simplify), torch.einsum("cnw,cnv->wv", vjps, vjps)),
-        "ggn_diag": (F.ggn_diag(x, s, layer.kernel, **hyper, simplify=simplify),
+        "conv": (F.weight_jvp(x, w, **hyper, **route), layer.forward(w64, x64)),
+        "ggn": (F.ggn(x, s, layer.kernel, **hyper, **route), torch.einsum("cnw,cnv->wv", vjps, vjps)),
+        "ggn_diag": (F.ggn_diag(x, s, layer.kernel, **hyper, **route),
                      (vjps**2).sum((0, 1)).reshape(w.shape)),
-        "kfc": (F.kfc(x, layer.kernel, **hyper, simplify=simplify),
+        "kfc": (F.kfc(x, layer.kernel, **hyper, **route),
                 torch.einsum("ngld,ngle->gde", patches, patches) / x.shape[0]),
-        "weight_vjp": (F.weight_vjp(x, s[0], layer.kernel, **hyper, simplify=simplify),
+        "weight_vjp": (F.weight_vjp(x, s[0], layer.kernel, **hyper, **route),
                        vjps[0].sum(0).reshape(w.shape)),
     }
     for name, (result, expected) in checks.items():
@@ -534,12 +557,12 @@ def test_pipeline_rewrites_are_exercised(monkeypatch, seed):
         x, w, y_shape = _data(layer)
         s = torch.randn(layer.columns, *y_shape, dtype=DTYPE)
         hyper = layer.hyper()
-        F.weight_vjp(x, s[0], layer.kernel, **hyper)
-        F.input_vjp(w, s[0], x.shape[2:], **hyper)
-        F.kfc(x, layer.kernel, **hyper)
-        F.kfac_reduce(x, layer.kernel, **hyper)
+        F.weight_vjp(x, s[0], layer.kernel, **hyper, pathway="tn")
+        F.input_vjp(w, s[0], x.shape[2:], **hyper, pathway="tn")
+        F.kfc(x, layer.kernel, **hyper, pathway="tn")
+        F.kfac_reduce(x, layer.kernel, **hyper, pathway="tn")
         F.kfac_reduce(x, layer.kernel, pathway="unfold", **hyper)  # averaged patterns are viewed only here
-        F.ggn_diag(x, s, layer.kernel, **hyper)
-        F.hesscale_input_diag(w, s[0], x.shape[2:], **hyper)
+        F.ggn_diag(x, s, layer.kernel, **hyper, pathway="tn")
+        F.hesscale_input_diag(w, s[0], x.shape[2:], **hyper, pathway="tn")
     missing = [name for name, count in fired.items() if count == 0]
     assert not missing, f"rewrites never exercised by the grid: {missing} (counts {fired})"

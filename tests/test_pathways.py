@@ -1,5 +1,7 @@
 """The ``"unfold"`` pathway (overlapping windows viewed as the unfolded input) against independent references."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as tf
@@ -45,3 +47,164 @@ def test_unfold_pathway(seed, hyper):
 def test_unknown_pathway():
     with pytest.raises(ValueError, match="pathway"):
         F.ggn_diag(torch.randn(2, 3, 5, 5), torch.randn(4, 2, 2, 3, 3), 3, pathway="fast")
+
+
+# ----------------------------------------------------------------------------------------------
+# pathway choice (curvlib.pathways) and the native pathway (curvlib.native)
+
+import json  # noqa: E402
+
+import curvlib.pathways as pathways  # noqa: E402
+from curvlib import cost  # noqa: E402
+from curvlib.hyperparams import make_geometry  # noqa: E402
+
+
+@pytest.fixture
+def fresh_decisions():
+    pathways.clear()
+    yield
+    pathways.clear()
+
+
+def _kfc_inputs(seed):
+    torch.manual_seed(seed)
+    return torch.randn(3, 4, 9, 8, dtype=torch.float64)
+
+
+def test_forced_pathway_that_does_not_apply_names_the_alternatives():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"pathway='native' is not available for kfc.*\['tn', 'unfold'\]"):
+        F.kfc(x, 3, stride=2, transposed=True, pathway="native")
+    with pytest.raises(ValueError, match="pathway='native' is not available for weight_vjp"):
+        F.weight_vjp(x, torch.randn(2, 6, 3, 3), 3, per_sample=True, pathway="native")
+    with pytest.raises(TypeError, match="simplify must be a bool"):
+        F.kfc(x, 3, simplify="yes")
+
+
+def test_fused_pathway_on_cpu_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="pathway='fused' is not available for kfc"):
+        F.kfc(torch.randn(2, 4, 5, 5), 3, pathway="fused")
+
+
+def test_every_pathway_leaves_its_inputs_untouched(seed):
+    """Unfolded inputs may be views of ``x`` (kernel 1, no padding): no pathway may write into them."""
+    torch.manual_seed(seed)
+    x, d = torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.rand(2, 6, 5, 4, dtype=torch.float64)
+    s = torch.randn(2, 2, 6, 5, 4, dtype=torch.float64)
+    x0, d0, s0 = x.clone(), d.clone(), s.clone()
+    for pathway in ("native", "tn", "unfold", "auto"):
+        F.hesscale_weight_diag(x, d, 1, pathway=pathway)
+        F.ggn_diag(x, s, 1, pathway=pathway)
+        F.kfc(x, 1, pathway=pathway)
+        F.kfac_reduce(x, 1, pathway=pathway)
+    assert torch.equal(x, x0) and torch.equal(d, d0) and torch.equal(s, s0)
+
+
+def test_autotune_measures_every_candidate_and_takes_the_fastest(fresh_decisions, seed):
+    x = _kfc_inputs(seed)
+    with pathways.options(autotune=True, repeats=2):
+        result = F.kfc(x, 3, padding=1)
+        again = F.kfc(x, 3, padding=1)  # cached: no second measurement
+    (decision,) = pathways.decisions()
+    assert decision.how == "measured" and decision.op == "kfc"
+    assert set(decision.measurements) == {"native", "tn", "tn+simplify", "unfold"}
+    times = {name: m["time_s"] for name, m in decision.measurements.items()}
+    assert decision.choice == min(times, key=times.get)
+    expected = F.kfc(x, 3, padding=1, pathway="tn", simplify=False)
+    assert torch.allclose(result, expected) and torch.allclose(again, expected)
+
+
+def test_memory_budget_excludes_candidates_that_do_not_fit(fresh_decisions, seed):
+    x = _kfc_inputs(seed)
+    with pathways.options(autotune=False, memory_budget=0):
+        F.kfc(x, 3, padding=1)
+    (decision,) = pathways.decisions()
+    assert decision.how == "cost model"
+    extra = {name: m["extra_bytes"] for name, m in decision.measurements.items()}
+    assert all(v > 0 for v in extra.values())  # nothing fits 0 bytes: the leanest is taken
+    assert decision.choice == min(extra, key=extra.get)
+    pathways.clear()
+    lean = min(extra.values())
+    with pathways.options(memory_budget=lean):
+        F.kfc(x, 3, padding=1)
+    (decision,) = pathways.decisions()
+    fitting = {n: m["time_s"] for n, m in decision.measurements.items() if m["extra_bytes"] <= lean}
+    assert decision.choice == min(fitting, key=fitting.get)
+
+
+def test_exclude_and_settings_are_part_of_the_cache_key(fresh_decisions, seed):
+    x = _kfc_inputs(seed)
+    with pathways.options(exclude=("native", "unfold", "tn+simplify")):
+        F.kfc(x, 3, padding=1)
+    assert pathways.decisions()[-1].choice == "tn"
+    F.kfc(x, 3, padding=1)  # default settings: a new decision
+    assert len(pathways.decisions()) == 2
+
+
+def test_decisions_persist_on_disk(fresh_decisions, tmp_path, seed):
+    x = _kfc_inputs(seed)
+    path = tmp_path / "choices.json"
+    with pathways.options(autotune=True, repeats=1, cache_file=str(path)):
+        F.kfc(x, 3, padding=1)
+        measured = pathways.decisions()[0]
+        stored = json.loads(path.read_text())
+        assert list(stored.values())[0]["choice"] == measured.choice
+        pathways.clear()  # a new process: memory empty, file kept
+        F.kfc(x, 3, padding=1)
+        (reloaded,) = pathways.decisions()
+        assert reloaded.how == "disk cache" and reloaded.choice == measured.choice
+        pathways.clear(disk=True)
+        assert not path.exists()
+
+
+def test_damaged_cache_file_is_ignored(fresh_decisions, tmp_path, seed):
+    path = tmp_path / "choices.json"
+    path.write_text("{not json")
+    with pathways.options(autotune=True, repeats=1, cache_file=str(path)):
+        F.kfac_reduce(_kfc_inputs(seed), 3)
+    assert pathways.decisions()[0].how == "measured"
+    assert json.loads(path.read_text())  # rewritten
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(autotune="yes"), TypeError, "autotune"),
+    (dict(memory_budget=-1), ValueError, "memory_budget"),
+    (dict(memory_budget=float("nan")), ValueError, "memory_budget"),
+    (dict(repeats=0), ValueError, "repeats"),
+    (dict(exclude=("fast",)), ValueError, "exclude"),
+    (dict(exclude="native"), ValueError, "exclude"),
+    (dict(cache_file=3), TypeError, "cache_file"),
+])
+def test_configure_rejects_bad_settings(kwargs, error, match):
+    before = pathways.settings()
+    with pytest.raises(error, match=match):
+        pathways.configure(**kwargs)
+    assert pathways.settings() == before
+
+
+def test_cost_model_counts(seed):
+    g = make_geometry(6, 8, (10, 9), (3, 2), stride=(2, 1), padding=1, groups=2)
+    n, c = 4, 3
+    o = math.prod(g.output_size)
+    d, e = 3 * 3 * 2, 4
+    assert cost.minimum("kfc", g, n)[0] == 2 * n * o * 2 * d * d
+    assert cost.minimum("weight_vjp", g, n)[0] == 2 * n * o * 2 * e * d
+    assert cost.minimum("ggn_diag", g, n, columns=c)[0] == c * 2 * n * o * 2 * e * d + 2 * c * n * 2 * e * d
+    native = cost.operation_cost("kfc", "native", g, n)
+    assert native.largest_intermediate_bytes == n * 2 * d * o * 4
+    fused = cost.operation_cost("kfc", "fused", g, n)
+    assert fused.extra_bytes == 0 and fused.flops == native.flops
+    roof = cost.ceilings("cpu")
+    assert native.ideal_time("cpu") == max(native.flops / roof.flops_per_s, native.min_bytes / roof.bytes_per_s)
+    with pytest.raises(ValueError, match="op must be"):
+        cost.minimum("nonsense", g, n)
+    with pytest.raises(TypeError, match="Ceilings"):
+        cost.set_ceilings("cuda", 3.0)
+
+
+def test_native_unfold_matches_torch_unfold(seed):
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    expected = tf.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))
+    result = F.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1), pathway="native")
+    assert torch.equal(result, expected)

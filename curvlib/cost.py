@@ -1,0 +1,198 @@
+"""Analytic cost of one operation on one pathway: FLOPs, bytes moved at minimum, largest intermediate,
+and the ideal time on a device with given ceilings (the roofline ``max(FLOPs / rate, bytes / bandwidth)``).
+
+Used by ``pathway="auto"`` (:mod:`curvlib.pathways`) when it does not measure, and by the profiler
+(:mod:`curvlib.profile`) to report computational efficiency ``ideal time / measured time``.
+
+Counts (``N`` batch, ``G`` groups, ``E = C_out // G``, ``D = C_in // G · ∏K``, ``O`` output and
+``I`` input locations of the reference convolution, ``C`` columns; a multiply-add counts 2 FLOPs):
+
+================================  ==========================================  =======================================
+operation                         FLOPs                                       minimum bytes (each operand once)
+================================  ==========================================  =======================================
+conv, VJPs, JVPs                  ``2·N·O·G·E·D``                             ``x + y + weight``
+kfc                               ``2·N·O·G·D²``                              ``x + G·D²``
+kfac_reduce                       ``N·O·G·D + 2·N·G·D²``                      ``x + G·D²``
+ggn_diag                          ``2·C·N·O·G·E·D + 2·C·N·G·E·D``             ``x + s + weight``
+ggn_gram                          ``2·C·N·O·G·E·D + 2·(C·N)²·G·E·D``          ``x + s + (C·N)²``
+hesscale_weight_diag              ``2·N·O·G·E·D + N·O·G·D``                   ``x + d + weight``
+================================  ==========================================  =======================================
+
+The largest intermediate is pathway-specific: none beyond the result for ``native`` convolutions and
+``fused`` kernels, the unfolded input ``N·G·D·O`` for ``native`` unfold-based operations, and what the
+planned contraction path reports for the tensor-network pathways (:func:`network_cost`).
+
+>>> from curvlib.hyperparams import make_geometry
+>>> g = make_geometry(3, 8, (32, 32), 3, padding=1)
+>>> c = operation_cost("kfc", "native", g, batch=16, element_size=4)
+>>> c.flops == 2 * 16 * 32 * 32 * 27 * 27, c.largest_intermediate_bytes == 16 * 27 * 1024 * 4
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from .hyperparams import ConvGeometry
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured (or nominal) device ceilings: arithmetic rate, copy bandwidth and fixed per-call overhead."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    call_overhead_s: float = 0.0
+    measured: bool = False
+
+
+#: nominal ceilings until :func:`set_ceilings` (e.g. ``curvlib.profile.measure_ceilings``) replaces them:
+#: fp32 without tensor cores and HBM3 copy bandwidth of an H100; a few cores of a CPU
+_CEILINGS: Dict[str, Ceilings] = {
+    "cuda": Ceilings(flops_per_s=5.0e13, bytes_per_s=2.5e12, call_overhead_s=5e-6),
+    "cpu": Ceilings(flops_per_s=5.0e10, bytes_per_s=1.0e10, call_overhead_s=2e-6),
+}
+
+
+def ceilings(device_type: str) -> Ceilings:
+    """Ceilings of a device type (``"cuda"``, ``"cpu"``, …; unknown types get the CPU's)."""
+    return _CEILINGS.get(device_type, _CEILINGS["cpu"])
+
+
+def set_ceilings(device_type: str, value: Ceilings) -> None:
+    """Replace the ceilings used for ``device_type`` (measured ones make the cost model sharper)."""
+    if not isinstance(value, Ceilings):
+        raise TypeError(f"value must be a curvlib.cost.Ceilings, got {type(value).__name__}")
+    _CEILINGS[device_type] = value
+
+
+#: Python time a call spends before its kernels run, per pathway (measured on CPU for small layers:
+#: the tensor networks are built, simplified and looked up in the plan cache on every call)
+PYTHON_OVERHEAD_S = {"native": 2e-5, "fused": 3e-5, "tn": 1.5e-4, "tn+simplify": 3e-4, "unfold": 3e-4}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Analytic cost of one call. ``bytes_moved`` is the traffic the pathway itself causes (minimum bytes
+    plus writing and reading back its intermediates); ``extra_bytes`` the memory it needs beyond inputs
+    and result."""
+
+    flops: float
+    min_bytes: float
+    largest_intermediate_bytes: float
+    bytes_moved: float
+    extra_bytes: float
+    overhead_s: float = 0.0
+    notes: Dict[str, float] = field(default_factory=dict)
+
+    def ideal_time(self, device_type: str = "cuda") -> float:
+        """Roofline time on the device's ceilings from the minimum bytes (efficiency = this / measured)."""
+        c = ceilings(device_type)
+        return max(self.flops / c.flops_per_s, self.min_bytes / c.bytes_per_s)
+
+    def estimated_time(self, device_type: str = "cuda") -> float:
+        """Predicted time of the pathway: its own traffic on the roofline plus its fixed overhead."""
+        c = ceilings(device_type)
+        return max(self.flops / c.flops_per_s, self.bytes_moved / c.bytes_per_s) + self.overhead_s + c.call_overhead_s
+
+
+_FORWARD_LIKE = ("conv", "conv_transpose", "weight_jvp", "input_jvp", "input_vjp", "weight_vjp", "hesscale_input_diag")
+
+
+def _sizes(geometry: ConvGeometry, batch: int, columns: int):
+    g = geometry.groups
+    return dict(
+        N=batch,
+        G=g,
+        E=geometry.out_channels // g,
+        D=geometry.in_channels // g * math.prod(geometry.kernel_size),
+        O=math.prod(geometry.output_size),
+        I=math.prod(geometry.input_size),
+        Ci=geometry.in_channels,
+        Co=geometry.out_channels,
+        C=columns,
+    )
+
+
+def minimum(op: str, geometry: ConvGeometry, batch: int, columns: int = 1, element_size: int = 4):
+    """``(FLOPs, minimum bytes)`` of ``op`` whatever the pathway (table in the module docstring)."""
+    z = _sizes(geometry, batch, columns)
+    N, G, E, D, O, I, C = z["N"], z["G"], z["E"], z["D"], z["O"], z["I"], z["C"]
+    x_bytes = N * z["Ci"] * I * element_size  # the i side (layer input of an ordinary layer)
+    y_bytes = N * z["Co"] * O * element_size
+    w_bytes = G * E * D * element_size
+    gemm = 2 * N * O * G * E * D
+    if op in _FORWARD_LIKE:
+        return gemm, x_bytes + y_bytes + w_bytes
+    if op == "kfc":
+        return 2 * N * O * G * D * D, x_bytes + G * D * D * element_size
+    if op == "kfac_reduce":
+        return N * O * G * D + 2 * N * G * D * D, x_bytes + G * D * D * element_size
+    if op == "ggn_diag":
+        return C * gemm + 2 * C * N * G * E * D, x_bytes + C * y_bytes + w_bytes
+    if op == "ggn_gram":
+        return C * gemm + 2 * (C * N) ** 2 * G * E * D, x_bytes + C * y_bytes + (C * N) ** 2 * element_size
+    if op == "hesscale_weight_diag":
+        return gemm + N * O * G * D, x_bytes + y_bytes + w_bytes
+    if op in ("ggn", "ggn_mini_block"):
+        return C * gemm, x_bytes + C * y_bytes + w_bytes
+    if op in ("unfold", "unfold_jvp", "unfold_vjp", "unfold_kernel"):
+        return N * O * G * D, x_bytes + N * G * D * O * element_size
+    raise ValueError(f"op must be one of the curvlib.functional operations, got {op!r}")
+
+
+def operation_cost(
+    op: str,
+    pathway: str,
+    geometry: ConvGeometry,
+    batch: int,
+    columns: int = 1,
+    element_size: int = 4,
+    chunk_bytes: Optional[float] = None,
+) -> Cost:
+    """Analytic :class:`Cost` of ``op`` on ``pathway`` ``"native"``, ``"fused"`` or ``"unfold"``.
+
+    (Tensor-network pathways take their FLOPs and intermediates from the planned path: :func:`network_cost`.)
+    """
+    flops, min_bytes = minimum(op, geometry, batch, columns, element_size)
+    z = _sizes(geometry, batch, columns)
+    unfold_bytes = z["N"] * z["G"] * z["D"] * z["O"] * element_size
+    overhead = PYTHON_OVERHEAD_S.get(pathway, 0.0)
+    if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
+        return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead)
+    if pathway not in ("native", "unfold"):
+        raise ValueError(f"pathway must be 'native', 'fused' or 'unfold' (tensor networks: network_cost), got {pathway!r}")
+    largest = unfold_bytes
+    extra = unfold_bytes
+    moved = min_bytes + 2 * unfold_bytes
+    if op == "kfc":  # the unfolded input is permuted into a second copy before the batched product
+        extra, moved = 2 * unfold_bytes, min_bytes + 4 * unfold_bytes
+    elif op in ("ggn_diag", "ggn_gram", "ggn", "ggn_mini_block"):
+        gradients = z["C"] * z["N"] * z["G"] * z["E"] * z["D"] * element_size
+        chunk = gradients if chunk_bytes is None else min(gradients, chunk_bytes)
+        largest = max(unfold_bytes, chunk)
+        extra = unfold_bytes + chunk + z["C"] * z["N"] * z["Co"] * z["O"] * element_size  # + permuted s
+        moved = min_bytes + 2 * unfold_bytes + 2 * gradients
+    elif op == "hesscale_weight_diag":
+        extra, moved = 2 * unfold_bytes, min_bytes + 4 * unfold_bytes
+    return Cost(flops, min_bytes, largest, moved, extra, overhead)
+
+
+def network_cost(
+    op: str, pathway: str, geometry: ConvGeometry, batch: int, plan_flops: float, plan_largest_elements: float,
+    columns: int = 1, element_size: int = 4,
+) -> Cost:
+    """:class:`Cost` of a tensor-network pathway from its planned contraction path (FLOPs and largest
+    intermediate as opt_einsum reports them, see :func:`curvlib.contract.plan`)."""
+    _, min_bytes = minimum(op, geometry, batch, columns, element_size)
+    largest = plan_largest_elements * element_size
+    return Cost(
+        flops=float(plan_flops),
+        min_bytes=min_bytes,
+        largest_intermediate_bytes=largest,
+        bytes_moved=min_bytes + 2 * largest,
+        extra_bytes=largest,
+        overhead_s=PYTHON_OVERHEAD_S.get(pathway, PYTHON_OVERHEAD_S["tn"]),
+    )

@@ -1,0 +1,219 @@
+"""The ``"native"`` pathway: each operation through PyTorch's own kernels (cuDNN/ATen convolutions and
+their gradients; explicit unfolding plus batched matrix products where PyTorch has no built-in).
+
+These are the implementations a PyTorch user would write by hand (the core paper's ``PT`` baseline),
+generalised to any number of spatial dimensions, groups and asymmetric padding. They give
+``pathway="auto"`` (:mod:`curvlib.pathways`) a candidate that is never slower than PyTorch itself.
+
+Everything is expressed through the layer's *reference convolution* (:class:`~curvlib.hyperparams.ConvGeometry`):
+``to_output_side`` is its forward map (``i`` → ``o``), ``to_input_side`` its transpose (``o`` → ``i``),
+``reference_weight_vjp`` its weight gradient. The unfold-based operations (KFAC factors, GGN diagonal and
+Gram, HesScale) need the unfolded layer input and exist for ordinary (not transposed) layers only;
+:func:`supports` says which operation runs natively for a geometry.
+
+Normalisations are those of :mod:`curvlib.functional`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator, Tuple
+
+import torch
+from torch import Tensor
+
+from .hyperparams import ConvGeometry
+
+#: operations with a native implementation for ordinary layers; the first five also for transposed layers
+NATIVE_OPERATIONS = (
+    "conv",
+    "conv_transpose",
+    "weight_jvp",
+    "input_jvp",
+    "input_vjp",
+    "weight_vjp",
+    "kfc",
+    "kfac_reduce",
+    "ggn_diag",
+    "ggn_gram",
+    "hesscale_weight_diag",
+)
+_UNFOLD_OPERATIONS = ("kfc", "kfac_reduce", "ggn_diag", "ggn_gram", "hesscale_weight_diag")
+
+#: bytes of per-(column, sample) weight gradients the GGN diagonal/Gram may hold at once
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def supports(op: str, geometry: ConvGeometry, per_sample: bool = False, columns: bool = False) -> bool:
+    """Whether :mod:`curvlib.native` implements ``op`` for this geometry and these options."""
+    if op not in NATIVE_OPERATIONS or geometry.num_dims > 3:  # ATen convolutions stop at 3-d
+        return False
+    if op in _UNFOLD_OPERATIONS:
+        return not geometry.transposed
+    if op == "weight_vjp":
+        return not (per_sample or columns)
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _symmetric_padding(geometry: ConvGeometry):
+    """``(padding per dim, explicit (left, right) pads or None)``: ATen pads symmetrically only."""
+    if all(left == right for left, right in geometry.padding):
+        return [left for left, _ in geometry.padding], None
+    return [0] * geometry.num_dims, geometry.padding
+
+
+def _pad(tensor: Tensor, pairs) -> Tensor:
+    flat = [p for pair in reversed(pairs) for p in pair]  # torch.nn.functional.pad: last dim first
+    return torch.nn.functional.pad(tensor, flat)
+
+
+def to_output_side(t_i: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The reference convolution ``i → o``: ``[N, in_channels, *input_size] → [N, out_channels, *output_size]``."""
+    padding, explicit = _symmetric_padding(geometry)
+    if explicit is not None:
+        t_i = _pad(t_i, explicit)
+    n = geometry.num_dims
+    y = torch.ops.aten.convolution(
+        t_i, weight, None, list(geometry.stride), padding, list(geometry.dilation), False, [0] * n, geometry.groups
+    )
+    # a transposed layer's input (the o side) may stop short of the reference output (output_padding ≥ stride)
+    return y[(..., *(slice(0, o) for o in geometry.output_size))] if tuple(y.shape[2:]) != geometry.output_size else y
+
+
+def to_input_side(t_o: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The transposed reference convolution ``o → i``: ``[N, out_channels, *output_size] → [N, in_channels, *input_size]``."""
+    padding, explicit = _symmetric_padding(geometry)
+    pads = explicit or tuple((p, p) for p in padding)
+    full = [i + left + right for i, (left, right) in zip(geometry.input_size, pads)]
+    # size reached without output padding; the rest (pixels no window reaches) is output padding
+    # (or, where that would exceed ATen's limit, appended zeros)
+    reached = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in
+               zip(t_o.shape[2:], geometry.stride, geometry.dilation, geometry.kernel_size)]
+    extra = [f - r for f, r in zip(full, reached)]
+    allowed = [min(e, max(s, d) - 1) for e, s, d in zip(extra, geometry.stride, geometry.dilation)]
+    result = torch.ops.aten.convolution(
+        t_o, weight, None, list(geometry.stride), [0] * geometry.num_dims, list(geometry.dilation), True, allowed,
+        geometry.groups,
+    )
+    if any(e != a for e, a in zip(extra, allowed)):
+        result = _pad(result, [(0, e - a) for e, a in zip(extra, allowed)])
+    return result[(..., *(slice(left, left + i) for i, (left, _) in zip(geometry.input_size, pads)))]
+
+
+def reference_weight_vjp(t_i: Tensor, t_o: Tensor, geometry: ConvGeometry) -> Tensor:
+    """``Σ_n`` weight gradient of the reference convolution, ``[out_channels, in_channels // G, *K]``."""
+    padding, explicit = _symmetric_padding(geometry)
+    if explicit is not None:
+        t_i = _pad(t_i, explicit)
+    covered = _covered_outputs(t_i.shape[2:], geometry, padding)
+    if any(c > o for c, o in zip(covered, t_o.shape[2:])):
+        # a transposed layer's input may stop short of the reference output (output_padding ≥ stride):
+        # the missing outputs get zero gradient
+        t_o = _pad(t_o, [(0, c - o) for c, o in zip(covered, t_o.shape[2:])])
+    dummy = t_o.new_empty(1).expand(geometry.weight_shape)  # only its shape is read, as torch.nn.grad does
+    n = geometry.num_dims
+    return torch.ops.aten.convolution_backward(
+        t_o, t_i, dummy, None, list(geometry.stride), padding, list(geometry.dilation), False, [0] * n,
+        geometry.groups, [False, True, False],
+    )[1]
+
+
+def _covered_outputs(sizes, geometry: ConvGeometry, padding):
+    return [(i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in
+            zip(sizes, padding, geometry.dilation, geometry.kernel_size, geometry.stride)]
+
+
+# ----------------------------------------------------------------------------------------------
+# unfold-based operations (ordinary layers)
+
+
+def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The unfolded input ``[N, G, D, O]`` (``D = C_in // G · ∏K`` ordered like ``weight.flatten(1)``,
+    ``O = ∏ output_size``), materialised: the memory PyTorch's unfold pathway pays."""
+    n, c = x.shape[:2]
+    k = geometry.num_dims
+    windows = _pad(x, geometry.padding)
+    for axis in range(k):
+        span = geometry.dilation[axis] * (geometry.kernel_size[axis] - 1) + 1
+        windows = windows.unfold(2 + axis, span, geometry.stride[axis])[..., :: geometry.dilation[axis]]
+    # windows: [N, C, *O(+trailing), *K]; trailing pixels no window reaches are already dropped by unfold
+    windows = windows[(slice(None), slice(None), *(slice(0, o) for o in geometry.output_size))]
+    order = [0, 1, *range(2 + k, 2 + 2 * k), *range(2, 2 + k)]
+    g = geometry.groups
+    return windows.permute(order).reshape(n, g, (c // g) * math.prod(geometry.kernel_size), -1)
+
+
+def kfc(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]``: unfold, one batched matrix product."""
+    u = unfold_input(x, geometry)
+    n, g, d, o = u.shape
+    u = u.permute(1, 2, 0, 3).reshape(g, d, n * o)
+    return torch.bmm(u, u.transpose(1, 2)).div_(n)
+
+
+def kfac_reduce(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """``1/N Σ_n ū ūᵀ`` per group ``[G, D, D]``, ``ū`` the unfolded input averaged over output locations."""
+    u = unfold_input(x, geometry).mean(-1).transpose(0, 1)  # [G, N, D]
+    return torch.bmm(u.transpose(1, 2), u).div_(x.shape[0])
+
+
+def _channel_blocks(geometry: ConvGeometry, per_channel_bytes: float, chunk_bytes: float):
+    """Blocks ``(g0, g1, e0, e1)`` of output channels whose per-(column, sample) gradients fit ``chunk_bytes``."""
+    groups, per_group = geometry.groups, geometry.out_channels // geometry.groups
+    if per_channel_bytes * per_group <= chunk_bytes:
+        step = max(1, int(chunk_bytes // (per_channel_bytes * per_group)))
+        return [(g, min(g + step, groups), 0, per_group) for g in range(0, groups, step)]
+    step = max(1, int(chunk_bytes // per_channel_bytes))
+    return [(g, g + 1, e, min(e + step, per_group)) for g in range(groups) for e in range(0, per_group, step)]
+
+
+def column_gradients(x: Tensor, s: Tensor, geometry: ConvGeometry, chunk_bytes: float) -> Iterator[Tuple]:
+    """Yield ``(g0, g1, e0, e1, J)``, ``J [N, g1-g0, C, e1-e0, D]`` the weight gradient of every column of
+    ``s`` and sample for a block of output channels (unfold once, one batched matrix product per block)."""
+    u = unfold_input(x, geometry)
+    n, g, d, o = u.shape
+    c = s.shape[0]
+    per_group = geometry.out_channels // g
+    s = s.reshape(c, n, g, per_group, o)
+    for g0, g1, e0, e1 in _channel_blocks(geometry, c * n * d * x.element_size(), chunk_bytes):
+        sb = s[:, :, g0:g1, e0:e1].permute(1, 2, 0, 3, 4).reshape(n, g1 - g0, c * (e1 - e0), o)
+        yield g0, g1, e0, e1, torch.matmul(sb, u[:, g0:g1].transpose(-1, -2)).view(n, g1 - g0, c, e1 - e0, d)
+
+
+def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, per_sample: bool = False,
+             chunk_bytes: float = DEFAULT_CHUNK_BYTES) -> Tensor:
+    """``Σ_{c[,n]} J_{c,n}²`` weight-shaped (``[N, *weight]`` if ``per_sample``), chunked over output channels."""
+    n, g = x.shape[0], geometry.groups
+    per_group, d = geometry.out_channels // g, geometry.weight_shape[1] * math.prod(geometry.kernel_size)
+    out = x.new_empty((n, g, per_group, d) if per_sample else (g, per_group, d))
+    for g0, g1, e0, e1, J in column_gradients(x, s, geometry, chunk_bytes):
+        squared = J.square_().sum(2)
+        if per_sample:
+            out[:, g0:g1, e0:e1] = squared
+        else:
+            out[g0:g1, e0:e1] = squared.sum(0)
+    return out.view(*((n,) if per_sample else ()), *geometry.weight_shape)
+
+
+def ggn_gram(x: Tensor, s: Tensor, geometry: ConvGeometry, chunk_bytes: float = DEFAULT_CHUNK_BYTES) -> Tensor:
+    """``[C, N, C, N]`` Gram matrix ``⟨J_{c,n}, J_{c',n'}⟩`` of per-(column, sample) weight gradients."""
+    c, n = s.shape[:2]
+    gram = x.new_zeros(c * n, c * n)
+    for *_, J in column_gradients(x, s, geometry, chunk_bytes / 2):  # the reshape below copies J
+        flat = J.permute(2, 0, 1, 3, 4).reshape(c * n, -1)
+        gram.addmm_(flat, flat.t())
+    return gram.view(c, n, c, n)
+
+
+def hesscale_weight_diag(x: Tensor, d: Tensor, geometry: ConvGeometry, per_sample: bool = False) -> Tensor:
+    """``Σ_{n,o} d[n, e, o] u[n, (c, k), o]²`` per group (``[N, *weight]`` with ``per_sample``)."""
+    u2 = unfold_input(x, geometry).square()  # [N, G, D, O]; not in place: may be a view of x
+    n, g, dim, o = u2.shape
+    dd = d.reshape(n, g, geometry.out_channels // g, o)
+    if per_sample:
+        return torch.matmul(dd, u2.transpose(-1, -2)).view(n, *geometry.weight_shape)
+    u2 = u2.permute(1, 0, 3, 2).reshape(g, n * o, dim)
+    dd = dd.permute(1, 2, 0, 3).reshape(g, -1, n * o)
+    return torch.bmm(dd, u2).view(geometry.weight_shape)
