@@ -41,9 +41,9 @@ NETS = {
         (2, 5),
     ),
     "convtranspose2d-groups": (
-        lambda: nn.ConvTranspose2d(2, 4, 2, stride=2, groups=2),
-        Layer("t2", in_size=(2, 2), kernel=(2, 2), stride=2, groups=2, c_in=2, c_out=4, transposed=True),
-        (2, 2, 2),
+        lambda: nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2),
+        Layer("t2", in_size=(2, 2), kernel=(2, 2), stride=2, groups=2, c_in=4, c_out=4, transposed=True),
+        (4, 2, 2),
     ),
     "linear": (lambda: nn.Linear(5, 4), None, (5,)),
 }
@@ -236,7 +236,7 @@ def test_ema_intervals_and_hooks(seed):
     net = make_net("conv2d-groups")
     loss_fn = nn.CrossEntropyLoss()
     batches = [(torch.randn(3, 2, 3, 3, dtype=DTYPE), torch.randint(0, 3, (3,))) for _ in range(6)]
-    ema, damping = 0.5, 0.01
+    ema, damping = 0.75, 0.01
     # lr = 0: the parameters stay put, so every step's factors come from the same network
     opt = KFAC(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.0), approx="expand", fisher="type-2",
                ema=ema, damping=damping, factor_update_every=2, inverse_update_every=4)
