@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     )
 
 from curvlib import functional as CF  # noqa: E402
+from curvlib import pathways  # noqa: E402
 from curvlib.contract import inspect_plans  # noqa: E402
 
 import table_e3  # noqa: E402
@@ -83,10 +84,21 @@ try:  # einconv is optional (not installed on every machine)
 except Exception:  # ImportError, or einconv's own imports (einops) missing
     HAVE_EINCONV = False
 
+#: benchmark op name -> curvlib.functional name where they differ
+_FUNCTIONAL_NAME = {"forward": "conv"}
 OPS = ["forward", "input_vjp", "weight_vjp", "kfc", "kfac_reduce", "ggn_diag", "ggn_gram", "hesscale_weight_diag"]
 GGN_OPS = ("ggn_diag", "ggn_gram")
 EINCONV_OPS = ("forward", "input_vjp", "weight_vjp", "kfc", "kfac_reduce")
-IMPLS = ["PT", "curvlib-TN", "curvlib-TN+opt", "einconv-TN", "einconv-TN+opt"]
+#: curvlib implementations: one per pathway (curvlib.pathways) and the automatic choice
+CURVLIB_ROUTES = {
+    "curvlib-TN": dict(pathway="tn", simplify=False),
+    "curvlib-TN+opt": dict(pathway="tn", simplify=True),
+    "curvlib-unfold": dict(pathway="unfold"),
+    "curvlib-native": dict(pathway="native"),
+    "curvlib-fused": dict(pathway="fused"),
+    "curvlib-auto": dict(pathway="auto"),
+}
+IMPLS = ["PT", *CURVLIB_ROUTES, "einconv-TN", "einconv-TN+opt"]
 TYPES = table_e3.TYPES
 MIB = 2**20
 GIB = 2**30
@@ -278,18 +290,18 @@ def pt_memory_estimate(c: Case, op: str, chunk_bytes: float) -> float:
 # curvlib and einconv
 
 
-def curvlib_fn(op: str, c: Case, simplify: bool) -> Callable:
-    lay, hp = c.layer, c.hyper
+def curvlib_fn(op: str, c: Case, route: dict) -> Callable:
+    lay, hp = c.layer, dict(c.hyper, **route)
     k = lay.kernel
     return {
-        "forward": lambda: CF.conv(c.x, c.w, None, **hp, simplify=simplify),
-        "input_vjp": lambda: CF.input_vjp(c.w, c.v, lay.input_shape[1:], **hp, simplify=simplify),
-        "weight_vjp": lambda: CF.weight_vjp(c.x, c.v, k, **hp, simplify=simplify),
-        "kfc": lambda: CF.kfc(c.x, k, **hp, simplify=simplify),
-        "kfac_reduce": lambda: CF.kfac_reduce(c.x, k, **hp, simplify=simplify),
-        "ggn_diag": lambda: CF.ggn_diag(c.x, c.s, k, **hp, simplify=simplify),
-        "ggn_gram": lambda: CF.ggn_gram(c.x, c.s, k, **hp, simplify=simplify),
-        "hesscale_weight_diag": lambda: CF.hesscale_weight_diag(c.x, c.d, k, **hp, simplify=simplify),
+        "forward": lambda: CF.conv(c.x, c.w, None, **hp),
+        "input_vjp": lambda: CF.input_vjp(c.w, c.v, lay.input_shape[1:], **hp),
+        "weight_vjp": lambda: CF.weight_vjp(c.x, c.v, k, **hp),
+        "kfc": lambda: CF.kfc(c.x, k, **hp),
+        "kfac_reduce": lambda: CF.kfac_reduce(c.x, k, **hp),
+        "ggn_diag": lambda: CF.ggn_diag(c.x, c.s, k, **hp),
+        "ggn_gram": lambda: CF.ggn_gram(c.x, c.s, k, **hp),
+        "hesscale_weight_diag": lambda: CF.hesscale_weight_diag(c.x, c.d, k, **hp),
     }[op]
 
 
@@ -324,8 +336,8 @@ def implementation(impl: str, op: str, c: Case) -> Optional[Callable]:
     if impl == "PT":
         fn = PT[op]
         return lambda: fn(c)
-    if impl.startswith("curvlib-"):
-        return curvlib_fn(op, c, simplify=impl.endswith("+opt"))
+    if impl in CURVLIB_ROUTES:
+        return curvlib_fn(op, c, CURVLIB_ROUTES[impl])
     if impl.startswith("einconv-"):
         return einconv_fn(op, c, simplify=impl.endswith("+opt"))
     raise ValueError(impl)
@@ -482,6 +494,8 @@ def parse_args(argv=None):
                    help="after this many seconds use 3 repeats and 2 warm-ups for the rest (default 360)")
     p.add_argument("--deadline-s", type=float, default=450.0,
                    help="after this many seconds record the rest as skipped and write the summary (default 450)")
+    p.add_argument("--cost-model", action="store_true", help="curvlib-auto chooses by its cost model, not by measuring")
+    p.add_argument("--auto-budget-mib", type=float, default=None, help="memory budget of curvlib-auto (MiB)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
     p.add_argument("--summarize", metavar="DIR", default=None, help="only rebuild summary.md/ratios.png of DIR")
     args = p.parse_args(argv)
@@ -502,6 +516,9 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     tf32 = disable_tf32()
+    # curvlib-auto: choice by measurement, once per configuration (curvlib.pathways)
+    pathways.configure(autotune=not args.cost_model, repeats=3,
+                       memory_budget=None if args.auto_budget_mib is None else args.auto_budget_mib * MIB)
     impls = ["PT"] + [i for i in args.impls if i != "PT"]
     if not HAVE_EINCONV:
         impls = [i for i in impls if not i.startswith("einconv")]
@@ -593,12 +610,15 @@ def main(argv=None) -> int:
                     record.update(status="ok", **stats)
                 except Exception as error:
                     failure = ("oom" if _is_oom(error) else "error", f"{type(error).__name__}: {str(error)[:300]}")
+                    if isinstance(error, ValueError) and "is not available" in str(error):
+                        failure = ("n/a", str(error)[:300])  # a pathway that does not apply to this layer
                     del error
                 if failure is not None:
                     result = None
                     _free(device)
                     record.update(status=failure[0], reason=failure[1])
-                    line.append(f"{impl} {failure[0].upper()}")
+                    if failure[0] != "n/a":
+                        line.append(f"{impl} {failure[0].upper()}")
                 else:
                     if impl == "PT":
                         reference, pt_time = result, record["time_s"]
@@ -615,6 +635,10 @@ def main(argv=None) -> int:
                                     + (f" err {record['relerr']:.1e}" if record.get("relerr") is not None else ""))
                     if impl != "PT":
                         result = None
+                    if impl == "curvlib-auto":
+                        chosen = [d for d in pathways.decisions() if d.op == _FUNCTIONAL_NAME.get(op, op)]
+                        record["auto_choice"] = chosen[-1].choice if chosen else None
+                        record["auto_how"] = chosen[-1].how if chosen else None
                 records.append(_emit(jsonl, record))
             reference = result = None
             print(" | ".join(line), flush=True)
@@ -684,9 +708,52 @@ def _mem_max(entries, impl, type_, op):
     return max(values) if values else None
 
 
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+#: implementations in the summary tables, with short column names
+SUMMARY_IMPLS = [("curvlib-TN", "TN"), ("curvlib-TN+opt", "TN+opt"), ("curvlib-unfold", "unfold"),
+                 ("curvlib-native", "native"), ("curvlib-fused", "fused"), ("curvlib-auto", "auto"),
+                 ("einconv-TN", "einconv TN"), ("einconv-TN+opt", "einconv TN+opt")]
+
+#: issue targets for curvlib auto on every layer: (op, statistic, bound)
+TARGETS = [
+    ("forward", "max", 1.05), ("input_vjp", "max", 1.05), ("weight_vjp", "max", 1.05),
+    ("kfc", "geomean", 1.0), ("kfc", "max", 1.05), ("kfac_reduce", "geomean", 0.5), ("kfac_reduce", "max", 1.05),
+    ("ggn_diag", "max", 1.05), ("ggn_gram", "max", 1.05), ("hesscale_weight_diag", "max", 1.05),
+]
+
+
+def _target_lines(entries, ops) -> List[str]:
+    lines = ["| op | statistic over layers | target | curvlib auto | met | auto's choices |", "|---|---|---|---|---|---|"]
+    for op, stat, bound in TARGETS:
+        if op not in ops:
+            continue
+        ratios = _ratios(entries, "curvlib-auto", None, op)
+        if not ratios:
+            continue
+        value = max(ratios) if stat == "max" else _geomean(ratios)
+        choices: Dict[str, int] = {}
+        for (_, _, op_), by_impl in entries.items():
+            rec = by_impl.get("curvlib-auto")
+            if op_ == op and rec and rec["status"] == "ok":
+                choices[str(rec.get("auto_choice"))] = choices.get(str(rec.get("auto_choice")), 0) + 1
+        chosen = ", ".join(f"{k} {v}" for k, v in sorted(choices.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {op} | {stat} time / PT | ≤ {bound} | {value:.2f} | {'yes' if value <= bound else '**no**'} "
+                     f"| {chosen} |")
+    mems = [by_impl["curvlib-auto"]["mem_mib"] for (_, _, op_), by_impl in entries.items()
+            if op_ == "kfac_reduce" and "curvlib-auto" in by_impl and by_impl["curvlib-auto"]["status"] == "ok"
+            and by_impl["curvlib-auto"].get("mem_mib") is not None]
+    if mems:
+        lines.append(f"| kfac_reduce | max extra memory | ≤ 1 MiB | {max(mems):.2f} MiB | "
+                     f"{'yes' if max(mems) <= 1 else '**no**'} | |")
+    return lines
+
+
 def write_summary(records: List[dict], out_dir: str) -> None:
     entries = ratio_table(records)
-    impls_present = [i for i in IMPLS if any(r["impl"] == i for r in records)]
+    present = [(i, short) for i, short in SUMMARY_IMPLS if any(r["impl"] == i and r["status"] == "ok" for r in records)]
     ops = [op for op in OPS if any(r["op"] == op for r in records)]
     first = records[0] if records else {}
     lines = [
@@ -701,33 +768,41 @@ def write_summary(records: List[dict], out_dir: str) -> None:
         f"{max((r.get('warmups') or 0) for r in records) if records else 0} warm-ups (fewer where one call "
         "is slow; see `repeats` in ops.jsonl).",
         "Ratio = median time of the implementation / median time of PT on the same layer (> 1: slower than "
-        "PT). Extra memory: peak allocated during one call minus memory before minus result size (GPU only).",
+        "PT). Extra memory: peak allocated during one call minus memory before minus result size (GPU only). "
+        "curvlib-auto measured its candidates on its first call of each configuration "
+        "(`curvlib.pathways`, autotune) and is timed on its choice.",
         "",
-        "## Ratios per operation and convolution type",
+        "## Targets (curvlib auto)",
+        "",
+        *_target_lines(entries, ops),
+        "",
+        "## Median ratio to PT per operation and convolution type (geometric mean in the **all** rows)",
         "",
     ]
-    header = ["op", "type", "layers", "TN/PT median", "TN/PT max", "TN+opt/PT median", "TN+opt/PT max",
-              "TN+opt mem max (MiB)", "TN mem max (MiB)", "PT mem max (MiB)"]
-    has_einconv = any(i.startswith("einconv") for i in impls_present)
-    if has_einconv:
-        header += ["einconv TN/PT median", "einconv TN+opt/PT median"]
+    header = ["op", "type", "layers"] + [short for _, short in present] + ["auto max"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for op in ops:
         for type_ in TYPES + [None]:
-            tn = _ratios(entries, "curvlib-TN", type_, op)
-            opt = _ratios(entries, "curvlib-TN+opt", type_, op)
             n_layers = len({(k[0], k[1]) for k, v in entries.items() if k[2] == op and "PT" in v
                             and (type_ is None or v["PT"]["type"] == type_)})
             if n_layers == 0:
                 continue
-            row = [op, type_ or "**all**", str(n_layers), _fmt(_median(tn)), _fmt(max(tn) if tn else None),
-                   _fmt(_median(opt)), _fmt(max(opt) if opt else None)]
-            if type_ is None:
-                row += ["", "", ""]
-            else:
-                row += [_fmt(_mem_max(entries, i, type_, op), 0) for i in ("curvlib-TN+opt", "curvlib-TN", "PT")]
-            if has_einconv:
-                row += [_fmt(_median(_ratios(entries, i, type_, op))) for i in ("einconv-TN", "einconv-TN+opt")]
+            stat = _geomean if type_ is None else _median
+            row = [op, type_ or "**all**", str(n_layers)]
+            row += [_fmt(stat(_ratios(entries, impl, type_, op))) for impl, _ in present]
+            auto = _ratios(entries, "curvlib-auto", type_, op)
+            row.append(_fmt(max(auto) if auto else None))
+            lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", "## Extra memory, max over layers (MiB; like the core paper's Table G9)", "",
+              "| op | type | PT | " + " | ".join(short for _, short in present) + " |",
+              "|---|---|---|" + "---|" * len(present)]
+    for op in ops:
+        for type_ in TYPES:
+            if not any(k[2] == op and v.get("PT", {}).get("type") == type_ for k, v in entries.items()):
+                continue
+            row = [op, type_, _fmt(_mem_max(entries, "PT", type_, op), 1)]
+            row += [_fmt(_mem_max(entries, impl, type_, op), 1) for impl, _ in present]
             lines.append("| " + " | ".join(row) + " |")
 
     # comparison with the anchors (einconv on an H100)
@@ -736,43 +811,36 @@ def write_summary(records: List[dict], out_dir: str) -> None:
         "",
         "## Against the anchors (einconv 0.1.0 on one H100, shared/anchors/ops_summary.md)",
         "",
-        "The anchors' ratios are einconv's; ours are curvlib's on the device above, measured on the layers "
-        "present in this run (the anchors cover the same 66 layers). Meaningful only when this run is on an "
-        "H100 with the default layer set. curvlib's times include building and simplifying its network "
-        "in Python on every call, which weighs on the smallest layers.",
+        "Medians of time / PT over the anchor layers present in this run (meaningful on an H100 with the "
+        "default layer set).",
         "",
-        "| op | type | layers (anchor / here) | anchor TN/PT median | curvlib TN/PT median | anchor TN+opt/PT median "
-        "| curvlib TN+opt/PT median | anchor TN+opt/PT max | curvlib TN+opt/PT max | anchor TN+opt mem max (MiB) "
-        "| curvlib TN+opt mem max (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | type | layers (anchor / here) | anchor einconv TN+opt | curvlib TN+opt | curvlib auto "
+        "| anchor einconv TN+opt mem max (MiB) | curvlib auto mem max (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (op, type_), (n, a_tn, a_opt, a_max, a_mem, _a_pt_mem) in ANCHOR_EINCONV.items():
         if op not in ops or not anchor_entries:
             continue
-        tn = _ratios(anchor_entries, "curvlib-TN", type_, op)
         opt = _ratios(anchor_entries, "curvlib-TN+opt", type_, op)
+        auto = _ratios(anchor_entries, "curvlib-auto", type_, op)
         lines.append(
-            f"| {op} | {type_} | {n} / {len(opt)} | {a_tn:.2f} | {_fmt(_median(tn))} | {a_opt:.2f} | "
-            f"{_fmt(_median(opt))} | {a_max:.2f} | {_fmt(max(opt) if opt else None)} | {a_mem} | "
-            f"{_fmt(_mem_max(anchor_entries, 'curvlib-TN+opt', type_, op), 0)} |"
+            f"| {op} | {type_} | {n} / {len(opt) or len(auto)} | {a_opt:.2f} | {_fmt(_median(opt))} | "
+            f"{_fmt(_median(auto))} | {a_mem} | {_fmt(_mem_max(anchor_entries, 'curvlib-auto', type_, op), 0)} |"
         )
 
     # accuracy
     lines += ["", "## Relative error against PT (worst over layers)", "",
-              "| op | " + " | ".join(i for i in impls_present if i != "PT") + " |",
-              "|---|" + "---|" * (len(impls_present) - 1)]
+              "| op | " + " | ".join(short for _, short in present) + " |", "|---|" + "---|" * len(present)]
     for op in ops:
         row = [op]
-        for impl in impls_present:
-            if impl == "PT":
-                continue
+        for impl, _ in present:
             errs = [r["relerr"] for r in records if r["op"] == op and r["impl"] == impl
                     and r["status"] == "ok" and r.get("relerr") is not None]
             row.append(f"{max(errs):.1e}" if errs else "–")
         lines.append("| " + " | ".join(row) + " |")
 
     # per layer
-    lines += ["", "## curvlib TN+opt / PT per layer (median times; OOM, err, skip where not measured)", "",
+    lines += ["", "## curvlib auto / PT per layer (median times; auto's choice in brackets)", "",
               "| net | layer | type | " + " | ".join(ops) + " |", "|---|---|---|" + "---|" * len(ops)]
     layer_keys = []
     for r in records:
@@ -782,17 +850,17 @@ def write_summary(records: List[dict], out_dir: str) -> None:
         cells, type_ = [], ""
         for op in ops:
             by_impl = entries.get((net, layer, op), {})
-            pt, opt = by_impl.get("PT"), by_impl.get("curvlib-TN+opt")
-            type_ = (pt or opt or {}).get("type", type_)
-            if pt and opt and pt["status"] == "ok" and opt["status"] == "ok":
-                cells.append(f"{opt['time_s'] / pt['time_s']:.2f}")
+            pt, auto = by_impl.get("PT"), by_impl.get("curvlib-auto")
+            type_ = (pt or auto or {}).get("type", type_)
+            if pt and auto and pt["status"] == "ok" and auto["status"] == "ok":
+                cells.append(f"{auto['time_s'] / pt['time_s']:.2f} ({auto.get('auto_choice')})")
             else:
-                bad = [x["status"] for x in (pt, opt) if x and x["status"] != "ok"]
+                bad = [x["status"] for x in (pt, auto) if x and x["status"] != "ok"]
                 cells.append({"oom": "OOM", "error": "err", "skipped": "skip"}.get(bad[0], "–") if bad else "–")
         lines.append(f"| {net} | {layer} | {type_} | " + " | ".join(cells) + " |")
 
-    failed = [r for r in records if r["status"] != "ok"]
-    lines += ["", f"## Not measured ({len(failed)} records)", ""]
+    failed = [r for r in records if r["status"] not in ("ok", "n/a")]
+    lines += ["", f"## Not measured ({len(failed)} records; pathways that do not apply are left out)", ""]
     if failed:
         lines += ["| net | layer | op | impl | status | reason |", "|---|---|---|---|---|---|"]
         for r in failed:
@@ -805,8 +873,13 @@ def write_summary(records: List[dict], out_dir: str) -> None:
     write_plot(entries, ops, out_dir)
 
 
+#: implementations in the box plots (core paper Figure F16 style), with colours
+PLOT_IMPLS = [("einconv-TN+opt", "tab:gray"), ("curvlib-TN+opt", "tab:orange"), ("curvlib-fused", "tab:purple"),
+              ("curvlib-auto", "tab:green")]
+
+
 def write_plot(entries, ops, out_dir: str) -> Optional[str]:
-    """Box plot of TN/PT and TN+opt/PT per op, one panel per conv type (matplotlib defaults, as §F)."""
+    """Box plots of time / PT per op, one panel per convolution type (core paper Figure F16)."""
     try:
         import matplotlib
 
@@ -816,17 +889,19 @@ def write_plot(entries, ops, out_dir: str) -> Optional[str]:
     except Exception:
         return None
     types = [t for t in TYPES if any(v.get("PT", {}).get("type") == t for v in entries.values())]
-    if not types:
+    impls = [(i, c) for i, c in PLOT_IMPLS if _ratios(entries, i)]
+    if not types or not impls:
         return None
+    width = len(impls) + 1
     fig, axes = plt.subplots(1, len(types), figsize=(4.5 * len(types), 4), squeeze=False)
     for ax, type_ in zip(axes[0], types):
         data, positions, colors = [], [], []
         for i, op in enumerate(ops):
-            for j, (impl, color) in enumerate((("curvlib-TN", "tab:blue"), ("curvlib-TN+opt", "tab:orange"))):
+            for j, (impl, color) in enumerate(impls):
                 values = _ratios(entries, impl, type_, op)
                 if values:
                     data.append(values)
-                    positions.append(3 * i + j)
+                    positions.append(width * i + j)
                     colors.append(color)
         if data:
             boxes = ax.boxplot(data, positions=positions, widths=0.8, patch_artist=True,
@@ -835,12 +910,11 @@ def write_plot(entries, ops, out_dir: str) -> Optional[str]:
                 patch.set_facecolor(color)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_yscale("log")
-        ax.set_xticks([3 * i + 0.5 for i in range(len(ops))])
+        ax.set_xticks([width * i + (len(impls) - 1) / 2 for i in range(len(ops))])
         ax.set_xticklabels(ops, rotation=60, ha="right", fontsize=8)
         ax.set_title(type_)
     axes[0][0].set_ylabel("time / PT time")
-    handles = [matplotlib.patches.Patch(color=c, label=l) for c, l in (("tab:blue", "curvlib TN"),
-                                                                        ("tab:orange", "curvlib TN+opt"))]
+    handles = [matplotlib.patches.Patch(color=c, label=i) for i, c in impls]
     axes[0][-1].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "ratios.png")
