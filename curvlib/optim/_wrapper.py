@@ -432,6 +432,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Number of ``step()`` calls so far (the index of the next step)."""
         return self._steps
 
+    def communication_bytes(self) -> Dict[str, int]:
+        """Bytes each module adds to the one ``all_reduce`` of a curvature step under ``torch.distributed``.
+
+        Independent of the batch size and the number of ranks. KFAC: symmetric factors travel as
+        upper triangles, ``G·(D(D+1)/2 + E(E+1)/2)`` entries (``+ G`` with a bias) of the factor
+        dtype per layer; diagonal methods: one entry per parameter. Plus one presence flag per
+        statistic. A ring all-reduce moves about twice the buffer per rank.
+        """
+        result: Dict[str, int] = {}
+        for key, (like, symmetric) in self._templates().items():
+            name = key.rsplit("/", 1)[0] if "/" in key else ""
+            result[name] = result.get(name, 0) + _dist.packed_numel(like, symmetric) * like.element_size()
+        return result
+
     def state_dict(self) -> dict:
         """``{"base": base.state_dict(), "curvature": {...}}``: everything needed to resume bit for bit."""
         return {

@@ -75,7 +75,6 @@ from torch import Tensor, nn
 from curvlib.extensions import KFACExpand, KFACReduce
 
 from ..engine.layers import CONV_TRANSPOSE_TYPES, direct_parameters, layer_kind
-from . import distributed as _dist
 from ._linalg import damped_inverse, inverse_from_eigh, symmetric_eigh
 from ._wrapper import CurvatureOptimizer, _check_int, _check_number
 
@@ -434,16 +433,3 @@ class KFAC(CurvatureOptimizer):
         self._inverses = {
             name: {k: v.to(device_of(name)).clone() for k, v in inv.items()} for name, inv in state["inverses"].items()
         }
-
-    def communication_bytes(self) -> Dict[str, int]:
-        """Bytes each layer adds to the ``all_reduce`` of one factor update under ``torch.distributed``.
-
-        Symmetric factors travel as their upper triangles: ``G·(D(D+1)/2 + E(E+1)/2)`` entries
-        (``+ G`` for a bias) of ``factor_dtype``, independent of the batch size and the number of
-        ranks (a ring all-reduce moves about twice this per rank).
-        """
-        result = {}
-        for key, (like, symmetric) in self._templates().items():
-            name = key.rsplit("/", 1)[0]
-            result[name] = result.get(name, 0) + _dist.packed_numel(like, symmetric) * like.element_size()
-        return result
