@@ -210,12 +210,18 @@ class LayerCall:
     def _chunked_weight_diag(self, s: Tensor, per_sample: bool) -> Tensor:
         """Σ_c (per-sample weight VJPs of column c)², a chunk of columns at a time.
 
-        Measured on an H100 (``benchmarks/ggn_pathways.py``), per-column weight VJPs through the
-        unfold pathway (batched matrix products), squared and summed chunk by chunk, are faster
+        Ordinary layers use :func:`curvlib.functional.ggn_diag` (automatic pathway). For transposed
+        layers (no native or fused pathway): measured on an H100 (``benchmarks/ggn_pathways.py``),
+        per-column weight VJPs through the unfold pathway (batched matrix products), squared and
+        summed chunk by chunk, are faster
         and far leaner than the single GGN-diagonal network, which computes the per-column
         gradients twice (no common-subexpression elimination) and keeps them all at once.
         """
         x, message = self.conv_input(), self.conv_message(s)
+        if not self.hyper["transposed"]:
+            # the functional op's automatic pathway: unfold once + chunked matrix products (native)
+            # or the fused kernel on GPUs; its per-(column, sample) gradients stay in bounded chunks
+            return F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, **self._kwargs())
         weight_numel = self.module.weight.numel()
         chunk = max(1, int(GGN_CHUNK_BYTES // max(1, x.shape[0] * weight_numel * x.element_size())))
         total = None
