@@ -1,0 +1,277 @@
+"""Fused Triton kernels for the memory-bound convolution operations, with the tensor network as fallback.
+
+Four operations, each with exactly the semantics, shapes and normalisation of the
+:mod:`curvlib.functional` function of the same name, but taking the layer's
+:class:`~curvlib.hyperparams.ConvGeometry` instead of hyper-parameters:
+
+============================  ==================================================================
+``kfc(x, geometry)``           KFAC-expand input factor ``[G, D, D]``, ``1/N Σ_{n,o} u uᵀ``
+``kfac_reduce(x, geometry)``   KFAC-reduce input factor ``[G, D, D]``, ``1/N Σ_n ū ūᵀ``
+``ggn_diag(x, s, geometry)``   GGN diagonal of the weight ``[[N,] C_out, C_in/G, *K]``
+``hesscale_weight_diag``       HesScale weight diagonal ``[[N,] C_out, C_in/G, *K]``
+============================  ==================================================================
+
+None of them forms the unfolded input ``⟦X⟧`` or per-sample gradients: patches are gathered from
+``x`` tile by tile (implicit GEMM) and reduced in registers. 1-d, 2-d and 3-d convolutions, groups
+(depthwise included), stride, dilation and (asymmetric) zero padding are supported; transposed
+convolutions, more than three spatial dimensions, float64 and tensors with ``≥ 2³¹`` elements
+(``x``; ``s`` may be larger) are not. A call that :func:`supports` rejects (also: on the CPU, or
+without Triton) returns the tensor network of ``curvlib.functional`` with ``pathway="tn"``
+(the same network builders), so every function works everywhere.
+
+Precision (``precision=``): the products are accumulated in float32 in every mode.
+
+- ``"ieee"`` (default): float32 operands multiplied exactly (FMA). Matches a float32 reference to a
+  relative Frobenius error of about ``1e-6`` (summation order differs). Exception, stated because it
+  is a choice: the averaging step of :func:`kfac_reduce` multiplies ``x`` by the exact 0/1 window
+  indicator on the matrix units after splitting ``x`` into two TF32 parts (``x = hi + lo``), which
+  bounds each term's error by ``2⁻²⁰·|x|`` — the same tolerance.
+- ``"tf32x3"``: three TF32 passes (hi·hi + hi·lo + lo·hi) on the matrix units, about float32
+  accuracy (relative error ``≲ 1e-5``).
+- ``"tf32"``: one TF32 pass, relative error about ``1e-3``.
+- ``"bf16"``: operands rounded to bfloat16, relative error about ``1e-2``.
+
+float16/bfloat16 inputs always use the matrix units (their products are exact in float32); results
+are returned in the input's dtype.
+
+>>> import torch
+>>> from curvlib.hyperparams import make_geometry
+>>> from curvlib import kernels
+>>> x = torch.randn(8, 4, 10, 10)
+>>> geometry = make_geometry(4, 6, (10, 10), kernel_size=3, padding=1)
+>>> kernels.kfc(x, geometry).shape                      # falls back to the TN on the CPU
+torch.Size([1, 36, 36])
+>>> kernels.supports("kfc", x, geometry)
+False
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..contract import contract
+from ..expressions import ggn as _ggn_expr
+from ..expressions import hesscale as _hesscale_expr
+from ..expressions import kfac as _kfac_expr
+from ..hyperparams import ConvGeometry, check_shape, check_tensor
+from ..simplify import simplify as _simplify
+from . import _host, autotune
+from ._geometry import KERNEL_DIMS, KernelGeometry, kernel_geometry
+from ._triton import HAVE_TRITON, HAS_INPUT_PRECISION, INTERPRET
+
+__all__ = [
+    "OPS",
+    "PRECISIONS",
+    "available",
+    "supports",
+    "kfc",
+    "kfac_reduce",
+    "ggn_diag",
+    "hesscale_weight_diag",
+    "autotune",
+]
+
+#: operations with a fused kernel
+OPS = ("kfc", "kfac_reduce", "ggn_diag", "hesscale_weight_diag")
+#: values of ``precision=``; see the module docstring
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+#: input dtypes the kernels take (others fall back)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: largest index the kernels' 32-bit address arithmetic handles
+_MAX_INDEX = 2**31 - 1
+
+
+def available() -> bool:
+    """Triton is importable (kernels can run on CUDA tensors, or on CPU tensors if ``TRITON_INTERPRET=1``)."""
+    return HAVE_TRITON
+
+
+def _module(name: str):
+    """A kernel module, imported on first use (it needs Triton)."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32x3" and HAVE_TRITON and not HAS_INPUT_PRECISION:
+        raise ValueError(f"precision='tf32x3' needs Triton >= 3.0 (tl.dot input_precision), found an older Triton")
+    return precision
+
+
+def _device_ok(tensor: Tensor) -> bool:
+    return tensor.device.type == "cuda" or (INTERPRET and tensor.device.type == "cpu")
+
+
+def supports(op: str, x: Tensor, geometry: ConvGeometry, **options) -> bool:
+    """Whether the fused kernel of ``op`` runs for these arguments (else the functions fall back).
+
+    True when Triton is importable, ``x`` is a CUDA tensor (or a CPU tensor with ``TRITON_INTERPRET=1``)
+    of dtype float32/float16/bfloat16 with fewer than 2³¹ elements, and ``geometry`` is a
+    non-transposed convolution with 1 to 3 spatial dimensions matching ``x``. Recognised options:
+    ``precision`` (must be one of :data:`PRECISIONS`), ``s``/``d`` (the output-side tensor: same
+    device and dtype as ``x``), ``per_sample`` (a bool). Unknown options are ignored. Never raises.
+    """
+    try:
+        if op not in OPS or not HAVE_TRITON:
+            return False
+        if not isinstance(x, Tensor) or not isinstance(geometry, ConvGeometry):
+            return False
+        if x.dtype not in DTYPES or not _device_ok(x) or x.numel() > _MAX_INDEX or x.numel() == 0:
+            return False
+        if geometry.transposed or not 1 <= geometry.num_dims <= KERNEL_DIMS:
+            return False
+        if x.dim() != geometry.num_dims + 2 or x.shape[1] != geometry.in_channels:
+            return False
+        if tuple(x.shape[2:]) != tuple(geometry.input_size):
+            return False
+        if options.get("precision", "ieee") not in PRECISIONS:
+            return False
+        if options.get("precision") == "tf32x3" and not HAS_INPUT_PRECISION:
+            return False
+        if not isinstance(options.get("per_sample", False), bool):
+            return False
+        for name in ("s", "d"):
+            other = options.get(name)
+            if other is not None and (
+                not isinstance(other, Tensor) or other.device != x.device or other.dtype != x.dtype
+            ):
+                return False
+        return True
+    except Exception:  # supports() is a question, never an error
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# validation shared by the public functions
+
+
+def _check_input(x, geometry) -> None:
+    check_tensor(x, "x", min_dim=3)
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"geometry must be a curvlib.hyperparams.ConvGeometry, got {type(geometry).__name__}")
+    channels, size = geometry.layer_input_channels, geometry.layer_input_size
+    check_shape(x, "x", (x.shape[0], channels, *size), "[N, C_in, *I] of the geometry's layer input")
+
+
+def _check_output_side(other, name: str, x: Tensor, geometry: ConvGeometry, columns: bool) -> None:
+    lead = 1 if columns else 0
+    check_tensor(other, name, dim=x.dim() + lead)
+    if other.device != x.device:
+        raise ValueError(f"{name} is on {other.device} but x is on {x.device}; move them to one device")
+    if other.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {other.dtype} but x has dtype {x.dtype}; use one dtype")
+    leading = tuple(other.shape[:lead])
+    expected = (*leading, x.shape[0], geometry.layer_output_channels, *geometry.layer_output_size)
+    what = ("[C, N, C_out, *O]" if columns else "[N, C_out, *O]") + " of the layer output"
+    check_shape(other, name, expected, what)
+
+
+def _check_per_sample(per_sample) -> bool:
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be a bool, got {per_sample!r}")
+    return per_sample
+
+
+def _tn(network) -> Tensor:
+    """The fallback: the same network ``curvlib.functional`` contracts with ``pathway="tn"``."""
+    return contract(_simplify(network))
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+
+
+def kfc(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -> Tensor:
+    """KFC / KFAC-expand input factor ``Ω_g = 1/N Σ_n ⟦X_{n,g}⟧ᵀ⟦X_{n,g}⟧`` (sum over output locations).
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
+        precision: see the module docstring.
+
+    Returns:
+        ``[G, D, D]``, ``D = C_in/G · ∏K``, rows ordered like ``weight.flatten(1)``; ``x.dtype``.
+        Like :func:`curvlib.functional.kfc`.
+    """
+    precision = _check_precision(precision)
+    _check_input(x, geometry)
+    if not supports("kfc", x, geometry, precision=precision):
+        return _tn(_kfac_expr.kfc(x, geometry))
+    return _module("gram").kfc_factor(x, kernel_geometry(geometry), precision, 1.0 / x.shape[0])
+
+
+def kfac_reduce(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -> Tensor:
+    """KFAC-reduce input factor ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ``, ``ū`` the unfolded input averaged
+    over output locations (one pass over ``x``, then the small Gram of ``ū``).
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
+
+    Returns:
+        ``[G, D, D]`` in ``x.dtype``, like :func:`curvlib.functional.kfac_reduce`.
+    """
+    precision = _check_precision(precision)
+    _check_input(x, geometry)
+    if not supports("kfac_reduce", x, geometry, precision=precision):
+        return _tn(_kfac_expr.kfac_reduce(x, geometry))
+    return _module("patch_mean").kfac_reduce_factor(x, kernel_geometry(geometry), precision)
+
+
+def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,
+             precision: str = "ieee") -> Tensor:
+    """Diagonal of the weight's GGN ``Σ_{c,n} J_{c,n}²`` with ``J_{c,n}`` the weight VJP of column ``c``
+    of ``s`` for sample ``n`` — computed per tile in registers, never written out.
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        s: backpropagated loss-Hessian square root ``[C, N, C_out, *O]``.
+        geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
+        per_sample: keep the batch axis (``Σ_c`` only).
+
+    Returns:
+        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``x.dtype``, like
+        :func:`curvlib.functional.ggn_diag`. Extra memory: at most a few copies of the weight's size,
+        independent of ``C`` and ``N``.
+    """
+    precision = _check_precision(precision)
+    per_sample = _check_per_sample(per_sample)
+    _check_input(x, geometry)
+    _check_output_side(s, "s", x, geometry, columns=True)
+    shape = (*((x.shape[0],) if per_sample else ()), *geometry.weight_shape)
+    if not supports("ggn_diag", x, geometry, s=s, per_sample=per_sample, precision=precision):
+        network = _ggn_expr.ggn_blocks(x, s, geometry, geometry.weight_shape, per_sample=per_sample)
+        return _tn(network).reshape(shape)
+    result = _module("weight_diag").ggn_diag(x, s, kernel_geometry(geometry), per_sample, precision)
+    return result.reshape(shape)
+
+
+def hesscale_weight_diag(x: Tensor, d: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,
+                         precision: str = "ieee") -> Tensor:
+    """HesScale/BL89 weight Hessian diagonal ``Σ_{n,o} d[n, co, o] · ⟦X⟧[n, g, (ci, k), o]²``.
+
+    Args:
+        x: layer input ``[N, C_in, *I]``.
+        d: diagonal of the Hessian w.r.t. the layer output, ``[N, C_out, *O]``.
+        geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
+        per_sample: keep the batch axis.
+
+    Returns:
+        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``x.dtype``, like
+        :func:`curvlib.functional.hesscale_weight_diag`.
+    """
+    precision = _check_precision(precision)
+    per_sample = _check_per_sample(per_sample)
+    _check_input(x, geometry)
+    _check_output_side(d, "d", x, geometry, columns=False)
+    shape = (*((x.shape[0],) if per_sample else ()), *geometry.weight_shape)
+    if not supports("hesscale_weight_diag", x, geometry, d=d, per_sample=per_sample, precision=precision):
+        return _tn(_hesscale_expr.weight_diag(x, d, geometry, per_sample)).reshape(shape)
+    result = _module("weight_diag").hesscale_weight_diag(x, d, kernel_geometry(geometry), per_sample, precision)
+    return result.reshape(shape)

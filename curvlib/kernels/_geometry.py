@@ -1,0 +1,99 @@
+"""A :class:`~curvlib.hyperparams.ConvGeometry` as the flat integers the kernels take.
+
+Every kernel is written once for three spatial dimensions; a 1-d or 2-d convolution is embedded by
+prepending trivial dimensions (size 1, kernel 1, stride 1, dilation 1, no padding). That keeps one
+kernel per operation for all dimensionalities: index arithmetic on a trivial dimension costs a few
+integer operations and changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+from ..hyperparams import ConvGeometry
+
+#: spatial dimensions the kernels index; lower-dimensional convolutions are embedded
+KERNEL_DIMS = 3
+
+
+@dataclass(frozen=True)
+class KernelGeometry:
+    """Per-dimension sizes of a (non-transposed) convolution, padded to :data:`KERNEL_DIMS` dims.
+
+    ``pad_left`` is the left zero padding per dimension (the right padding only limits the output
+    size, which is given). ``padded`` is false when no window ever leaves the input (no padding), so
+    kernels may skip the bounds checks.
+    """
+
+    groups: int
+    in_channels: int
+    out_channels: int
+    input_size: Tuple[int, int, int]
+    kernel_size: Tuple[int, int, int]
+    stride: Tuple[int, int, int]
+    dilation: Tuple[int, int, int]
+    pad_left: Tuple[int, int, int]
+    output_size: Tuple[int, int, int]
+    padded: bool
+
+    @property
+    def channels_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_channels_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def input_numel(self) -> int:
+        return math.prod(self.input_size)
+
+    @property
+    def output_numel(self) -> int:
+        return math.prod(self.output_size)
+
+    @property
+    def rows(self) -> int:
+        """``D = C_in / G · ∏K``: rows of one group's Kronecker factor, columns of the flat weight."""
+        return self.channels_per_group * self.kernel_numel
+
+    def spatial_args(self) -> tuple:
+        """The 21 spatial integers in the order every kernel takes them (sizes first, then offsets)."""
+        return (*self.input_size, *self.kernel_size, *self.output_size, *self.stride, *self.dilation, *self.pad_left)
+
+
+def kernel_geometry(geometry: ConvGeometry) -> KernelGeometry:
+    """Embed ``geometry`` in :data:`KERNEL_DIMS` dims; raises ``ValueError`` for unsupported geometries."""
+    if geometry.transposed:
+        raise ValueError("fused kernels support non-transposed convolutions only, got transposed=True")
+    extra = KERNEL_DIMS - geometry.num_dims
+    if extra < 0:
+        raise ValueError(f"fused kernels support up to {KERNEL_DIMS} spatial dims, got {geometry.num_dims}")
+
+    def embed(values, fill):
+        return (fill,) * extra + tuple(values)
+
+    return KernelGeometry(
+        groups=geometry.groups,
+        in_channels=geometry.in_channels,
+        out_channels=geometry.out_channels,
+        input_size=embed(geometry.input_size, 1),
+        kernel_size=embed(geometry.kernel_size, 1),
+        stride=embed(geometry.stride, 1),
+        dilation=embed(geometry.dilation, 1),
+        pad_left=embed((left for left, _ in geometry.padding), 0),
+        output_size=embed(geometry.output_size, 1),
+        padded=any(left > 0 or right > 0 for left, right in geometry.padding),
+    )
+
+
+def trivial_geometry(groups: int, channels: int) -> KernelGeometry:
+    """A kernel-size-1 'convolution' of a ``[N, channels]`` input: its KFC is the Gram of the rows."""
+    ones = (1, 1, 1)
+    return KernelGeometry(groups, channels, groups, ones, ones, ones, ones, (0, 0, 0), ones, False)

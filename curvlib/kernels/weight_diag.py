@@ -1,0 +1,312 @@
+"""Weight-shaped diagonals of a convolution: GGN diagonal and HesScale, without per-sample gradients.
+
+GGN diagonal ``Σ_{c,n} J_{c,n}[co, d]²`` with ``J_{c,n} = s_{c,n} ⟦X_n⟧ᵀ`` (``s_{c,n}`` is ``[C_out/G, O]``
+per group, ``⟦X_n⟧`` the group's ``[D, O]`` patches). A program owns a ``[BLOCK_CO, BLOCK_D]`` tile
+of the result and, per sample, computes ``J`` for ``BLOCK_C`` columns at once as one matrix product
+(rows ``(c, co)``, so each gathered patch tile serves ``BLOCK_C`` columns), squares it in registers
+and adds the column sum into its accumulator: ``J`` never leaves registers, extra memory does not
+depend on ``C·N``. When ``O`` fits one tile (``SINGLE_O``) the patches of a sample are gathered once
+for all columns.
+
+HesScale weight diagonal ``Σ_{n,o} d[n, co, o] ⟦X⟧[n, d, o]²``: one matrix product of ``d`` with the
+squared patches, reduced over all ``(n, o)``.
+
+``per_sample=True`` keeps one accumulator per sample (grid axis 2 = the batch). Otherwise, when the
+weight has too few tiles to fill the GPU, the batch is split over programs that add into a zeroed
+float32 result atomically (summation order, and so the last bits, may vary between runs).
+
+Imported only when Triton is importable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import load_patches, mma, patch_cols, patch_rows, store_tile
+from ._geometry import KernelGeometry
+from ._host import cdiv, finish, new_output, next_power_of_2, split_count
+from .autotune import ConfigCache
+from .gram import unit_class
+
+_SPATIAL = ["I0", "I1", "I2", "K0", "K1", "K2", "O0", "O1", "O2", "S0", "S1", "S2", "DL0", "DL1", "DL2", "P0", "P1", "P2"]
+
+
+@triton.jit
+def _column_sum_of_squares(J, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``Σ_c J[(c, co), d]²`` of a ``[BLOCK_C·BLOCK_CO, BLOCK_D]`` tile → ``[BLOCK_CO, BLOCK_D]``."""
+    squares = J * J
+    if BLOCK_C == 1:
+        return squares
+    return tl.sum(tl.reshape(squares, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
+
+
+@triton.jit(do_not_specialize=[
+    "C", "N", "COG", "C_G", "D", "KT", "OT", "n_per_split", "d_tiles", "out_row_stride",
+    "ssc", "ssn", "ssch", "sxn", "sxc", "s0", "s1", "s2", *_SPATIAL, "use_atomic",
+])
+def _ggn_diag_kernel(
+    x_ptr, s_ptr, out_ptr,
+    C, N, COG, C_G, D, KT, OT, n_per_split, d_tiles, out_row_stride,
+    ssc, ssn, ssch, sxn, sxc, s0, s1, s2,
+    I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
+    use_atomic,
+    PADDED: tl.constexpr, SINGLE_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    d_tile = pid % d_tiles
+    co_tile = pid // d_tiles
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+
+    d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    valid_d = d < D
+    off_d, a0, a1, a2 = patch_rows(d, g, C_G, KT, K1, K2, DL0, DL1, DL2, sxc, s0, s1, s2)
+    # rows of J: (column c, output channel co), co fastest
+    r = tl.arange(0, BLOCK_C * BLOCK_CO)
+    r_c = r // BLOCK_CO
+    r_co = co_tile * BLOCK_CO + r % BLOCK_CO
+    s_row = (g * COG + r_co).to(tl.int64) * ssch
+    valid_co = r_co < COG
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_D), dtype=tl.float32)
+    n_start = split * n_per_split
+    n_end = tl.minimum(N, n_start + n_per_split)
+    for n in range(n_start, n_end):
+        s_sample = s_ptr + tl.cast(n, tl.int64) * ssn + s_row
+        if SINGLE_O:  # all output locations in one tile: gather the patches once for all columns
+            o = tl.arange(0, BLOCK_O)
+            valid_o = o < OT
+            col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
+            u = tl.trans(load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_o,
+                                      I0, I1, I2, PADDED))
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + r_c
+                valid = valid_co & (c < C)
+                s_tile = tl.load(s_sample[:, None] + c.to(tl.int64)[:, None] * ssc + o[None, :],
+                                 mask=valid[:, None] & valid_o[None, :], other=0.0)
+                J = mma(s_tile, u, tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32), PRECISION)
+                acc += _column_sum_of_squares(J, BLOCK_C, BLOCK_CO, BLOCK_D)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + r_c
+                valid = valid_co & (c < C)
+                s_cols = s_sample + c.to(tl.int64) * ssc
+                J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
+                for o0 in range(0, OT, BLOCK_O):
+                    o = o0 + tl.arange(0, BLOCK_O)
+                    valid_o = o < OT
+                    col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
+                    u = load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_o,
+                                     I0, I1, I2, PADDED)
+                    s_tile = tl.load(s_cols[:, None] + o[None, :], mask=valid[:, None] & valid_o[None, :], other=0.0)
+                    J = mma(s_tile, tl.trans(u), J, PRECISION)
+                acc += _column_sum_of_squares(J, BLOCK_C, BLOCK_CO, BLOCK_D)
+
+    co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ptrs = out_ptr + split * out_row_stride + (g * COG + co)[:, None] * D + d[None, :]
+    store_tile(ptrs, acc, (co < COG)[:, None] & valid_d[None, :], use_atomic)
+
+
+@triton.jit(do_not_specialize=[
+    "COG", "C_G", "D", "KT", "OT", "M", "m_per_split", "d_tiles", "out_row_stride",
+    "sdn", "sdc", "sxn", "sxc", "s0", "s1", "s2", *_SPATIAL, "use_atomic",
+])
+def _hesscale_kernel(
+    x_ptr, d_ptr, out_ptr,
+    COG, C_G, D, KT, OT, M, m_per_split, d_tiles, out_row_stride,
+    sdn, sdc, sxn, sxc, s0, s1, s2,
+    I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
+    use_atomic,
+    PADDED: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    d_tile = pid % d_tiles
+    co_tile = pid // d_tiles
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+
+    d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    valid_d = d < D
+    off_d, a0, a1, a2 = patch_rows(d, g, C_G, KT, K1, K2, DL0, DL1, DL2, sxc, s0, s1, s2)
+    co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    valid_co = co < COG
+    d_rows = d_ptr + (g * COG + co).to(tl.int64) * sdc  # d may exceed 2³¹ entries
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_D), dtype=tl.float32)
+    m_start = split * m_per_split
+    m_end = tl.minimum(M, m_start + m_per_split)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        valid_m = m < m_end
+        n = m // OT
+        o = m - n * OT
+        col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
+        u = load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_m, I0, I1, I2, PADDED)
+        h = tl.load(d_rows[:, None] + (tl.cast(n, tl.int64) * sdn + o)[None, :], mask=valid_co[:, None] & valid_m[None, :], other=0.0)
+        acc = mma(h, tl.trans(u * u), acc, PRECISION)
+
+    ptrs = out_ptr + split * out_row_stride + (g * COG + co)[:, None] * D + d[None, :]
+    store_tile(ptrs, acc, valid_co[:, None] & valid_d[None, :], use_atomic)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+@dataclass(frozen=True)
+class GGNConfig:
+    block_c: int
+    block_co: int
+    block_d: int
+    block_o: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class HesScaleConfig:
+    block_co: int
+    block_d: int
+    block_m: int
+    num_warps: int
+
+
+_GGN_CACHE = ConfigCache("ggn_diag")
+_HESSCALE_CACHE = ConfigCache("hesscale_weight_diag")
+
+#: largest tile of output locations gathered once per sample for all columns
+_SINGLE_O_MAX = 64
+
+#: GGN tiles per matrix-unit class (see :func:`.gram.unit_class`), best guess first, chosen from the
+#: compiler's report for sm_90 (no register spills): ``(rows of J, block_co max, block_d, num_warps)``
+#: when all output locations fit one tile (``block_o`` = their count), else with ``block_o`` before
+#: the warps. Rows of ``J`` are (column, channel) pairs: a depthwise layer gets many columns per tile.
+_GGN_SINGLE_O = {
+    "fma": [(64, 16, 32, 8), (128, 32, 32, 8)],
+    "mma": [(64, 32, 64, 8), (64, 32, 32, 4)],
+    "mma3": [(32, 32, 32, 4), (64, 16, 32, 4)],
+}
+_GGN_MULTI_O = {
+    "fma": [(128, 32, 32, 16, 8), (64, 32, 64, 16, 8)],
+    "mma": [(128, 32, 64, 32, 8), (64, 32, 32, 32, 4)],
+    "mma3": [(64, 16, 32, 16, 4), (64, 32, 32, 32, 4)],
+}
+#: HesScale tiles ``(block_co max, block_d, block_m, num_warps)``
+_HESSCALE = {
+    "fma": [(64, 64, 16, 8), (32, 64, 16, 4)],
+    "mma": [(64, 64, 32, 8), (64, 64, 16, 8)],
+    "mma3": [(64, 64, 16, 8), (64, 32, 16, 4)],
+}
+
+
+def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
+    single = locations <= _SINGLE_O_MAX
+    configs = []
+    for entry in (_GGN_SINGLE_O if single else _GGN_MULTI_O)[unit]:
+        if single:
+            rows_of_j, co_max, block_d, warps = entry
+            block_o = next_power_of_2(locations)
+        else:
+            rows_of_j, co_max, block_d, block_o, warps = entry
+        block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
+        # at least 16 rows (tl.dot), no more columns than there are
+        block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
+        block_d = min(block_d, next_power_of_2(rows))
+        configs.append(GGNConfig(block_c, block_co, block_d, block_o, warps))
+    return list(dict.fromkeys(configs))
+
+
+def _weight_strides(geometry: KernelGeometry):
+    I0, I1, I2 = geometry.input_size
+    return (geometry.in_channels * geometry.input_numel, geometry.input_numel, I1 * I2, I2, 1)
+
+
+def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
+             config: GGNConfig = None, split: int = None) -> torch.Tensor:
+    """GGN diagonal ``[[N,] C_out, D]`` in ``x.dtype`` (see the module docstring).
+
+    ``config``/``split`` force a launch configuration and the batch split (tests); else chosen per shape.
+    """
+    x, s = x.contiguous(), s.contiguous()
+    columns, batch = s.shape[0], s.shape[1]
+    G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
+    weight_numel = geometry.out_channels * D
+    s_strides = (s.stride(0), s.stride(1), OT)
+
+    def launch(cfg: GGNConfig, split=split):
+        d_tiles, co_tiles = cdiv(D, cfg.block_d), cdiv(COG, cfg.block_co)
+        if per_sample:
+            slices, atomic = batch, False
+        else:
+            slices = split or split_count(d_tiles * co_tiles * G, batch, x.device, min_work=1)
+            atomic = slices > 1
+        n_per_split = cdiv(batch, slices)
+        slices = cdiv(batch, n_per_split)
+        out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
+        _ggn_diag_kernel[(d_tiles * co_tiles, G, slices)](
+            x, s, out,
+            columns, batch, COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, n_per_split, d_tiles,
+            weight_numel if per_sample else 0,
+            *s_strides, *_weight_strides(geometry), *geometry.spatial_args(),
+            int(atomic),
+            PADDED=geometry.padded, SINGLE_O=OT <= cfg.block_o, BLOCK_C=cfg.block_c, BLOCK_CO=cfg.block_co,
+            BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o, PRECISION=precision, num_warps=cfg.num_warps,
+        )
+        return out
+
+    if config is None:
+        key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type)
+        options = ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype))
+        config = _GGN_CACHE.choose(key, options, launch, x.device)
+    out = launch(config)
+    return finish(out if per_sample else out[0], x.dtype)
+
+
+def hesscale_candidates(out_per_group: int, rows: int, unit: str):
+    configs = []
+    for co_max, block_d, block_m, warps in _HESSCALE[unit]:
+        block_co = min(next_power_of_2(out_per_group), co_max)
+        configs.append(HesScaleConfig(block_co, min(block_d, next_power_of_2(rows)), block_m, warps))
+    return list(dict.fromkeys(configs))
+
+
+def hesscale_weight_diag(x: torch.Tensor, d: torch.Tensor, geometry: KernelGeometry, per_sample: bool,
+                         precision: str, config: HesScaleConfig = None, split: int = None) -> torch.Tensor:
+    """HesScale weight diagonal ``[[N,] C_out, D]`` in ``x.dtype`` (see the module docstring)."""
+    x, d = x.contiguous(), d.contiguous()
+    batch = x.shape[0]
+    G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
+    weight_numel = geometry.out_channels * D
+    columns = batch * OT
+
+    def launch(cfg: HesScaleConfig, split=split):
+        d_tiles, co_tiles = cdiv(D, cfg.block_d), cdiv(COG, cfg.block_co)
+        if per_sample:
+            slices, m_per_split, atomic = batch, OT, False
+        else:
+            slices = split or split_count(d_tiles * co_tiles * G, cdiv(columns, cfg.block_m), x.device, min_work=8)
+            m_per_split = cdiv(cdiv(columns, slices), cfg.block_m) * cfg.block_m
+            slices = cdiv(columns, m_per_split)
+            atomic = slices > 1
+        out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
+        _hesscale_kernel[(d_tiles * co_tiles, G, slices)](
+            x, d, out,
+            COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, columns, m_per_split, d_tiles,
+            weight_numel if per_sample else 0,
+            d.stride(0), OT, *_weight_strides(geometry), *geometry.spatial_args(),
+            int(atomic),
+            PADDED=geometry.padded, BLOCK_CO=cfg.block_co, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+            PRECISION=precision, num_warps=cfg.num_warps,
+        )
+        return out
+
+    if config is None:
+        key = (batch, geometry, per_sample, x.dtype, precision, x.device.type)
+        config = _HESSCALE_CACHE.choose(key, hesscale_candidates(COG, D, unit_class(precision, x.dtype)), launch, x.device)
+    out = launch(config)
+    return finish(out if per_sample else out[0], x.dtype)
