@@ -1,0 +1,309 @@
+"""curvlib.kernels: fused Triton kernels and their fallbacks against independent float64 references.
+
+- CPU (always): the fallback (tensor network) of every function, argument validation, ``supports``.
+- Triton interpreter (when Triton is importable): this file run as a script with ``TRITON_INTERPRET=1``
+  (``python tests/test_kernels.py --interpret``) runs the kernels themselves on CPU tensors, tiny shapes.
+- GPU (when CUDA is available): every kernel, case and precision on the GPU, outputs poisoned with NaN
+  before each run (an element a kernel forgets to write fails), split reductions forced.
+
+References never use curvlib: patches from an explicit im2col loop (``conftest.unfold_loop``), then
+einsums in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import Layer
+
+from curvlib import functional as F
+from curvlib import kernels
+from curvlib.hyperparams import make_geometry
+
+#: relative Frobenius error allowed per precision (float32 inputs; see curvlib.kernels' docstring)
+TOLERANCE = {"ieee": 2e-5, "tf32x3": 2e-5, "tf32": 5e-3, "bf16": 4e-2}
+
+CASES = [
+    Layer("2d-grouped-strided-dilated", (9, 9), (3, 3), stride=(2, 1), padding=1, dilation=(1, 2), groups=2,
+          c_in=4, c_out=6, batch=3, columns=3),
+    Layer("1d-same-even-kernel", (11,), (4,), padding="same", c_in=3, c_out=5, batch=2, columns=2),
+    Layer("3d-mixed", (5, 6, 4), (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), c_in=2, c_out=3, batch=2, columns=1),
+    Layer("2d-depthwise", (7, 7), (3, 3), padding=1, groups=6, c_in=6, c_out=6, batch=2, columns=5),
+    Layer("2d-dense-1x1", (5, 5), (1, 1), c_in=40, c_out=20, batch=2, columns=4),
+    Layer("2d-many-locations", (12, 12), (3, 3), c_in=3, c_out=4, batch=2, columns=3),
+]
+OPS = kernels.OPS
+
+
+def geometry_of(layer: Layer):
+    return make_geometry(layer.c_in, layer.c_out, layer.in_size, layer.kernel, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, transposed=layer.transposed,
+                         output_padding=layer.output_padding)
+
+
+def random_inputs(layer: Layer, dtype=torch.float64, device="cpu"):
+    """``x``, ``s`` ``[C, N, *out]``, ``d`` (positive) on ``device``: fresh random, never zero."""
+    out = layer.output_shape()
+    x = torch.randn(layer.x_shape, dtype=torch.float64)
+    s = torch.randn(layer.columns, *out, dtype=torch.float64)
+    d = torch.rand(out, dtype=torch.float64) + 0.1
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, s, d))
+
+
+def references(layer: Layer, x, s, d):
+    """Every operation in float64 from the explicitly unfolded input ``U[n, g, l, d]``."""
+    x, s, d = (t.detach().cpu().double() for t in (x, s, d))
+    U = layer.unfolded_input(x)  # [N, G, L, D]
+    N, G, L, D = U.shape
+    weight = layer.weight_shape
+    s_ = s.reshape(s.shape[0], N, G, -1, L)  # [C, N, G, C_out/G, L]
+    d_ = d.reshape(N, G, -1, L)
+    mean = U.mean(2)
+    J = torch.einsum("cngol,ngld->cngod", s_, U)
+    return {
+        "kfc": torch.einsum("ngld,ngle->gde", U, U) / N,
+        "kfac_reduce": torch.einsum("ngd,nge->gde", mean, mean) / N,
+        ("ggn_diag", False): (J**2).sum((0, 1)).reshape(weight),
+        ("ggn_diag", True): (J**2).sum(0).reshape(N, *weight),
+        ("hesscale_weight_diag", False): torch.einsum("ngol,ngld->god", d_, U**2).reshape(weight),
+        ("hesscale_weight_diag", True): torch.einsum("ngol,ngld->ngod", d_, U**2).reshape(N, *weight),
+    }
+
+
+def run_op(op, x, s, d, geometry, per_sample=False, **options):
+    if op == "kfc":
+        return kernels.kfc(x, geometry, **options)
+    if op == "kfac_reduce":
+        return kernels.kfac_reduce(x, geometry, **options)
+    if op == "ggn_diag":
+        return kernels.ggn_diag(x, s, geometry, per_sample=per_sample, **options)
+    return kernels.hesscale_weight_diag(x, d, geometry, per_sample=per_sample, **options)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = actual.detach().cpu().double(), expected.double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), "result has non-finite entries (unwritten NaN-poisoned elements?)"
+    scale = expected.norm().item()
+    assert scale > 0, "the reference is zero; the comparison would be vacuous"
+    return (actual - expected).norm().item() / scale
+
+
+def check_kernels(layer: Layer, device, precision="ieee", dtype=torch.float32):
+    """Run every fused kernel (asserting it is the kernel, not the fallback) on poisoned outputs; return
+    ``{(op, per_sample): relative error}`` against the float64 references."""
+    from curvlib.kernels import _host
+
+    x, s, d = random_inputs(layer, dtype, device)
+    ref = references(layer, x, s, d)
+    geometry = geometry_of(layer)
+    errors = {}
+    for op in OPS:
+        for per_sample in ((False, True) if op in ("ggn_diag", "hesscale_weight_diag") else (False,)):
+            assert kernels.supports(op, x, geometry, s=s, d=d, per_sample=per_sample, precision=precision), op
+            with _host.poison_outputs():
+                result = run_op(op, x, s, d, geometry, per_sample, precision=precision)
+            assert result.dtype == dtype and result.device == x.device
+            key = (op, per_sample) if op in ("ggn_diag", "hesscale_weight_diag") else op
+            errors[(op, per_sample)] = relative_error(result, ref[key])
+    return errors
+
+
+def check_forced_splits(layer: Layer, device):
+    """The launch paths autotuning may skip on small shapes: several tiles, split (atomic) reductions."""
+    from curvlib.kernels import _geometry, _host, gram, patch_mean, weight_diag
+
+    x, s, d = random_inputs(layer, torch.float32, device)
+    ref = references(layer, x, s, d)
+    kg = _geometry.kernel_geometry(geometry_of(layer))
+    weight = layer.weight_shape
+    errors = {}
+    with _host.poison_outputs():
+        for split in (1, 3):
+            config = gram.KFCConfig(block_d=16, block_m=16, num_warps=4, split=split)
+            errors[("kfc", split)] = relative_error(gram.kfc_factor(x, kg, "ieee", 1 / x.shape[0], config), ref["kfc"])
+            config = patch_mean.MeanConfig(block_r=16, block_i=16, block_k=16, num_warps=4, split=split)
+            for mode in ("split", "fma"):
+                result = patch_mean.kfac_reduce_factor(x, kg, "ieee", config, mode)
+                errors[("kfac_reduce", mode, split)] = relative_error(result, ref["kfac_reduce"])
+        for split in (2, 5):
+            ggn = weight_diag.ggn_diag(x, s, kg, False, "ieee", split=split)
+            errors[("ggn_diag", split)] = relative_error(ggn.reshape(weight), ref[("ggn_diag", False)])
+            hs = weight_diag.hesscale_weight_diag(x, d, kg, False, "ieee", split=split)
+            errors[("hesscale", split)] = relative_error(hs.reshape(weight), ref[("hesscale_weight_diag", False)])
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the fallbacks
+
+
+@pytest.mark.parametrize("layer", CASES, ids=str)
+def test_fallback_matches_references(seed, layer):
+    x, s, d = random_inputs(layer)
+    ref = references(layer, x, s, d)
+    geometry = geometry_of(layer)
+    for op in OPS:
+        for per_sample in (False, True):
+            if op in ("kfc", "kfac_reduce") and per_sample:
+                continue
+            result = run_op(op, x, s, d, geometry, per_sample)
+            key = (op, per_sample) if op in ("ggn_diag", "hesscale_weight_diag") else op
+            assert result.dtype == torch.float64
+            assert relative_error(result, ref[key]) < 1e-12, (op, per_sample)
+
+
+def test_fallback_equals_functional_tn(seed):
+    """Same semantics as curvlib.functional (the lead's pathway 'tn'), transposed layers included."""
+    layer = Layer("transposed", (5, 6), (3, 2), stride=2, padding=1, groups=2, c_in=4, c_out=6, batch=2,
+                  columns=3, transposed=True, output_padding=1)
+    x, s, d = random_inputs(layer)
+    geometry = geometry_of(layer)
+    hyper = dict(layer.hyper(), pathway="tn")
+    assert not kernels.supports("kfc", x.float(), geometry)  # transposed: never fused
+    torch.testing.assert_close(kernels.kfc(x, geometry), F.kfc(x, layer.kernel, **hyper), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kernels.kfac_reduce(x, geometry), F.kfac_reduce(x, layer.kernel, **hyper),
+                               rtol=1e-12, atol=0)
+    for per_sample in (False, True):
+        torch.testing.assert_close(kernels.ggn_diag(x, s, geometry, per_sample=per_sample),
+                                   F.ggn_diag(x, s, layer.kernel, per_sample=per_sample, **hyper), rtol=1e-12, atol=0)
+        torch.testing.assert_close(kernels.hesscale_weight_diag(x, d, geometry, per_sample=per_sample),
+                                   F.hesscale_weight_diag(x, d, layer.kernel, per_sample=per_sample, **hyper),
+                                   rtol=1e-12, atol=0)
+
+
+def test_supports_rejects(seed):
+    layer = CASES[0]
+    x, s, d = random_inputs(layer, torch.float32)
+    geometry = geometry_of(layer)
+    interpreting = kernels.available() and kernels._triton.INTERPRET
+    # CPU tensors run the kernels only in Triton's interpreter
+    assert kernels.supports("kfc", x, geometry) == interpreting
+    assert not kernels.supports("ggn_gram", x, geometry)  # no fused kernel for this op
+    assert not kernels.supports("kfc", x.double(), geometry)  # float64 falls back
+    assert not kernels.supports("kfc", x[:, :2], geometry)  # channels do not match
+    assert not kernels.supports("kfc", x, geometry, precision="fp8")
+    assert not kernels.supports("ggn_diag", x, geometry, s=s.double())
+    assert not kernels.supports("ggn_diag", x, geometry, per_sample="yes")
+    transposed = make_geometry(4, 6, (9, 9), 3, stride=2, groups=2, transposed=True)
+    assert not kernels.supports("kfc", x, transposed)
+    four_d = make_geometry(4, 6, (3, 3, 3, 3), 1)
+    assert not kernels.supports("kfc", torch.randn(2, 4, 3, 3, 3, 3), four_d)  # > 3 spatial dims
+    for garbage in (None, "x", 3):  # a question, never an error
+        assert not kernels.supports("kfc", garbage, geometry)
+        assert not kernels.supports("kfc", x, garbage)
+
+
+def test_errors_name_the_argument(seed):
+    layer = CASES[0]
+    x, s, d = random_inputs(layer)
+    geometry = geometry_of(layer)
+    with pytest.raises(ValueError, match="precision must be one of .* got 'fp8'"):
+        kernels.kfc(x, geometry, precision="fp8")
+    with pytest.raises(TypeError, match="geometry must be a curvlib.hyperparams.ConvGeometry"):
+        kernels.kfac_reduce(x, {"kernel_size": 3})
+    with pytest.raises(ValueError, match=r"x must have shape \(3, 4, 9, 9\).*got \(3, 4, 9, 8\)"):
+        kernels.kfc(x[..., :8], geometry)
+    with pytest.raises(ValueError, match=r"s must have shape"):
+        kernels.ggn_diag(x, s[:, :, :3], geometry)
+    with pytest.raises(TypeError, match="s has dtype torch.float32 but x has dtype torch.float64"):
+        kernels.ggn_diag(x, s.float(), geometry)
+    with pytest.raises(TypeError, match="per_sample must be a bool"):
+        kernels.hesscale_weight_diag(x, d, geometry, per_sample=1)
+    with pytest.raises(ValueError, match=r"d must have 4 dimensions"):
+        kernels.hesscale_weight_diag(x, s, geometry)
+    with pytest.raises(ValueError, match=r"d must have shape \(3, 6, 5, 7\)"):
+        kernels.hesscale_weight_diag(x, s[0, :, :, :4], geometry)
+
+
+def test_autotune_cache_chooses_once():
+    from curvlib.kernels.autotune import ConfigCache
+
+    calls = []
+    cache = ConfigCache("test")
+    first = cache.choose(("k",), ["a", "b"], launch=calls.append, device=torch.device("cpu"))
+    again = cache.choose(("k",), ["b"], launch=calls.append, device=torch.device("cpu"))
+    assert first == again == "a" and calls == []  # off the GPU: the first candidate, nothing launched
+    with pytest.raises(ValueError, match="no candidate"):
+        cache.choose(("other",), [], launch=calls.append, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton interpreter: the kernels themselves on the CPU (a subprocess: TRITON_INTERPRET is read at import)
+
+
+def _interpret_main() -> int:
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    failures = []
+    for layer in CASES:
+        for key, error in check_kernels(layer, "cpu").items():
+            if not error < TOLERANCE["ieee"]:
+                failures.append((layer.name, key, error))
+    for key, error in check_forced_splits(CASES[0], "cpu").items():
+        if not error < TOLERANCE["ieee"]:
+            failures.append((CASES[0].name, key, error))
+    for failure in failures:
+        print("FAILED", *failure)
+    print("interpreter check:", "failed" if failures else "passed")
+    return 1 if failures else 0
+
+
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+def test_kernels_in_triton_interpreter():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "interpreter check: passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the compiled kernels
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.available()), reason="needs CUDA and Triton")
+
+
+@cuda
+@pytest.mark.parametrize("layer", CASES, ids=str)
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
+def test_kernels_on_gpu(seed, layer, precision):
+    errors = check_kernels(layer, "cuda", precision)
+    bad = {key: error for key, error in errors.items() if not error < TOLERANCE[precision]}
+    assert not bad, f"relative errors above {TOLERANCE[precision]:.0e}: {bad}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_on_gpu_half_inputs(seed, dtype):
+    layer = CASES[0]
+    # the reference sees the same rounded inputs: what is left is accumulation and output rounding
+    errors = check_kernels(layer, "cuda", "ieee", dtype)
+    bad = {key: error for key, error in errors.items() if not error < (2e-2 if dtype == torch.bfloat16 else 4e-3)}
+    assert not bad, bad
+
+
+@cuda
+@pytest.mark.parametrize("layer", CASES[:4], ids=str)
+def test_kernels_on_gpu_forced_splits(seed, layer):
+    bad = {key: error for key, error in check_forced_splits(layer, "cuda").items() if not error < TOLERANCE["ieee"]}
+    assert not bad, bad
+
+
+@cuda
+def test_kernels_on_gpu_table_e3_layer(seed):
+    """One realistic layer (ResNet-18 layer2.0.conv1, batch 4) through the autotuned public functions."""
+    layer = Layer("resnet18-layer2.0.conv1", (32, 32), (3, 3), stride=2, padding=1, c_in=64, c_out=128, batch=4,
+                  columns=2)
+    errors = check_kernels(layer, "cuda", "ieee")
+    assert all(error < TOLERANCE["ieee"] for error in errors.values()), errors
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    sys.exit(_interpret_main())
