@@ -561,3 +561,38 @@ def test_bad_arguments():
         KFAC(net, nn.NLLLoss(), sgd)
     with pytest.raises(TypeError, match="model"):
         KFAC("net", nn.CrossEntropyLoss(), sgd)
+
+
+def test_inversion_skipped_when_factors_and_damping_are_unchanged(seed, monkeypatch):
+    net = make_net("linear")
+    X, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+    opt = KFAC(net, nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.1), factor_update_every=4,
+               inverse_update_every=2)
+    steps = []
+    original = opt._compute_inverses
+    monkeypatch.setattr(opt, "_compute_inverses", lambda name: (steps.append(opt.steps), original(name)))
+    for step in range(8):
+        if step == 6:
+            opt.damping = 0.5
+        train_step(net, opt, X, y)
+    assert steps == [0, 0, 4, 4, 6, 6]  # two layers; factors new at 0 and 4, damping new at 6
+
+
+# ----------------------------------------------------------------------------------------------
+# damped inverses
+
+
+def test_cholesky_retried_in_float64():
+    from curvlib.optim._linalg import damped_inverse
+
+    # an exactly representable rank-1 float32 factor: + 1e-4 I vanishes in float32 (ulp(1e4) ≈ 1e-3),
+    # so the float32 Cholesky fails, while in float64 the damped factor is positive definite
+    v = torch.tensor([100.0, 200.0, 300.0])
+    A = torch.outer(v, v)[None]
+    assert torch.linalg.cholesky_ex(A + 1e-4 * torch.eye(3))[1].item() > 0, "float32 Cholesky should fail"
+    inverse = damped_inverse(A, torch.tensor([1e-4]))
+    expected = torch.linalg.inv(A.double() + 1e-4 * torch.eye(3, dtype=DTYPE))
+    assert inverse.dtype == torch.float32
+    assert_close(inverse.double(), expected, rtol=1e-5, name="float64 retry")
+    with pytest.raises(ValueError, match="increase damping"):
+        damped_inverse(A, torch.tensor([0.0]))

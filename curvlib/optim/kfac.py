@@ -30,8 +30,9 @@ locations (expand) or 1 (reduce), so ``Δb_g = (G_g + δ'_G I)⁻¹ ∇b_g / (a 
 **Schedule.** Factors are computed on steps ``0, f, 2f, …`` (``factor_update_every = f``) and
 averaged as an exponential moving average ``F ← ema·F + (1 − ema)·F_new`` (the first update
 assigns). Inverses (or eigendecompositions) are recomputed from the current factors on steps
-``0, i, 2i, …`` (``inverse_update_every = i``), and on the first step that has factors. Between
-updates the last inverses are reused, and on steps that collect no factors no hook runs.
+``0, i, 2i, …`` (``inverse_update_every = i``) if the factors or the damping changed since the
+last inversion, and on the first step that has factors. Between updates the last inverses are
+reused, and on steps that collect no factors no hook runs.
 
 **Inverse** ``"cholesky"`` (default): Cholesky of the damped factor, retried in float64 if it fails
 in the factor's dtype; ``"eigen"``: ``torch.linalg.eigh`` (float64 retry on failure), eigenvalues
@@ -220,6 +221,10 @@ class KFAC(CurvatureOptimizer):
         )
         self._factors: Dict[str, Tensor] = {}
         self._inverses: Dict[str, Dict[str, Tensor]] = {}
+        # factor updates per layer, and (updates, damping) the layer's inverses were computed from:
+        # an inverse update with neither changed is skipped
+        self._versions: Dict[str, int] = {}
+        self._inverted: Dict[str, tuple] = {}
         self._track()
         self._arm()
 
@@ -318,6 +323,7 @@ class KFAC(CurvatureOptimizer):
                     self._factors[key].mul_(self.ema).add_(value, alpha=1.0 - self.ema)
                 else:
                     self._factors[key] = value.clone().contiguous()
+            self._versions[name] = self._versions.get(name, 0) + 1
 
     def factors(self, module) -> Dict[str, Tensor]:
         """Current (moving-average) factors of a layer (module or name): ``{"A", "G", "a"}`` as available."""
@@ -377,8 +383,12 @@ class KFAC(CurvatureOptimizer):
     def _transform(self, step):
         due = step % self.inverse_update_every == 0
         for name in self._layers:
-            if f"{name}/G" in self._factors and (due or name not in self._inverses):
+            if f"{name}/G" not in self._factors:
+                continue
+            current = (self._versions.get(name, 0), self.damping)
+            if name not in self._inverses or (due and self._inverted.get(name) != current):
                 self._compute_inverses(name)
+                self._inverted[name] = current
         lrs = self._parameter_lrs() if self.kl_clip is not None else None
         updates = []
         for name, layer in self._layers.items():
@@ -418,6 +428,8 @@ class KFAC(CurvatureOptimizer):
         return {
             "factors": {k: v.clone() for k, v in self._factors.items()},
             "inverses": {name: {k: v.clone() for k, v in inv.items()} for name, inv in self._inverses.items()},
+            "versions": dict(self._versions),
+            "inverted": dict(self._inverted),
         }
 
     def _load_extra_state(self, state):
@@ -433,3 +445,5 @@ class KFAC(CurvatureOptimizer):
         self._inverses = {
             name: {k: v.to(device_of(name)).clone() for k, v in inv.items()} for name, inv in state["inverses"].items()
         }
+        self._versions = dict(state.get("versions", {}))
+        self._inverted = {name: tuple(value) for name, value in state.get("inverted", {}).items()}
