@@ -83,7 +83,10 @@ def _auto_choice(op_name: str, before: set, geometry_text: str) -> Optional[str]
     new = [d for d in decisions if id(d) not in before and d.op == op_name]
     if new:
         return new[-1].choice
-    matching = [d for d in decisions if d.op == op_name and geometry_text in d.key]
+    # decision keys end with the settings they were taken under (memory budget, excluded candidates)
+    settings = _pathways.settings()
+    suffix = f", {settings.memory_budget!r}, {settings.exclude!r})"
+    matching = [d for d in decisions if d.op == op_name and geometry_text in d.key and d.key.endswith(suffix)]
     choices = {d.choice for d in matching}
     return matching[-1].choice if len(choices) == 1 else None
 
