@@ -146,6 +146,20 @@ def test_cuda_meters(seed):
     assert c.flops_per_s > 1e11 and c.bytes_per_s > 1e10
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_profile_memory_and_time(seed):
+    """On the GPU: events time every entry; native kfc's extra memory holds the unfolded input it materialises."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4))
+    x = torch.randn(16, 8, 32, 32)
+    profile = profile_model(model, x, operations=("forward", "kfc", "ggn_diag"), pathways=("auto", "native"),
+                            device="cuda", repeats=3, warmup=1, ceilings="quick")
+    assert profile.device.startswith("cuda") and profile.settings["memory_method"] == "cuda"
+    assert all(r.status == "ok" and r.time_s > 0 and r.memory_method == "cuda" for r in profile.rows)
+    kfc = next(r for r in profile.rows if (r.layer, r.op, r.pathway) == ("0", "kfc", "native"))
+    unfolded = 16 * 8 * 9 * 32 * 32 * 4  # [N, C_in·K·K, O] float32
+    assert kfc.extra_bytes >= unfolded and kfc.largest_intermediate_bytes == unfolded
+
+
 # ----------------------------------------------------------------------------------------------
 # a tiny CNN with every kind of layer
 

@@ -126,6 +126,14 @@ def _fmt_time_ms(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value * 1e3:.3f}"
 
 
+def _fmt_percent(value: Optional[float]) -> str:
+    """A fraction as a percentage, two significant digits below 10 %."""
+    if value is None:
+        return "n/a"
+    percent = 100 * value
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -239,7 +247,7 @@ class Profile:
                 r.layer, r.module, r.op, r.chosen or r.pathway, _fmt_time_ms(r.time_s), f"{100 * s.time_share:.1f}%",
                 _fmt_bytes(r.extra_bytes), f"{100 * s.memory_share:.1f}%",
                 _fmt_count(r.flops), _fmt_bytes(r.largest_intermediate_bytes),
-                "n/a" if r.efficiency is None else f"{100 * r.efficiency:.1f}%",
+                _fmt_percent(r.efficiency),
             ])
         header = ["layer", "module", "op", "ran", "time [ms]", "time %", "extra memory", "memory %", "FLOPs",
                   "largest intermediate", "efficiency"]
@@ -353,12 +361,14 @@ class Profile:
         left.set_xlabel("median time [ms]")
         for pos, spot, t in zip(positions, spots, times):
             eff = rows[(spot.layer, spot.op)].efficiency
-            text = f" {100 * spot.time_share:.0f}%" + ("" if eff is None else f", eff. {100 * eff:.0f}%")
+            text = f" {100 * spot.time_share:.0f}%" + ("" if eff is None else f", eff. {_fmt_percent(eff)}")
             left.text(t, pos, text, va="center", fontsize=7)
         left.margins(x=0.25)
         right.barh(positions, memory, color="tab:orange")
         right.set_xlabel("extra peak memory [MiB]")
-        figure.suptitle(title or f"hot layers on {self.device} (pathway {pathway!r})")
+        method = self.settings.get("memory_method")
+        figure.suptitle(title or f"hot layers on {self.device} (pathway {pathway!r}"
+                        + (f", memory: {method})" if method else ")"))
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         figure.savefig(path, dpi=120)
