@@ -74,6 +74,69 @@ def measure(step, device, repeats: int):
     return statistics.median(times), min(times), peak
 
 
+def write_profile(step, path, device):
+    """Kernel-level table (torch.profiler, sorted by device time) of one step: where the time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=30))
+    print(f"wrote {path}", flush=True)
+
+
+def _mib(value):
+    return "–" if value is None else f"{value:.0f}"
+
+
+def backpack_extensions():
+    """curvlib extension name -> factory of BackPACK's equivalent (empty if BackPACK is not importable)."""
+    try:
+        import backpack.extensions as B
+    except Exception:  # BackPACK is an optional extra
+        return {}
+    return {
+        "DiagGGNMC": lambda: B.DiagGGNMC(mc_samples=1),
+        "DiagGGNExact": lambda: B.DiagGGNExact(),
+        "KFACExpand(mc)": lambda: B.KFAC(mc_samples=1),
+        "KFACExpand(type-2)": lambda: B.KFLR(),
+        "BatchGrad": lambda: B.BatchGrad(),
+    }
+
+
+def run_backpack(net, ext_name, make, model, loss_fn, X, y, device, repeats, base):
+    """Time BackPACK's equivalent of ``ext_name`` on an extended copy of ``model``."""
+    import copy
+
+    from backpack import backpack, extend
+
+    bp_model, bp_loss = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+    ext = make()
+
+    def step():
+        with backpack(ext):
+            bp_model.zero_grad()
+            bp_loss(bp_model(X), y).backward()
+
+    name = "BackPACK " + ext_name
+    try:
+        t, t_min, peak = measure(step, device, repeats)
+    except Exception as error:  # out of memory or a layer BackPACK does not support: record and go on
+        message = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else f"{type(error).__name__}"
+        print(f"{net:10s} {name:28s} failed: {message}: {str(error)[:200]}", flush=True)
+        return dict(net=net, ext=name, impl="backpack", error=message)
+    finally:
+        del bp_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"{net:10s} {name:28s} {t * 1e3:8.1f} ms  ({t / base:5.2f}x plain)  peak {peak} MiB", flush=True)
+    return dict(net=net, ext=name, impl="backpack", s=t, min_s=t_min, peak_mib=peak, vs_plain=t / base)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,9 +145,12 @@ def main(argv=None):
     parser.add_argument("--memory-budget", type=float, default=2e9)
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="batch 4, 1 repeat (CPU smoke test)")
+    parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK's equivalents out")
+    parser.add_argument("--profile", nargs="*", default=(), metavar="EXT",
+                        help="also write a torch.profiler kernel table of one All-CNN-C step per extension named")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.repeats = 4, 1
+        args.batch, args.repeats = 2, 1
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -96,12 +162,16 @@ def main(argv=None):
         "DiagGGNMC": lambda: E.DiagGGNMC(),
         "DiagGGNExact": lambda: E.DiagGGNExact(),
         "KFACExpand(mc)": lambda: E.KFACExpand(fisher="mc"),
+        "KFACExpand(type-2)": lambda: E.KFACExpand(fisher="type-2"),
         "KFACReduce(mc)": lambda: E.KFACReduce(fisher="mc"),
         "KFACReduce(type-2)": lambda: E.KFACReduce(fisher="type-2"),
         "BatchGrad": lambda: E.BatchGrad(),
         "HesScale": lambda: E.HesScale(),
     }
-    for net, build, classes in (("3c3d", three_c_three_d, 10), ("all_cnn_c", all_cnn_c, 100)):
+    backpack_equivalents = backpack_extensions() if not args.no_backpack else {}
+    # --quick: a CPU smoke test for the test suite (All-CNN-C with 10 classes keeps the exact GGN cheap)
+    nets = (("3c3d", three_c_three_d, 10), ("all_cnn_c", all_cnn_c, 10 if args.quick else 100))
+    for net, build, classes in nets:
         torch.manual_seed(0)
         model = build(classes).to(device)
         loss_fn = nn.CrossEntropyLoss()
@@ -131,6 +201,11 @@ def main(argv=None):
                 continue
             records.append(dict(net=net, ext=ext_name, s=t, min_s=t_min, peak_mib=peak, vs_plain=t / base))
             print(f"{net:10s} {ext_name:18s} {t * 1e3:8.1f} ms  ({t / base:5.2f}x plain)  peak {peak} MiB", flush=True)
+            if ext_name in args.profile and net == "all_cnn_c":
+                write_profile(step, os.path.join(out, f"profile_{net}_{ext_name}.txt"), device)
+            if ext_name in backpack_equivalents:
+                records.append(run_backpack(net, ext_name, backpack_equivalents[ext_name], model, loss_fn, X, y,
+                                            device, args.repeats, base))
 
     # GGN Gram (square loss) vs torch.func empirical NTK on 3c3d
     torch.manual_seed(0)
@@ -170,11 +245,25 @@ def main(argv=None):
             f.write(json.dumps({**meta, **r}) + "\n")
     with open(os.path.join(out, "end_to_end.md"), "w") as f:
         f.write(f"End to end, batch {args.batch}, {name}, torch {torch.__version__}, {meta['date']}\n\n")
-        f.write("| model | extension | median ms | × plain | peak MiB |\n|---|---|---|---|---|\n")
+        f.write("Time: median of the steps (forward + backward with the extension); × plain: multiple of one "
+                "plain gradient step; peak: extra peak memory of one step (GPU allocator). BackPACK rows run "
+                "BackPACK's equivalent extension on an extended copy of the same model and batch.\n\n")
+        f.write("| model | extension | curvlib ms | × plain | curvlib peak MiB | BackPACK ms | BackPACK × plain "
+                "| BackPACK peak MiB | BackPACK / curvlib time |\n|---|---|---|---|---|---|---|---|---|\n")
+        by_key = {(r["net"], r["ext"]): r for r in records}
         for r in records:
-            if "s" in r:
-                ratio = f"{r['vs_plain']:.2f}" if "vs_plain" in r else ""
-                f.write(f"| {r['net']} | {r['ext']} | {r['s'] * 1e3:.1f} | {ratio} | {r['peak_mib']} |\n")
+            if r.get("impl") == "backpack" or "s" not in r:
+                continue
+            ratio = f"{r['vs_plain']:.2f}" if "vs_plain" in r else ""
+            bp = by_key.get((r["net"], "BackPACK " + r["ext"]), {})
+            bp_cells = ["–", "–", "–", "–"]
+            if "s" in bp:
+                bp_cells = [f"{bp['s'] * 1e3:.1f}", f"{bp['vs_plain']:.2f}", _mib(bp["peak_mib"]),
+                            f"{bp['s'] / r['s']:.2f}"]
+            elif bp:
+                bp_cells[0] = bp.get("error", "–")
+            f.write(f"| {r['net']} | {r['ext']} | {r['s'] * 1e3:.1f} | {ratio} | {_mib(r['peak_mib'])} | "
+                    + " | ".join(bp_cells) + " |\n")
     print(f"wrote {out}", flush=True)
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -103,7 +104,8 @@ def _kernels():
     if _KERNELS is None:
         try:
             from . import kernels as module
-        except ImportError:  # pragma: no cover - depends on the installation
+        except Exception as error:  # pragma: no cover - Triton missing or broken: no fused pathway
+            warnings.warn(f"curvlib.kernels unavailable ({type(error).__name__}: {error}); no fused pathway")
             module = False
         _KERNELS = module if hasattr(module, "supports") else False
     return _KERNELS
