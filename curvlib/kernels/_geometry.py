@@ -8,6 +8,7 @@ integer operations and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Tuple
@@ -68,6 +69,7 @@ class KernelGeometry:
         return (*self.input_size, *self.kernel_size, *self.output_size, *self.stride, *self.dilation, *self.pad_left)
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch; geometries are few and hashable
 def kernel_geometry(geometry: ConvGeometry) -> KernelGeometry:
     """Embed ``geometry`` in :data:`KERNEL_DIMS` dims; raises ``ValueError`` for unsupported geometries."""
     if geometry.transposed:

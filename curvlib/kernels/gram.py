@@ -117,7 +117,8 @@ def candidates(rows: int, columns: int, groups: int, device: torch.device, unit:
     for block_d, block_m, warps in _TILES[unit][size]:
         tiles = cdiv(rows, block_d)
         pairs = tiles * (tiles + 1) // 2
-        split = split_count(pairs * groups, cdiv(columns, block_m), device, min_work=8)
+        # many waves: a short tail when the tile count is not a multiple of the multiprocessors
+        split = split_count(pairs * groups, cdiv(columns, block_m), device, min_work=8, waves=8)
         configs.append(KFCConfig(block_d, block_m, warps, split))
     return configs
 

@@ -187,9 +187,9 @@ _SINGLE_O_MAX = 64
 #: when all output locations fit one tile (``block_o`` = their count), else with ``block_o`` before
 #: the warps. Rows of ``J`` are (column, channel) pairs: a depthwise layer gets many columns per tile.
 _GGN_SINGLE_O = {
-    "fma": [(64, 16, 32, 8), (128, 32, 32, 8)],
+    "fma": [(64, 16, 32, 8), (64, 32, 32, 8)],
     "mma": [(64, 32, 64, 8), (64, 32, 32, 4)],
-    "mma3": [(32, 32, 32, 4), (64, 16, 32, 4)],
+    "mma3": [(32, 32, 32, 8), (64, 16, 32, 8)],
 }
 _GGN_MULTI_O = {
     "fma": [(128, 32, 32, 16, 8), (64, 32, 64, 16, 8)],
@@ -243,7 +243,7 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         if per_sample:
             slices, atomic = batch, False
         else:
-            slices = split or split_count(d_tiles * co_tiles * G, batch, x.device, min_work=1)
+            slices = split or split_count(d_tiles * co_tiles * G, batch, x.device, min_work=1, waves=4)
             atomic = slices > 1
         n_per_split = cdiv(batch, slices)
         slices = cdiv(batch, n_per_split)
@@ -289,7 +289,8 @@ def hesscale_weight_diag(x: torch.Tensor, d: torch.Tensor, geometry: KernelGeome
         if per_sample:
             slices, m_per_split, atomic = batch, OT, False
         else:
-            slices = split or split_count(d_tiles * co_tiles * G, cdiv(columns, cfg.block_m), x.device, min_work=8)
+            slices = split or split_count(d_tiles * co_tiles * G, cdiv(columns, cfg.block_m), x.device, min_work=8,
+                                          waves=8)
             m_per_split = cdiv(cdiv(columns, slices), cfg.block_m) * cfg.block_m
             slices = cdiv(columns, m_per_split)
             atomic = slices > 1
