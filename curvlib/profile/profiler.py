@@ -10,8 +10,9 @@ weight with random backpropagated tensors of the right shapes, and the row recor
    pathway the FLOPs it performs and its largest intermediate — from the planned contraction path
    for tensor-network pathways (recorded with :func:`curvlib.contract.inspect_plans` while the
    operation runs), from :func:`curvlib.cost.operation_cost` for native and fused kernels;
-3. derived: ideal (roofline) time on the ceilings, efficiency = ideal / measured, achieved useful
-   FLOP/s and bytes/s.
+3. derived: ideal (roofline) time on the ceilings, efficiency = ideal / measured (of the operation's
+   standard FLOP count, and of the work the pathway performs), achieved useful FLOP/s and bytes/s,
+   and the cost model's estimate for the pathway (to compare with the measurement).
 
 >>> import torch
 >>> from torch import nn
@@ -135,7 +136,10 @@ def _measure_entry(row: ProfileRow, fn: Callable, record: LayerRecord, op: Opera
             row.extra_bytes, row.memory_method, row.result_bytes = m.extra_bytes, m.method, m.result_bytes
         else:
             fn()
-    timing = time_call(fn, device, repeats=repeats, warmup=0, time_limit_s=time_limit_s)
+    # on the CPU the memory meter handed free heap pages back to the system: one untimed call
+    # faults them in again, so that the first timed call does not pay for it
+    rewarm = 1 if memory and device.type != "cuda" else 0
+    timing = time_call(fn, device, repeats=repeats, warmup=rewarm, time_limit_s=time_limit_s)
     row.time_s, row.min_s, row.repeats = timing.median_s, timing.min_s, timing.repeats
     if pathway == "auto":
         row.chosen = _auto_choice(op.decision_op(record), before, _functional_geometry_text(record, op))
@@ -158,6 +162,8 @@ def _measure_entry(row: ProfileRow, fn: Callable, record: LayerRecord, op: Opera
         )
     row.ideal_s = ideal_time(flops, min_bytes, ceilings)
     row.efficiency = row.ideal_s / row.time_s if row.time_s > 0 else None
+    if row.pathway_flops is not None and row.time_s > 0:
+        row.pathway_efficiency = ideal_time(row.pathway_flops, min_bytes, ceilings) / row.time_s
     row.flops_per_s = flops / row.time_s if row.time_s > 0 else None
     row.bytes_per_s = min_bytes / row.time_s if row.time_s > 0 else None
 
@@ -195,7 +201,8 @@ def profile_model(
             ``"quick"`` (smaller buffers), ``"nominal"`` (:func:`curvlib.cost.ceilings`, i.e. whatever is
             registered) or a :class:`curvlib.cost.Ceilings`.
         layers: names of the layers to profile (``None``: all).
-        memory: measure the extra peak memory (one more call per entry).
+        memory: measure the extra peak memory (one more call per entry; on the CPU one more untimed
+            call after it, since the meter returns free heap memory to the system).
         time_limit_s: fewer timed calls (at least one) for entries whose repeats would take longer.
         progress: called with each finished row (e.g. to print it).
 
@@ -211,6 +218,9 @@ def profile_model(
     check_count(warmup, "warmup", 0)
     if not isinstance(memory, bool):
         raise TypeError(f"memory must be a bool, got {memory!r}")
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                     or not time_limit_s > 0):
+        raise ValueError(f"time_limit_s must be None or a positive number of seconds, got {time_limit_s!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be None or callable, got {type(progress).__name__}")
     if device is not None:

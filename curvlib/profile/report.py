@@ -51,7 +51,10 @@ class ProfileRow:
         bytes_moved: the analytic traffic of the pathway (minimum bytes plus its intermediates).
         ideal_s: roofline time of ``flops`` and ``min_bytes`` on the ceilings.
         estimated_s: the cost model's prediction for the pathway (traffic, per-call overheads).
-        efficiency: ``ideal_s / time_s``.
+        efficiency: ``ideal_s / time_s``, comparable across pathways (above 1: the pathway beats the
+            roofline of the standard algorithm, by doing less work).
+        pathway_efficiency: roofline time of the work the pathway performs (``pathway_flops``,
+            ``min_bytes``) over ``time_s``: how well the pathway uses the device for its own work.
         flops_per_s, bytes_per_s: achieved useful rates ``flops / time_s`` and ``min_bytes / time_s``.
     """
 
@@ -80,6 +83,7 @@ class ProfileRow:
     ideal_s: Optional[float] = None
     estimated_s: Optional[float] = None
     efficiency: Optional[float] = None
+    pathway_efficiency: Optional[float] = None
     flops_per_s: Optional[float] = None
     bytes_per_s: Optional[float] = None
 
