@@ -431,6 +431,9 @@ def test_dominant_layer_is_hottest(seed):
     profile = profile_model(model, x, operations=("forward", "weight_vjp", "kfc"), pathways=("native",), repeats=3,
                             warmup=1, ceilings="nominal", memory=False)
     assert profile.hot_layers(1, pathway="native", per="layer")[0].layer == "1"
+    # without "auto" the reports default to the fastest pathway of each entry
+    assert profile.resolve_pathway() == "best" and profile.hot_layers(1, per="layer")[0].layer == "1"
+    assert "pathway 'best'" in profile.summary()
 
 
 def test_table_json_plot(tiny_profile, tmp_path):

@@ -35,6 +35,7 @@ from torch import nn
 from .. import cost as _cost
 from .. import pathways as _pathways
 from ..contract import inspect_plans
+from ..hyperparams import make_geometry
 from .ceilings import ideal_time, measure_ceilings
 from .layers import LayerRecord, record_layers
 from .memory import cpu_method, measure_memory
@@ -96,8 +97,6 @@ def _functional_geometry_text(record: LayerRecord, op: Operation) -> str:
     """``repr`` of the geometry :mod:`curvlib.functional` builds for the call (its decision key contains it)."""
     geometry = record.geometry()
     if op.name in ("kfc", "kfac_reduce"):  # the factors do not know C_out: functional passes the groups
-        from ..hyperparams import make_geometry
-
         geometry = make_geometry(
             record.x.shape[1], record.groups, tuple(record.x.shape[2:]), record.kernel_size, record.stride,
             record.padding, record.dilation, record.groups, record.transposed,
@@ -257,7 +256,7 @@ def profile_model(
                     weight_shape=list(record.weight.shape),
                 )
                 kwargs = PATHWAY_KWARGS[pathway]
-                fn = (lambda op=op, kwargs=kwargs: op.call(record, tensors, kwargs))
+                fn = (lambda op=op, kwargs=kwargs, record=record, tensors=tensors: op.call(record, tensors, kwargs))
                 try:
                     _measure_entry(row, fn, record, op, pathway, dev, columns, repeats, warmup, time_limit_s,
                                    memory, ceil)
@@ -273,7 +272,7 @@ def profile_model(
                 rows.append(row)
                 if progress is not None:
                     progress(row)
-        del tensors
+        del tensors  # before the next layer's are drawn
 
     first = next(iter(resolved.values()))
     settings = dict(

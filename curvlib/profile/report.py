@@ -2,8 +2,8 @@
 
 A :class:`Profile` holds one :class:`ProfileRow` per (layer call, operation, pathway). Rows of
 pathways that do not apply have ``status="n/a"``; ``"oom"`` and ``"error"`` record failures. The
-reports look at one pathway at a time (``pathway="auto"`` by default; ``"best"`` takes the fastest
-measured pathway of each (layer, operation)):
+reports look at one pathway at a time (``"auto"`` by default when it was profiled; ``"best"`` takes
+the fastest measured pathway of each (layer, operation)):
 
 - :meth:`Profile.hot_layers` — the (layer, operation) pairs, or layers, that dominate time or memory;
 - :meth:`Profile.table` — the same as a Markdown table with time and memory shares;
@@ -181,8 +181,16 @@ class Profile:
         """Pathways with at least one measured row."""
         return list(dict.fromkeys(r.pathway for r in self.rows if r.ok))
 
-    def select(self, pathway: str = "auto") -> List[ProfileRow]:
-        """Measured rows of one pathway; ``"best"``: the fastest measured row of each (layer, operation)."""
+    def resolve_pathway(self, pathway: Optional[str] = None) -> str:
+        """``pathway``, or for ``None`` the default: ``"auto"`` if it was profiled, else ``"best"``."""
+        if pathway is None:
+            return "auto" if "auto" in self.pathways() else "best"
+        return pathway
+
+    def select(self, pathway: Optional[str] = None) -> List[ProfileRow]:
+        """Measured rows of one pathway; ``"best"``: the fastest measured row of each (layer, operation);
+        ``None``: ``"auto"`` if it was profiled, else ``"best"``."""
+        pathway = self.resolve_pathway(pathway)
         if pathway == "best":
             best: Dict[tuple, ProfileRow] = {}
             for r in self.rows:
@@ -198,13 +206,14 @@ class Profile:
     # ------------------------------------------------------------------------------------------
     # hot-layer report
 
-    def hot_layers(self, k: Optional[int] = 5, by: str = "time", pathway: str = "auto", per: str = "operation") -> List[HotSpot]:
+    def hot_layers(self, k: Optional[int] = 5, by: str = "time", pathway: Optional[str] = None, per: str = "operation") -> List[HotSpot]:
         """The ``k`` entries that dominate ``by`` (``"time"`` or ``"memory"``), largest first.
 
         Args:
             k: how many (``None``: all).
             by: ``"time"`` (median time) or ``"memory"`` (extra peak memory).
-            pathway: which pathway's rows (``"best"``: the fastest per (layer, operation)).
+            pathway: which pathway's rows (``"best"``: the fastest per (layer, operation); ``None``:
+                ``"auto"`` if profiled, else ``"best"``).
             per: ``"operation"`` ((layer, operation) pairs) or ``"layer"`` (time summed over the
                 operations, memory the largest of them).
 
@@ -236,7 +245,7 @@ class Profile:
             for layer, op, module, t, b, chosen in entries[:k]
         ]
 
-    def table(self, k: Optional[int] = None, by: str = "time", pathway: str = "auto") -> str:
+    def table(self, k: Optional[int] = None, by: str = "time", pathway: Optional[str] = None) -> str:
         """Markdown table of (layer, operation) entries of one pathway, sorted by ``by``, with shares.
 
         Columns: layer, module, operation, pathway that ran, time [ms], share of time, extra peak
@@ -283,8 +292,9 @@ class Profile:
             body.append(row)
         return _markdown(["layer", "op", *pathways, "auto chose"], body, [False, False] + [True] * len(pathways) + [False])
 
-    def summary(self, k: int = 5, pathway: str = "auto") -> str:
+    def summary(self, k: int = 5, pathway: Optional[str] = None) -> str:
         """A few lines: device, ceilings, totals of ``pathway`` and its top-``k`` (layer, operation) by time."""
+        pathway = self.resolve_pathway(pathway)
         rows = self.select(pathway)
         total = sum(r.time_s for r in rows)
         c = self.ceilings
@@ -338,7 +348,7 @@ class Profile:
     # ------------------------------------------------------------------------------------------
     # plot
 
-    def plot(self, path, k: int = 10, pathway: str = "auto", title: Optional[str] = None) -> str:
+    def plot(self, path, k: int = 10, pathway: Optional[str] = None, title: Optional[str] = None) -> str:
         """Bar charts of the top-``k`` (layer, operation) by time (left, efficiency annotated) and their
         extra peak memory (right), written to ``path`` (PNG, PDF, SVG … by extension). Needs matplotlib.
 
@@ -349,6 +359,7 @@ class Profile:
             from matplotlib.figure import Figure
         except ImportError as error:  # pragma: no cover - depends on the installation
             raise ImportError("Profile.plot needs matplotlib (pip install matplotlib); the table and JSON do not") from error
+        pathway = self.resolve_pathway(pathway)
         spots = self.hot_layers(k, by="time", pathway=pathway)
         if not spots:
             raise ValueError(f"no measured rows for pathway {pathway!r} to plot")
