@@ -131,7 +131,7 @@ def _dispatch(
     configuration key.
     """
     first = tensors[0]
-    key = (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options)
+    key = _config_key(op, geometry, tensors, options)
     if pathway == "auto":  # fast path: a configuration seen before runs its choice directly
         choice = _pathways.cached_choice(key)
         if choice == "native" and native is not None:
@@ -159,6 +159,37 @@ def _dispatch(
         network=network,
     )
     return _pathways.run(call, pathway, simplify)
+
+
+def _config_key(op: str, geometry: ConvGeometry, tensors: Sequence[Tensor], options: tuple = ()) -> tuple:
+    """The configuration an automatic choice is cached for."""
+    first = tensors[0]
+    return (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options)
+
+
+# Shortcut for repeated calls of the forward-like operations (those PyTorch has built in): arguments
+# seen before, whose pathway resolved to "native", go straight to the ATen call. Validation and the
+# choice depend only on what the key holds (shapes, dtypes, devices, hyper-parameters as given,
+# settings generation), so skipping them is safe; it saves the Python that dominates small layers.
+_SHORTCUTS: dict = {}
+
+
+def _shortcut_key(op: str, tensors, *arguments):
+    try:
+        key = (op, *((None, None, None) if t is None else (t.shape, t.dtype, t.device) for t in tensors), *arguments,
+               _pathways.generation())
+        hash(key)
+    except TypeError:  # unhashable arguments (lists): no shortcut
+        return None
+    return key
+
+
+def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
+    if key is None or not (pathway == "native" or (pathway == "auto" and _pathways.cached_choice(config) == "native")):
+        return
+    if len(_SHORTCUTS) > 4096:
+        _SHORTCUTS.clear()
+    _SHORTCUTS[key] = run
 
 
 def _fused(op: str, x: Tensor, geometry: ConvGeometry, run, **options):
@@ -266,6 +297,10 @@ def conv(
     Returns:
         ``[N, C_out, *O]``.
     """
+    shortcut = _shortcut_key("conv", (x, weight, bias), stride, padding, dilation, groups, padding_mode, simplify, pathway)
+    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
+    if run is not None:
+        return run(x, weight, bias)
     check_tensor(x, "x", min_dim=3)
     c_in, c_out = _weight_geometry(weight, x.dim() - 2, groups, transposed=False)
     check_same_device_dtype(x=x, weight=weight)
@@ -279,7 +314,10 @@ def conv(
         network=lambda: convolution.propagate(x, weight, geometry, "i"),
         native=_native("conv", geometry, lambda: _native_module.to_output_side(x, weight, geometry)),
     )
-    return _add_bias(result, bias, c_out)
+    result = _add_bias(result, bias, c_out)
+    _remember_shortcut(shortcut, pathway, _config_key("conv", geometry, (x, weight)),
+                       lambda x, w, b: _native_module.to_output_side(x, w, geometry, b))
+    return result
 
 
 def conv_transpose(
@@ -305,6 +343,12 @@ def conv_transpose(
     Returns:
         ``[N, C_out, *O]`` with ``O = (I−1)·S − 2P + D·(K−1) + output_padding + 1``.
     """
+    shortcut = _shortcut_key(
+        "conv_transpose", (x, weight, bias), stride, padding, output_padding, groups, dilation, simplify, pathway
+    )
+    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
+    if run is not None:
+        return run(x, weight, bias)
     check_tensor(x, "x", min_dim=3)
     c_in, c_out = _weight_geometry(weight, x.dim() - 2, groups, transposed=True)
     check_same_device_dtype(x=x, weight=weight)
@@ -316,7 +360,10 @@ def conv_transpose(
         network=lambda: convolution.propagate(x, weight, geometry, "o"),
         native=_native("conv_transpose", geometry, lambda: _native_module.to_input_side(x, weight, geometry)),
     )
-    return _add_bias(result, bias, c_out)
+    result = _add_bias(result, bias, c_out)
+    _remember_shortcut(shortcut, pathway, _config_key("conv_transpose", geometry, (x, weight)),
+                       lambda x, w, b: _add_bias(_native_module.to_input_side(x, w, geometry), b, c_out))
+    return result
 
 
 def weight_jvp(
@@ -387,6 +434,13 @@ def input_vjp(
     Returns:
         ``[N, C_in, *I]``.
     """
+    shortcut = _shortcut_key(
+        "input_vjp", (weight, v), input_size, stride, padding, dilation, groups, transposed, output_padding, simplify,
+        pathway,
+    )
+    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
+    if run is not None:
+        return run(weight, v)
     check_tensor(v, "v", min_dim=3)
     num_dims = v.dim() - 2
     c_in, c_out = _weight_geometry(weight, num_dims, groups, transposed)
@@ -398,11 +452,14 @@ def input_vjp(
     _check_output_like(v, "v", geometry, v.shape[0])
     source_side = "i" if transposed else "o"
     propagate = _native_module.to_output_side if transposed else _native_module.to_input_side
-    return _dispatch(
+    result = _dispatch(
         "input_vjp", pathway, simplify, geometry, (v, weight),
         network=lambda: convolution.propagate(v, weight, geometry, source_side),
         native=_native("input_vjp", geometry, lambda: propagate(v, weight, geometry)),
     )
+    _remember_shortcut(shortcut, pathway, _config_key("input_vjp", geometry, (v, weight)),
+                       lambda w, v: propagate(v, w, geometry))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,10 +589,17 @@ def weight_vjp(
         ``[[C,] [N,] C_out, C_in // G, *K]`` (``C`` if ``columns``, ``N`` if ``per_sample``);
         for a transposed layer the weight is ``[C_in, C_out // G, *K]``.
     """
+    shortcut = _shortcut_key(
+        "weight_vjp", (x, v), kernel_size, stride, padding, dilation, groups, per_sample, columns, transposed,
+        output_padding, simplify, pathway,
+    )
+    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
+    if run is not None:
+        return run(x, v)
     lead = 1 if columns else 0
     geometry = _weight_side(x, v, "v", kernel_size, stride, padding, dilation, groups, transposed, output_padding, lead)
     side = ("i" if transposed else "o") if columns else None
-    return _dispatch(
+    result = _dispatch(
         "weight_vjp", pathway, simplify, geometry, (x, v),
         network=lambda: _weight.weight_vjp(*_sides(x, v, geometry), geometry, per_sample, columns=side),
         native=_native(
@@ -545,6 +609,9 @@ def weight_vjp(
         options=(per_sample, columns),
         columns=v.shape[0] if columns else 1,
     )
+    _remember_shortcut(shortcut, pathway, _config_key("weight_vjp", geometry, (x, v), (per_sample, columns)),
+                       lambda x, v: _native_module.reference_weight_vjp(*_sides(x, v, geometry), geometry))
+    return result
 
 
 def kfc(

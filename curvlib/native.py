@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,37 +69,44 @@ def _pad(tensor: Tensor, pairs) -> Tensor:
     return torch.nn.functional.pad(tensor, flat)
 
 
-def to_output_side(t_i: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
-    """The reference convolution ``i → o``: ``[N, in_channels, *input_size] → [N, out_channels, *output_size]``."""
+def to_output_side(t_i: Tensor, weight: Tensor, geometry: ConvGeometry, bias: Optional[Tensor] = None) -> Tensor:
+    """The reference convolution ``i → o``: ``[N, in_channels, *input_size] → [N, out_channels, *output_size]``
+    (plus ``bias`` ``[out_channels]`` if given)."""
     padding, explicit = _symmetric_padding(geometry)
     if explicit is not None:
         t_i = _pad(t_i, explicit)
     n = geometry.num_dims
-    y = torch.ops.aten.convolution(
-        t_i, weight, None, list(geometry.stride), padding, list(geometry.dilation), False, [0] * n, geometry.groups
+    y = torch.convolution(  # not torch.ops.aten.convolution: its Python dispatch costs microseconds
+        t_i, weight, bias, list(geometry.stride), padding, list(geometry.dilation), False, [0] * n, geometry.groups
     )
     # a transposed layer's input (the o side) may stop short of the reference output (output_padding ≥ stride)
     return y[(..., *(slice(0, o) for o in geometry.output_size))] if tuple(y.shape[2:]) != geometry.output_size else y
 
 
 def to_input_side(t_o: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor:
-    """The transposed reference convolution ``o → i``: ``[N, out_channels, *output_size] → [N, in_channels, *input_size]``."""
+    """The transposed reference convolution ``o → i``: ``[N, out_channels, *output_size] → [N, in_channels, *input_size]``.
+
+    Computed as the input gradient of the reference convolution (``convolution_backward``, as
+    ``torch.nn.grad.conv{N}d_input`` does), which takes the target size from the input's shape and
+    so needs no output padding.
+    """
     padding, explicit = _symmetric_padding(geometry)
-    pads = explicit or tuple((p, p) for p in padding)
-    full = [i + left + right for i, (left, right) in zip(geometry.input_size, pads)]
-    # size reached without output padding; the rest (pixels no window reaches) is output padding
-    # (or, where that would exceed ATen's limit, appended zeros)
-    reached = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in
-               zip(t_o.shape[2:], geometry.stride, geometry.dilation, geometry.kernel_size)]
-    extra = [f - r for f, r in zip(full, reached)]
-    allowed = [min(e, max(s, d) - 1) for e, s, d in zip(extra, geometry.stride, geometry.dilation)]
-    result = torch.ops.aten.convolution(
-        t_o, weight, None, list(geometry.stride), [0] * geometry.num_dims, list(geometry.dilation), True, allowed,
-        geometry.groups,
-    )
-    if any(e != a for e, a in zip(extra, allowed)):
-        result = _pad(result, [(0, e - a) for e, a in zip(extra, allowed)])
-    return result[(..., *(slice(left, left + i) for i, (left, _) in zip(geometry.input_size, pads)))]
+    sizes = list(geometry.input_size)
+    if explicit is not None:
+        sizes = [i + left + right for i, (left, right) in zip(sizes, explicit)]
+    covered = _covered_outputs(sizes, geometry, padding)
+    if any(c > o for c, o in zip(covered, t_o.shape[2:])):
+        # a transposed layer's input may stop short of the reference output (output_padding ≥ stride)
+        t_o = _pad(t_o, [(0, c - o) for c, o in zip(covered, t_o.shape[2:])])
+    dummy = t_o.new_empty(1).expand(t_o.shape[0], geometry.in_channels, *sizes)  # only its shape is read
+    n = geometry.num_dims
+    result = torch.ops.aten.convolution_backward(
+        t_o, dummy, weight, None, list(geometry.stride), padding, list(geometry.dilation), False, [0] * n,
+        geometry.groups, [True, False, False],
+    )[0]
+    if explicit is not None:
+        result = result[(..., *(slice(left, left + i) for i, (left, _) in zip(geometry.input_size, explicit)))]
+    return result
 
 
 def reference_weight_vjp(t_i: Tensor, t_o: Tensor, geometry: ConvGeometry) -> Tensor:

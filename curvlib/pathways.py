@@ -69,6 +69,8 @@ class Settings:
 
 
 _SETTINGS = Settings()
+#: bumped whenever settings or decisions change, so that callers' shortcuts keyed on it expire
+_GENERATION = [0]
 _DECISIONS: Dict[tuple, "Decision"] = {}
 _DISK: Optional[Dict[str, dict]] = None
 _DISK_PATH: Optional[str] = None
@@ -134,6 +136,7 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
     if exclude is not None:
         changes["exclude"] = tuple(exclude)
     _SETTINGS = replace(_SETTINGS, **changes)
+    _GENERATION[0] += 1
     return _SETTINGS
 
 
@@ -151,17 +154,24 @@ def options(**kwargs):
         yield configure(**kwargs)
     finally:
         _SETTINGS = saved
+        _GENERATION[0] += 1
 
 
 def clear(memory: bool = True, disk: bool = False) -> None:
     """Forget cached decisions (in memory; with ``disk=True`` also delete the cache file)."""
     global _DISK, _DISK_PATH
     with _LOCK:
+        _GENERATION[0] += 1
         if memory:
             _DECISIONS.clear()
         if disk and _SETTINGS.cache_file and os.path.exists(_SETTINGS.cache_file):
             os.remove(_SETTINGS.cache_file)
         _DISK, _DISK_PATH = None, None
+
+
+def generation() -> int:
+    """A counter that changes whenever settings or cached decisions change."""
+    return _GENERATION[0]
 
 
 def decisions() -> List[Decision]:
