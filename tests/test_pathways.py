@@ -208,3 +208,25 @@ def test_native_unfold_matches_torch_unfold(seed):
     expected = tf.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))
     result = F.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1), pathway="native")
     assert torch.equal(result, expected)
+
+
+def test_shortcut_of_repeated_calls_follows_settings(fresh_decisions, seed):
+    """Repeated forward/VJP calls skip validation once resolved to native; a settings change ends that."""
+    torch.manual_seed(seed)
+    x, w, b = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 2), torch.randn(4)
+    expected = tf.conv2d(x, w, b, padding=1)
+    for _ in range(3):
+        assert torch.allclose(F.conv(x, w, b, padding=1), expected, atol=1e-5)
+    assert [d.choice for d in pathways.decisions()] == ["native"]
+    with pathways.options(exclude=("native",)):
+        assert torch.allclose(F.conv(x, w, b, padding=1), expected, atol=1e-5)
+        assert pathways.decisions()[-1].choice != "native"
+    v = torch.randn(2, 4, 6, 6)
+    for _ in range(2):  # same shapes, other values: the shortcut computes with the new tensors
+        v = torch.randn_like(v)
+        assert torch.allclose(F.input_vjp(w, v, (6, 5), padding=1), torch.nn.grad.conv2d_input(x.shape, w, v, padding=1),
+                              atol=1e-5)
+        assert torch.allclose(F.weight_vjp(x, v, (3, 2), padding=1),
+                              torch.nn.grad.conv2d_weight(x, w.shape, v, padding=1), atol=1e-5)
+    with pytest.raises(ValueError, match="weight"):  # a new (invalid) configuration is validated
+        F.conv(x, torch.randn(4, 2, 3, 2), padding=1)
