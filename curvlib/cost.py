@@ -68,6 +68,26 @@ def set_ceilings(device_type: str, value: Ceilings) -> None:
     _CEILINGS[device_type] = value
 
 
+#: fraction of the device's fp32 rate a pathway's arithmetic reaches, calibrated on the H100 run of
+#: ``benchmarks/ops.py`` (``benchmarks/results/h100-2026-11-21-pathways``): cuBLAS/cuDNN GEMMs run near
+#: the rate; the fused kernels trade rate for memory (no per-sample intermediates) except KFAC-reduce,
+#: which is bandwidth-bound
+FLOP_EFFICIENCY = {
+    "native": 0.8,
+    "tn": 0.7,
+    "tn+simplify": 0.7,
+    "unfold": 0.7,
+    ("fused", "kfc"): 0.6,
+    ("fused", "ggn_diag"): 0.45,
+    ("fused", "hesscale_weight_diag"): 0.5,
+}
+
+
+def flop_efficiency(op: str, pathway: str) -> float:
+    """Calibrated fraction of the fp32 rate that ``pathway`` reaches on ``op`` (see :data:`FLOP_EFFICIENCY`)."""
+    return FLOP_EFFICIENCY.get((pathway, op), FLOP_EFFICIENCY.get(pathway, 1.0))
+
+
 #: Python time a call spends before its kernels run, per pathway (measured on CPU for small layers:
 #: the tensor networks are built, simplified and looked up in the plan cache on every call)
 PYTHON_OVERHEAD_S = {"native": 2e-5, "fused": 3e-5, "tn": 1.5e-4, "tn+simplify": 3e-4, "unfold": 3e-4}
@@ -86,6 +106,7 @@ class Cost:
     extra_bytes: float
     overhead_s: float = 0.0
     notes: Dict[str, float] = field(default_factory=dict)
+    flop_efficiency: float = 1.0
 
     def ideal_time(self, device_type: str = "cuda") -> float:
         """Roofline time on the device's ceilings from the minimum bytes (efficiency = this / measured)."""
@@ -95,7 +116,8 @@ class Cost:
     def estimated_time(self, device_type: str = "cuda") -> float:
         """Predicted time of the pathway: its own traffic on the roofline plus its fixed overhead."""
         c = ceilings(device_type)
-        return max(self.flops / c.flops_per_s, self.bytes_moved / c.bytes_per_s) + self.overhead_s + c.call_overhead_s
+        rate = c.flops_per_s * self.flop_efficiency
+        return max(self.flops / rate, self.bytes_moved / c.bytes_per_s) + self.overhead_s + c.call_overhead_s
 
 
 _FORWARD_LIKE = ("conv", "conv_transpose", "weight_jvp", "input_jvp", "input_vjp", "weight_vjp", "hesscale_input_diag")
@@ -161,7 +183,7 @@ def operation_cost(
     unfold_bytes = z["N"] * z["G"] * z["D"] * z["O"] * element_size
     overhead = PYTHON_OVERHEAD_S.get(pathway, 0.0)
     if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
-        return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead)
+        return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway not in ("native", "unfold"):
         raise ValueError(f"pathway must be 'native', 'fused' or 'unfold' (tensor networks: network_cost), got {pathway!r}")
     largest = unfold_bytes
@@ -177,7 +199,7 @@ def operation_cost(
         moved = min_bytes + 2 * unfold_bytes + 2 * gradients
     elif op == "hesscale_weight_diag":
         extra, moved = 2 * unfold_bytes, min_bytes + 4 * unfold_bytes
-    return Cost(flops, min_bytes, largest, moved, extra, overhead)
+    return Cost(flops, min_bytes, largest, moved, extra, overhead, flop_efficiency=flop_efficiency(op, pathway))
 
 
 def network_cost(
@@ -195,4 +217,5 @@ def network_cost(
         bytes_moved=min_bytes + 2 * largest,
         extra_bytes=largest,
         overhead_s=PYTHON_OVERHEAD_S.get(pathway, PYTHON_OVERHEAD_S["tn"]),
+        flop_efficiency=flop_efficiency(op, pathway),
     )

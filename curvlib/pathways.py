@@ -287,7 +287,7 @@ def _candidate_cost(call: Call, name: str) -> "_cost.Cost":
         largest = planned.largest_intermediate * call.element_size
         min_bytes = call.analytic("fused").min_bytes  # pathway-independent
         return _cost.Cost(float(planned.flops), min_bytes, largest, min_bytes + 2 * largest, largest,
-                          _cost.PYTHON_OVERHEAD_S[name])
+                          _cost.PYTHON_OVERHEAD_S[name], flop_efficiency=_cost.flop_efficiency(call.op, name))
     return call.analytic(name)
 
 
