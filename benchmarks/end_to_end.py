@@ -142,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--memory-budget", type=float, default=2e9)
+    parser.add_argument("--memory-budget", type=float, default=3.5e9,
+                        help="curvature(memory_budget=...) in bytes (default 3.5e9: the 4 GB target leaves room)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="batch 4, 1 repeat (CPU smoke test)")
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK's equivalents out")
