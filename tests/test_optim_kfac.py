@@ -596,3 +596,24 @@ def test_cholesky_retried_in_float64():
     assert_close(inverse.double(), expected, rtol=1e-5, name="float64 retry")
     with pytest.raises(ValueError, match="increase damping"):
         damped_inverse(A, torch.tensor([0.0]))
+
+
+def test_float16_autocast_with_grad_scaler_gives_finite_empirical_factors(seed):
+    # loss-scaled float16 gradients squared overflow float16: statistics are accumulated in float32
+    net = make_net("conv2d-groups").float()
+    reference = copy.deepcopy(net)
+    X, y = torch.randn(8, 2, 3, 3), torch.randint(0, 3, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt = KFAC(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1), fisher="empirical", grad_scaler=scaler)
+    plain = KFAC(reference, loss_fn, torch.optim.SGD(reference.parameters(), lr=0.1), fisher="empirical")
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = loss_fn(net(X), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    train_step(reference, plain, X, y)
+    for key in ("A", "G"):
+        got, expected = opt.factors(net[0])[key], plain.factors(reference[0])[key]
+        assert got.dtype == torch.float32
+        assert_close(got, expected, rtol=2e-2, name=f"{key} under float16 autocast")

@@ -105,15 +105,36 @@ def _exit_context(holder: list) -> None:
         context.__exit__(None, None, None)
 
 
+def _upcast(tensor):
+    """Half-precision tensors as float32 (statistics of an autocast forward pass would overflow in float16)."""
+    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
 def _collecting(extension: Extension, sink) -> Extension:
-    """A copy of ``extension`` that hands its results to ``sink(module, results)`` instead of the parameters."""
+    """A copy of ``extension`` that hands its results to ``sink(module, results)`` instead of the parameters.
+
+    Under ``autocast`` the recorded layer inputs and backpropagated messages are float16/bfloat16;
+    they are cast to float32 first: products like ``Σ s sᵀ`` of loss-scaled gradients overflow
+    float16 (a ``GradScaler`` scale of 2¹⁶ squared is far beyond its range).
+    """
     cls = type(extension)
 
+    def accumulate(self, group, messages, state):
+        for call in group.calls:
+            call.x = _upcast(call.x)
+        return cls.accumulate(self, group, [_upcast(m) for m in messages], state)
+
     def finalize(self, group, state):
+        for call in group.calls:
+            call.x = _upcast(call.x)
         sink(group.module, cls.finalize(self, group, state))
         return {}  # nothing is stored on the parameters
 
-    collecting = type(cls.__name__, (cls,), {"finalize": finalize, "__module__": cls.__module__})
+    collecting = type(
+        cls.__name__, (cls,), {"accumulate": accumulate, "finalize": finalize, "__module__": cls.__module__}
+    )
     copy = collecting.__new__(collecting)
     copy.__dict__.update(extension.__dict__)
     return copy
