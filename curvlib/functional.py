@@ -184,6 +184,12 @@ def _shortcut_key(op: str, tensors, *arguments):
     return key
 
 
+def _shortcut(op: str, tensors, *arguments):
+    """``(key, stored function or None)`` for a call with these tensors and arguments."""
+    key = _shortcut_key(op, tensors, *arguments)
+    return key, (None if key is None else _SHORTCUTS.get(key))
+
+
 def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
     if key is None or not (pathway == "native" or (pathway == "auto" and _pathways.cached_choice(config) == "native")):
         return
@@ -297,8 +303,7 @@ def conv(
     Returns:
         ``[N, C_out, *O]``.
     """
-    shortcut = _shortcut_key("conv", (x, weight, bias), stride, padding, dilation, groups, padding_mode, simplify, pathway)
-    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
+    shortcut, run = _shortcut("conv", (x, weight, bias), stride, padding, dilation, groups, padding_mode, simplify, pathway)
     if run is not None:
         return run(x, weight, bias)
     check_tensor(x, "x", min_dim=3)
@@ -343,10 +348,9 @@ def conv_transpose(
     Returns:
         ``[N, C_out, *O]`` with ``O = (I−1)·S − 2P + D·(K−1) + output_padding + 1``.
     """
-    shortcut = _shortcut_key(
+    shortcut, run = _shortcut(
         "conv_transpose", (x, weight, bias), stride, padding, output_padding, groups, dilation, simplify, pathway
     )
-    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
     if run is not None:
         return run(x, weight, bias)
     check_tensor(x, "x", min_dim=3)
@@ -434,11 +438,10 @@ def input_vjp(
     Returns:
         ``[N, C_in, *I]``.
     """
-    shortcut = _shortcut_key(
+    shortcut, run = _shortcut(
         "input_vjp", (weight, v), input_size, stride, padding, dilation, groups, transposed, output_padding, simplify,
         pathway,
     )
-    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
     if run is not None:
         return run(weight, v)
     check_tensor(v, "v", min_dim=3)
@@ -589,11 +592,10 @@ def weight_vjp(
         ``[[C,] [N,] C_out, C_in // G, *K]`` (``C`` if ``columns``, ``N`` if ``per_sample``);
         for a transposed layer the weight is ``[C_in, C_out // G, *K]``.
     """
-    shortcut = _shortcut_key(
+    shortcut, run = _shortcut(
         "weight_vjp", (x, v), kernel_size, stride, padding, dilation, groups, per_sample, columns, transposed,
         output_padding, simplify, pathway,
     )
-    run = _SHORTCUTS.get(shortcut) if shortcut is not None else None
     if run is not None:
         return run(x, v)
     lead = 1 if columns else 0
