@@ -24,7 +24,7 @@ def load_example():
 def test_quick_run_writes_plot_and_table(tmp_path):
     example = load_example()
     results = example.main(["--quick", "--out", str(tmp_path), "--no-progress"])
-    assert set(results) == {"SGD", "Adam", "KFAC-expand", "KFAC-reduce", "AdaHesScale"}
+    assert set(results) == {"SGD", "Adam", "KFAC-expand", "KFAC-reduce", "AdaHesScale", "KFAC-reduce-f10"}
     for method, r in results.items():
         assert len(r["accuracy"]) == 2 and len(r["loss"]) == 1, method  # initial + one epoch
         assert math.isfinite(r["loss"][0]) and 0 < r["loss"][0] < 10, f"{method}: loss {r['loss'][0]}"
