@@ -238,8 +238,32 @@ def test_autotune_cache_chooses_once():
 # Triton interpreter: the kernels themselves on the CPU (a subprocess: TRITON_INTERPRET is read at import)
 
 
+def _interpreter_usable() -> bool:
+    """Some Triton versions' interpreters (3.6 with NumPy 2.x) cannot run a loop whose bounds are kernel
+    arguments (they hold 1-element arrays, which NumPy no longer converts to ints)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, steps):
+        total = tl.zeros((16,), dtype=tl.float32)
+        for _ in range(0, steps):
+            total += 1.0
+        tl.store(out_ptr + tl.arange(0, 16), total)
+
+    out = torch.zeros(16)
+    try:
+        probe[(1,)](out, 3)
+    except Exception as error:  # the interpreter's own failure, not ours
+        print(f"interpreter unusable: Triton {triton.__version__}: {error!r}")
+        return False
+    return bool((out == 3).all())
+
+
 def _interpret_main() -> int:
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    if not _interpreter_usable():
+        return 3
     failures = []
     for layer in CASES:
         for key, error in check_kernels(layer, "cpu").items():
@@ -261,6 +285,8 @@ def test_kernels_in_triton_interpreter():
                PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
                           capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and "interpreter check: passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
@@ -294,6 +320,28 @@ def test_kernels_on_gpu_half_inputs(seed, dtype):
 def test_kernels_on_gpu_forced_splits(seed, layer):
     bad = {key: error for key, error in check_forced_splits(layer, "cuda").items() if not error < TOLERANCE["ieee"]}
     assert not bad, bad
+
+
+@cuda
+def test_fast_launch_matches_jit_dispatch(seed, monkeypatch):
+    """Launching the cached compiled kernel directly gives what Triton's dispatch gives."""
+    layer = CASES[0]
+    x, s, d = random_inputs(layer, torch.float32, "cuda")
+    geometry = geometry_of(layer)
+    for op in OPS:
+        monkeypatch.setenv("CURVLIB_KERNEL_FAST_LAUNCH", "0")
+        slow = run_op(op, x, s, d, geometry)
+        monkeypatch.setenv("CURVLIB_KERNEL_FAST_LAUNCH", "1")
+        run_op(op, x, s, d, geometry)  # records the compiled kernel
+        fast = run_op(op, x, s, d, geometry)
+        assert relative_error(fast, slow.double()) < 1e-6, op
+    x2 = x[:, :, 1:]  # another shape and a pointer that is not 16-byte aligned: no stale binary
+    geometry2 = make_geometry(layer.c_in, layer.c_out, tuple(x2.shape[2:]), layer.kernel, layer.stride, layer.padding,
+                              layer.dilation, layer.groups)
+    monkeypatch.setenv("CURVLIB_KERNEL_FAST_LAUNCH", "0")
+    slow = kernels.kfc(x2, geometry2)
+    monkeypatch.setenv("CURVLIB_KERNEL_FAST_LAUNCH", "1")
+    assert relative_error(kernels.kfc(x2, geometry2), slow.double()) < 1e-6
 
 
 @cuda

@@ -55,21 +55,26 @@ def patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2):
 
 
 @triton.jit
-def inside(a0, a1, a2, p0, p1, p2, I0, I1, I2):
-    """``[rows, cols]`` mask: the input position ``a + p`` lies inside the (unpadded) input."""
-    i0 = a0[:, None] + p0[None, :]
-    i1 = a1[:, None] + p1[None, :]
-    i2 = a2[:, None] + p2[None, :]
-    return (i0 >= 0) & (i0 < I0) & (i1 >= 0) & (i1 < I1) & (i2 >= 0) & (i2 < I2)
+def inside(a, p, size):
+    """``[rows, cols]`` mask ``0 <= a + p < size`` along one spatial dim, as one unsigned comparison."""
+    return (a[:, None] + p[None, :]).to(tl.uint32, bitcast=True) < size.to(tl.uint32)
 
 
 @triton.jit
 def load_patches(x_ptr, row_offset, a0, a1, a2, row_valid, col_offset, p0, p1, p2, col_valid,
-                 I0, I1, I2, PADDED: tl.constexpr):
-    """Gather the ``[rows, cols]`` tile of the unfolded input (zeros outside the input and the tile)."""
+                 I0, I1, I2, CHECK: tl.constexpr):
+    """Gather the ``[rows, cols]`` tile of the unfolded input (zeros outside the input and the tile).
+
+    ``CHECK`` has bit ``j`` set when windows can leave the input along spatial dim ``j`` (padding);
+    other dims need no bounds check (a 2-d convolution embedded in 3 dims never checks dim 0).
+    """
     mask = row_valid[:, None] & col_valid[None, :]
-    if PADDED:  # without padding every window lies inside the input
-        mask = mask & inside(a0, a1, a2, p0, p1, p2, I0, I1, I2)
+    if CHECK & 1:
+        mask = mask & inside(a0, p0, I0)
+    if CHECK & 2:
+        mask = mask & inside(a1, p1, I1)
+    if CHECK & 4:
+        mask = mask & inside(a2, p2, I2)
     return tl.load(x_ptr + row_offset[:, None] + col_offset[None, :], mask=mask, other=0.0)
 
 

@@ -24,8 +24,8 @@ class KernelGeometry:
     """Per-dimension sizes of a (non-transposed) convolution, padded to :data:`KERNEL_DIMS` dims.
 
     ``pad_left`` is the left zero padding per dimension (the right padding only limits the output
-    size, which is given). ``padded`` is false when no window ever leaves the input (no padding), so
-    kernels may skip the bounds checks.
+    size, which is given). Bit ``j`` of ``check`` is set when some window leaves the input along
+    dim ``j`` (padding): kernels bounds-check only those dims.
     """
 
     groups: int
@@ -37,7 +37,7 @@ class KernelGeometry:
     dilation: Tuple[int, int, int]
     pad_left: Tuple[int, int, int]
     output_size: Tuple[int, int, int]
-    padded: bool
+    check: int
 
     @property
     def channels_per_group(self) -> int:
@@ -91,11 +91,11 @@ def kernel_geometry(geometry: ConvGeometry) -> KernelGeometry:
         dilation=embed(geometry.dilation, 1),
         pad_left=embed((left for left, _ in geometry.padding), 0),
         output_size=embed(geometry.output_size, 1),
-        padded=any(left > 0 or right > 0 for left, right in geometry.padding),
+        check=sum(1 << j for j, (left, right) in enumerate(embed(geometry.padding, (0, 0))) if left > 0 or right > 0),
     )
 
 
 def trivial_geometry(groups: int, channels: int) -> KernelGeometry:
     """A kernel-size-1 'convolution' of a ``[N, channels]`` input: its KFC is the Gram of the rows."""
     ones = (1, 1, 1)
-    return KernelGeometry(groups, channels, groups, ones, ones, ones, ones, (0, 0, 0), ones, False)
+    return KernelGeometry(groups, channels, groups, ones, ones, ones, ones, (0, 0, 0), ones, 0)

@@ -41,11 +41,16 @@ class ConfigCache:
         self.timings: Dict[Hashable, Dict[str, float]] = {}  # seconds per candidate, for reports
         ConfigCache._all.append(self)
 
-    def choose(self, key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], object],
-               device: torch.device) -> Config:
-        """The cached choice for ``key``, or the fastest of ``candidates`` (``launch(config)`` runs one)."""
-        if key in self._best:
-            return self._best[key]
+    def choose(self, key: Hashable, candidates, launch: Callable[[Config], object], device: torch.device) -> Config:
+        """The cached choice for ``key``, or the fastest of ``candidates`` (``launch(config)`` runs one).
+
+        ``candidates`` is a sequence, or a callable returning one (called only when ``key`` is new).
+        """
+        best = self._best.get(key)
+        if best is not None:
+            return best
+        if callable(candidates):
+            candidates = candidates()
         if not candidates:
             raise ValueError(f"{self.name}: no candidate configuration for {key}")
         if len(candidates) == 1 or device.type != "cuda" or not enabled():

@@ -23,6 +23,7 @@ import triton.language as tl
 from ._common import load_patches, mma, patch_cols, patch_rows, store_tile
 from ._geometry import KernelGeometry
 from ._host import cdiv, finish, new_output, split_count
+from ._launch import Launcher
 from .autotune import ConfigCache
 
 _INT_ARGS = [
@@ -41,7 +42,7 @@ def _kfc_kernel(
     sxn, sxc, s0, s1, s2,
     I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
     use_atomic,
-    PADDED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # tile pair (ti <= tj) of the upper triangle, enumerated t = tj (tj + 1) / 2 + ti
     t = tl.program_id(0)
@@ -67,8 +68,8 @@ def _kfc_kernel(
         valid_m = m < m_end
         n = m // OT
         col, p0, p1, p2 = patch_cols(n, m - n * OT, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
-        a = load_patches(x_ptr, off_i, a0_i, a1_i, a2_i, valid_i, col, p0, p1, p2, valid_m, I0, I1, I2, PADDED)
-        b = load_patches(x_ptr, off_j, a0_j, a1_j, a2_j, valid_j, col, p0, p1, p2, valid_m, I0, I1, I2, PADDED)
+        a = load_patches(x_ptr, off_i, a0_i, a1_i, a2_i, valid_i, col, p0, p1, p2, valid_m, I0, I1, I2, CHECK)
+        b = load_patches(x_ptr, off_j, a0_j, a1_j, a2_j, valid_j, col, p0, p1, p2, valid_m, I0, I1, I2, CHECK)
         acc = mma(a, tl.trans(b), acc, PRECISION)
 
     acc = acc * scale
@@ -78,6 +79,9 @@ def _kfc_kernel(
     # the mirror tile (transposed addresses, same values); diagonal tiles are complete already
     off_diagonal = (rows_i // BLOCK_D) != tj  # a tensor: the interpreter rejects scalar masks
     store_tile(base + rows_j[None, :] * D + rows_i[:, None], acc, mask & off_diagonal[:, None], use_atomic)
+
+
+_launch_kfc = Launcher(_kfc_kernel)
 
 
 @dataclass(frozen=True)
@@ -93,13 +97,13 @@ class KFCConfig:
 _CACHE = ConfigCache("kfc")
 
 
-#: (block_d, block_m, num_warps) per matrix-unit class and factor size, best guess first. Chosen from
-#: the compiler's report for sm_90 (no register spills) — larger tiles spill: the gathered operands
-#: and their masks live in registers.
+#: (block_m, num_warps) per matrix-unit class and tile size ``block_d``, chosen from the compiler's
+#: report for sm_90 with Triton 3.6 (no register spills; 128-wide tiles spill: the gathered operands
+#: and their masks live in registers)
 _TILES = {
-    "fma": {16: [(16, 64, 4)], 32: [(32, 32, 8), (32, 64, 8)], 64: [(64, 32, 8), (64, 16, 8)]},
-    "mma": {16: [(16, 64, 4)], 32: [(32, 32, 4)], 64: [(64, 32, 8), (64, 16, 4)]},
-    "mma3": {16: [(16, 64, 4)], 32: [(32, 32, 4)], 64: [(64, 32, 8), (64, 16, 4)]},
+    "fma": {16: (64, 4), 32: (32, 8), 64: (32, 8)},
+    "mma": {16: (64, 4), 32: (32, 4), 64: (64, 8)},
+    "mma3": {16: (64, 4), 32: (32, 4), 64: (32, 8)},
 }
 
 
@@ -110,15 +114,23 @@ def unit_class(precision: str, dtype: torch.dtype) -> str:
     return "mma3" if precision == "tf32x3" else "fma"
 
 
+def _padded_work(rows: int, block_d: int) -> int:
+    tiles = cdiv(rows, block_d)
+    return tiles * (tiles + 1) // 2 * block_d**2
+
+
 def candidates(rows: int, columns: int, groups: int, device: torch.device, unit: str):
-    """Candidate configurations for a ``[rows, rows]`` factor per group reduced over ``columns``."""
-    size = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    """Candidate configurations for a ``[rows, rows]`` factor per group reduced over ``columns``:
+    the widest tile that fits, and a narrower one where it pads much less (e.g. ``D = 72``)."""
+    widest = min(64, max(16, 1 << (max(rows, 1) - 1).bit_length()))
+    sizes = [widest] + [b for b in (32, 16) if b < widest and _padded_work(rows, b) < 0.7 * _padded_work(rows, widest)]
     configs = []
-    for block_d, block_m, warps in _TILES[unit][size]:
-        tiles = cdiv(rows, block_d)
-        pairs = tiles * (tiles + 1) // 2
-        # many waves: a short tail when the tile count is not a multiple of the multiprocessors
-        split = split_count(pairs * groups, cdiv(columns, block_m), device, min_work=8, waves=8)
+    for block_d in sizes[:2]:
+        block_m, warps = _TILES[unit][block_d]
+        pairs = cdiv(rows, block_d) * (cdiv(rows, block_d) + 1) // 2
+        # a few waves: short tail when the tile count is not a multiple of the multiprocessors, while
+        # small problems stay unsplit (no zeroed buffer, no atomics)
+        split = split_count(pairs * groups, cdiv(columns, block_m), device, min_work=32, waves=4)
         configs.append(KFCConfig(block_d, block_m, warps, split))
     return configs
 
@@ -142,12 +154,13 @@ def kfc_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str, scale:
         tiles = cdiv(D, cfg.block_d)
         m_per_split = cdiv(cdiv(columns, cfg.split), cfg.block_m) * cfg.block_m
         grid = (tiles * (tiles + 1) // 2, G, cdiv(columns, m_per_split))
-        _kfc_kernel[grid](
+        _launch_kfc(
+            grid,
             x, out, scale,
             geometry.channels_per_group, D, geometry.kernel_numel, columns, geometry.output_numel, m_per_split,
             *strides, *geometry.spatial_args(),
             int(atomic),
-            PADDED=geometry.padded, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, PRECISION=precision,
+            CHECK=geometry.check, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m, PRECISION=precision,
             num_warps=cfg.num_warps,
         )
         return out

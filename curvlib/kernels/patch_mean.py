@@ -28,11 +28,13 @@ import triton.language as tl
 
 from ._geometry import KernelGeometry, trivial_geometry
 from ._host import cdiv, finish, multiprocessors, next_power_of_2
+from ._launch import Launcher
 from .autotune import ConfigCache
 from .gram import kfc_factor
 
+# IT (locations per row) stays specialised: divisible by 16, rows start 64-byte aligned and loads vectorise
 _INT_ARGS = [
-    "R", "IT", "KT", "i_per_split",
+    "R", "KT", "i_per_split",
     "I0", "I1", "I2", "K0", "K1", "K2", "O0", "O1", "O2", "S0", "S1", "S2", "DL0", "DL1", "DL2", "P0", "P1", "P2",
     "use_atomic",
 ]
@@ -42,16 +44,11 @@ _TF32_MASK = tl.constexpr(-8192)  # 0xFFFFE000 as int32
 
 
 @triton.jit
-def _window_indicator(q0, q1, q2, a0, a1, a2, r0, r1, r2, S0, S1, S2, L0, L1, L2):
-    """``[BLOCK_I, BLOCK_K]`` 0/1 mask: padded input location ``q`` is entry ``k`` (offset ``a``,
-    residue ``r = a mod S``) of some window whose origin ``q − a`` is a multiple of ``S`` in ``[0, L]``."""
-    t0 = q0[:, None] - a0[None, :]
-    t1 = q1[:, None] - a1[None, :]
-    t2 = q2[:, None] - a2[None, :]
-    hit = (t0 >= 0) & (t0 <= L0) & ((q0 % S0)[:, None] == r0[None, :])
-    hit = hit & (t1 >= 0) & (t1 <= L1) & ((q1 % S1)[:, None] == r1[None, :])
-    hit = hit & (t2 >= 0) & (t2 <= L2) & ((q2 % S2)[:, None] == r2[None, :])
-    return hit
+def _window_hits(q, a, r, S, L):
+    """``[BLOCK_I, BLOCK_K]``: padded input location ``q`` is kernel entry ``a`` (residue ``r = a mod S``)
+    of some window along one dim: its origin ``q − a`` is a multiple of ``S`` in ``[0, L]``."""
+    t = q[:, None] - a[None, :]
+    return (t.to(tl.uint32, bitcast=True) <= L.to(tl.uint32)) & ((q % S)[:, None] == r[None, :])
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
@@ -61,6 +58,7 @@ def _patch_mean_kernel(
     I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
     use_atomic,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+    ACTIVE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -89,9 +87,14 @@ def _patch_mean_kernel(
         rest_i = i - i0 * (I1 * I2)
         i1 = rest_i // I2
         i2 = rest_i - i1 * I2
-        hit = _window_indicator(i0 + P0, i1 + P1, i2 + P2, a0, a1, a2, a0 % S0, a1 % S1, a2 % S2,
-                                S0, S1, S2, L0, L1, L2)
-        hit = hit & valid_i[:, None] & valid_k[None, :]
+        hit = valid_i[:, None] & valid_k[None, :]
+        # dims of size 1 with kernel 1 (the embedding of 1-d/2-d convolutions) always hit
+        if ACTIVE & 1:
+            hit = hit & _window_hits(i0 + P0, a0, a0 % S0, S0, L0)
+        if ACTIVE & 2:
+            hit = hit & _window_hits(i1 + P1, a1, a1 % S1, S1, L1)
+        if ACTIVE & 4:
+            hit = hit & _window_hits(i2 + P2, a2, a2 % S2, S2, L2)
         xs = tl.load(row_ptr[:, None] + i[None, :], mask=valid_r[:, None] & valid_i[None, :], other=0.0)
         if MODE == "split":  # exact 0/1 weights: two TF32 products carry float32 accuracy
             w = hit.to(tl.float32)
@@ -113,6 +116,9 @@ def _patch_mean_kernel(
         tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(ptrs, acc, mask=mask)
+
+
+_launch_patch_mean = Launcher(_patch_mean_kernel, specialised=["IT"])
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ def patch_means(x: torch.Tensor, geometry: KernelGeometry, precision: str, confi
     x = x.contiguous()
     rows, locations, kernel = x.shape[0] * geometry.in_channels, geometry.input_numel, geometry.kernel_numel
     mode = mode or _mode(precision, x.dtype)
+    active = sum(1 << j for j in range(3) if geometry.input_size[j] > 1 or geometry.kernel_size[j] > 1)
 
     def launch(cfg: MeanConfig):
         atomic = cfg.split > 1
@@ -170,18 +177,20 @@ def patch_means(x: torch.Tensor, geometry: KernelGeometry, precision: str, confi
             torch.empty((rows, kernel), device=x.device, dtype=torch.float32)
         i_per_split = cdiv(cdiv(locations, cfg.split), cfg.block_i) * cfg.block_i
         grid = (cdiv(rows, cfg.block_r), cdiv(kernel, cfg.block_k), cdiv(locations, i_per_split))
-        _patch_mean_kernel[grid](
+        _launch_patch_mean(
+            grid,
             x, out, 1.0 / geometry.output_numel,
             rows, locations, kernel, i_per_split,
             *geometry.spatial_args(),
             int(atomic),
             BLOCK_R=cfg.block_r, BLOCK_I=cfg.block_i, BLOCK_K=cfg.block_k, MODE=mode, num_warps=cfg.num_warps,
+            ACTIVE=active,
         )
         return out
 
     if config is None:
         key = (rows, locations, kernel, geometry, x.dtype, mode, x.device.type)
-        config = _CACHE.choose(key, candidates(rows, locations, kernel, x.device, mode), launch, x.device)
+        config = _CACHE.choose(key, lambda: candidates(rows, locations, kernel, x.device, mode), launch, x.device)
     return launch(config).view(x.shape[0], geometry.in_channels * kernel)
 
 

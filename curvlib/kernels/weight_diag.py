@@ -29,6 +29,7 @@ import triton.language as tl
 from ._common import load_patches, mma, patch_cols, patch_rows, store_tile
 from ._geometry import KernelGeometry
 from ._host import cdiv, finish, new_output, next_power_of_2, split_count
+from ._launch import Launcher
 from .autotune import ConfigCache
 from .gram import unit_class
 
@@ -44,9 +45,10 @@ def _column_sum_of_squares(J, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLO
     return tl.sum(tl.reshape(squares, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
 
 
+# the strides of s (OT, ssc, ssn) stay specialised: divisible by 16, its rows load in 16-byte vectors
 @triton.jit(do_not_specialize=[
-    "C", "N", "COG", "C_G", "D", "KT", "OT", "n_per_split", "d_tiles", "out_row_stride",
-    "ssc", "ssn", "ssch", "sxn", "sxc", "s0", "s1", "s2", *_SPATIAL, "use_atomic",
+    "C", "N", "COG", "C_G", "D", "KT", "n_per_split", "d_tiles", "out_row_stride",
+    "sxn", "sxc", "s0", "s1", "s2", *_SPATIAL, "use_atomic",
 ])
 def _ggn_diag_kernel(
     x_ptr, s_ptr, out_ptr,
@@ -54,7 +56,7 @@ def _ggn_diag_kernel(
     ssc, ssn, ssch, sxn, sxc, s0, s1, s2,
     I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
     use_atomic,
-    PADDED: tl.constexpr, SINGLE_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    CHECK: tl.constexpr, SINGLE_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -83,7 +85,7 @@ def _ggn_diag_kernel(
             valid_o = o < OT
             col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
             u = tl.trans(load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_o,
-                                      I0, I1, I2, PADDED))
+                                      I0, I1, I2, CHECK))
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + r_c
                 valid = valid_co & (c < C)
@@ -102,7 +104,7 @@ def _ggn_diag_kernel(
                     valid_o = o < OT
                     col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
                     u = load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_o,
-                                     I0, I1, I2, PADDED)
+                                     I0, I1, I2, CHECK)
                     s_tile = tl.load(s_cols[:, None] + o[None, :], mask=valid[:, None] & valid_o[None, :], other=0.0)
                     J = mma(s_tile, tl.trans(u), J, PRECISION)
                 acc += _column_sum_of_squares(J, BLOCK_C, BLOCK_CO, BLOCK_D)
@@ -122,7 +124,7 @@ def _hesscale_kernel(
     sdn, sdc, sxn, sxc, s0, s1, s2,
     I0, I1, I2, K0, K1, K2, O0, O1, O2, S0, S1, S2, DL0, DL1, DL2, P0, P1, P2,
     use_atomic,
-    PADDED: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHECK: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -147,7 +149,7 @@ def _hesscale_kernel(
         n = m // OT
         o = m - n * OT
         col, p0, p1, p2 = patch_cols(n, o, O1, O2, S0, S1, S2, P0, P1, P2, sxn, s0, s1, s2)
-        u = load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_m, I0, I1, I2, PADDED)
+        u = load_patches(x_ptr, off_d, a0, a1, a2, valid_d, col, p0, p1, p2, valid_m, I0, I1, I2, CHECK)
         h = tl.load(d_rows[:, None] + (tl.cast(n, tl.int64) * sdn + o)[None, :], mask=valid_co[:, None] & valid_m[None, :], other=0.0)
         acc = mma(h, tl.trans(u * u), acc, PRECISION)
 
@@ -158,6 +160,9 @@ def _hesscale_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 
+_launch_ggn = Launcher(_ggn_diag_kernel, specialised=["OT", "ssc", "ssn", "ssch"])
+_launch_hesscale = Launcher(_hesscale_kernel)
+
 
 @dataclass(frozen=True)
 class GGNConfig:
@@ -166,6 +171,7 @@ class GGNConfig:
     block_d: int
     block_o: int
     num_warps: int
+    num_stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -183,23 +189,24 @@ _HESSCALE_CACHE = ConfigCache("hesscale_weight_diag")
 _SINGLE_O_MAX = 64
 
 #: GGN tiles per matrix-unit class (see :func:`.gram.unit_class`), best guess first, chosen from the
-#: compiler's report for sm_90 (no register spills): ``(rows of J, block_co max, block_d, num_warps)``
-#: when all output locations fit one tile (``block_o`` = their count), else with ``block_o`` before
-#: the warps. Rows of ``J`` are (column, channel) pairs: a depthwise layer gets many columns per tile.
+#: compiler's report for sm_90 with Triton 3.6 (no register spills): ``(rows of J, block_co max,
+#: block_d, num_warps, num_stages)`` when all output locations fit one tile (``block_o`` = their
+#: count), else with ``block_o`` after ``block_d``. Rows of ``J`` are (column, channel) pairs: a
+#: depthwise layer gets many columns per tile.
 _GGN_SINGLE_O = {
-    "fma": [(64, 16, 32, 8), (64, 32, 32, 8)],
-    "mma": [(64, 32, 64, 8), (64, 32, 32, 4)],
-    "mma3": [(32, 32, 32, 8), (64, 16, 32, 8)],
+    "fma": [(64, 16, 32, 8, 3), (64, 32, 32, 8, 3)],
+    "mma": [(64, 32, 128, 8, 3), (64, 32, 64, 8, 3)],
+    "mma3": [(32, 32, 32, 8, 3), (64, 16, 32, 8, 3)],
 }
 _GGN_MULTI_O = {
-    "fma": [(128, 32, 32, 16, 8), (64, 32, 64, 16, 8)],
-    "mma": [(128, 32, 64, 32, 8), (64, 32, 32, 32, 4)],
-    "mma3": [(64, 16, 32, 16, 4), (64, 32, 32, 32, 4)],
+    "fma": [(128, 32, 64, 32, 8, 2), (128, 16, 64, 32, 8, 2)],
+    "mma": [(128, 32, 64, 32, 8, 2), (128, 16, 64, 32, 8, 2)],
+    "mma3": [(64, 16, 32, 16, 4, 2), (64, 32, 32, 32, 4, 2)],
 }
 #: HesScale tiles ``(block_co max, block_d, block_m, num_warps)``
 _HESSCALE = {
     "fma": [(64, 64, 16, 8), (32, 64, 16, 4)],
-    "mma": [(64, 64, 32, 8), (64, 64, 16, 8)],
+    "mma": [(64, 128, 32, 8), (64, 64, 32, 8)],
     "mma3": [(64, 64, 16, 8), (64, 32, 16, 4)],
 }
 
@@ -209,15 +216,15 @@ def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, 
     configs = []
     for entry in (_GGN_SINGLE_O if single else _GGN_MULTI_O)[unit]:
         if single:
-            rows_of_j, co_max, block_d, warps = entry
+            rows_of_j, co_max, block_d, warps, stages = entry
             block_o = next_power_of_2(locations)
         else:
-            rows_of_j, co_max, block_d, block_o, warps = entry
+            rows_of_j, co_max, block_d, block_o, warps, stages = entry
         block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
         # at least 16 rows (tl.dot), no more columns than there are
         block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
         block_d = min(block_d, next_power_of_2(rows))
-        configs.append(GGNConfig(block_c, block_co, block_d, block_o, warps))
+        configs.append(GGNConfig(block_c, block_co, block_d, block_o, warps, stages))
     return list(dict.fromkeys(configs))
 
 
@@ -248,20 +255,22 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         n_per_split = cdiv(batch, slices)
         slices = cdiv(batch, n_per_split)
         out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
-        _ggn_diag_kernel[(d_tiles * co_tiles, G, slices)](
+        _launch_ggn(
+            (d_tiles * co_tiles, G, slices),
             x, s, out,
             columns, batch, COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, n_per_split, d_tiles,
             weight_numel if per_sample else 0,
             *s_strides, *_weight_strides(geometry), *geometry.spatial_args(),
             int(atomic),
-            PADDED=geometry.padded, SINGLE_O=OT <= cfg.block_o, BLOCK_C=cfg.block_c, BLOCK_CO=cfg.block_co,
+            CHECK=geometry.check, SINGLE_O=OT <= cfg.block_o, BLOCK_C=cfg.block_c, BLOCK_CO=cfg.block_co,
             BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o, PRECISION=precision, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         return out
 
     if config is None:
         key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type)
-        options = ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype))
+        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype))  # noqa: E731
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
     return finish(out if per_sample else out[0], x.dtype)
@@ -295,19 +304,21 @@ def hesscale_weight_diag(x: torch.Tensor, d: torch.Tensor, geometry: KernelGeome
             slices = cdiv(columns, m_per_split)
             atomic = slices > 1
         out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
-        _hesscale_kernel[(d_tiles * co_tiles, G, slices)](
+        _launch_hesscale(
+            (d_tiles * co_tiles, G, slices),
             x, d, out,
             COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, columns, m_per_split, d_tiles,
             weight_numel if per_sample else 0,
             d.stride(0), OT, *_weight_strides(geometry), *geometry.spatial_args(),
             int(atomic),
-            PADDED=geometry.padded, BLOCK_CO=cfg.block_co, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
+            CHECK=geometry.check, BLOCK_CO=cfg.block_co, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
             PRECISION=precision, num_warps=cfg.num_warps,
         )
         return out
 
     if config is None:
         key = (batch, geometry, per_sample, x.dtype, precision, x.device.type)
-        config = _HESSCALE_CACHE.choose(key, hesscale_candidates(COG, D, unit_class(precision, x.dtype)), launch, x.device)
+        config = _HESSCALE_CACHE.choose(
+            key, lambda: hesscale_candidates(COG, D, unit_class(precision, x.dtype)), launch, x.device)
     out = launch(config)
     return finish(out if per_sample else out[0], x.dtype)
