@@ -2,6 +2,7 @@
 
 import pathlib
 import runpy
+import sys
 
 import pytest
 
@@ -14,3 +15,10 @@ def test_example_runs(script, capsys):
     out = capsys.readouterr().out
     assert "False" not in out, out
     assert "True" in out, out
+
+
+def test_profile_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_model.py", "--quick", "--out", str(tmp_path / "hot.png")])
+    runpy.run_path(str(EXAMPLES / "profile_model.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "True" in out and "False" not in out and (tmp_path / "hot.png").exists()
