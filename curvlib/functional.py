@@ -321,7 +321,7 @@ def conv(
     )
     result = _add_bias(result, bias, c_out)
     _remember_shortcut(shortcut, pathway, _config_key("conv", geometry, (x, weight)),
-                       lambda x, w, b: _native_module.to_output_side(x, w, geometry, b))
+                       _native_module.prepared_to_output_side(geometry))
     return result
 
 
@@ -365,8 +365,9 @@ def conv_transpose(
         native=_native("conv_transpose", geometry, lambda: _native_module.to_input_side(x, weight, geometry)),
     )
     result = _add_bias(result, bias, c_out)
+    to_input = _native_module.prepared_to_input_side(geometry)
     _remember_shortcut(shortcut, pathway, _config_key("conv_transpose", geometry, (x, weight)),
-                       lambda x, w, b: _add_bias(_native_module.to_input_side(x, w, geometry), b, c_out))
+                       lambda x, w, b: _add_bias(to_input(x, w), b, c_out))
     return result
 
 
@@ -460,8 +461,8 @@ def input_vjp(
         network=lambda: convolution.propagate(v, weight, geometry, source_side),
         native=_native("input_vjp", geometry, lambda: propagate(v, weight, geometry)),
     )
-    _remember_shortcut(shortcut, pathway, _config_key("input_vjp", geometry, (v, weight)),
-                       lambda w, v: propagate(v, w, geometry))
+    prepared = (_native_module.prepared_to_output_side if transposed else _native_module.prepared_to_input_side)(geometry)
+    _remember_shortcut(shortcut, pathway, _config_key("input_vjp", geometry, (v, weight)), lambda w, v: prepared(v, w))
     return result
 
 
@@ -611,8 +612,9 @@ def weight_vjp(
         options=(per_sample, columns),
         columns=v.shape[0] if columns else 1,
     )
+    prepared = _native_module.prepared_reference_weight_vjp(geometry)
     _remember_shortcut(shortcut, pathway, _config_key("weight_vjp", geometry, (x, v), (per_sample, columns)),
-                       lambda x, v: _native_module.reference_weight_vjp(*_sides(x, v, geometry), geometry))
+                       (lambda x, v: prepared(v, x)) if transposed else prepared)
     return result
 
 

@@ -224,3 +224,52 @@ def hesscale_weight_diag(x: Tensor, d: Tensor, geometry: ConvGeometry, per_sampl
     u2 = u2.permute(1, 0, 3, 2).reshape(g, n * o, dim)
     dd = dd.permute(1, 2, 0, 3).reshape(g, -1, n * o)
     return torch.bmm(dd, u2).view(geometry.weight_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepared calls: the arguments of the ATen call computed once per geometry, for repeated calls
+# (``curvlib.functional``'s shortcut), where microseconds of Python matter on small layers
+
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default  # the overload: no packet dispatch
+
+
+def _no_adjustment(geometry: ConvGeometry) -> bool:
+    """Symmetric padding, and the o side is exactly what the reference convolution produces."""
+    padding, explicit = _symmetric_padding(geometry)
+    return explicit is None and tuple(_covered_outputs(geometry.input_size, geometry, padding)) == geometry.output_size
+
+
+@functools.lru_cache(maxsize=4096)
+def prepared_to_output_side(geometry: ConvGeometry):
+    """``f(t_i, weight, bias)`` = :func:`to_output_side`, with its arguments prepared."""
+    if not _no_adjustment(geometry):
+        return lambda t, w, b=None: to_output_side(t, w, geometry, b)
+    stride, padding, dilation = list(geometry.stride), _symmetric_padding(geometry)[0], list(geometry.dilation)
+    zeros, groups = [0] * geometry.num_dims, geometry.groups
+    return lambda t, w, b=None: torch.convolution(t, w, b, stride, padding, dilation, False, zeros, groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def prepared_to_input_side(geometry: ConvGeometry):
+    """``f(t_o, weight)`` = :func:`to_input_side`, with its arguments prepared."""
+    if not _no_adjustment(geometry):
+        return lambda t, w: to_input_side(t, w, geometry)
+    stride, padding, dilation = list(geometry.stride), _symmetric_padding(geometry)[0], list(geometry.dilation)
+    zeros, groups, size = [0] * geometry.num_dims, geometry.groups, (geometry.in_channels, *geometry.input_size)
+    mask = [True, False, False]
+    return lambda t, w: _CONVOLUTION_BACKWARD(
+        t, t.new_empty(1).expand(t.shape[0], *size), w, None, stride, padding, dilation, False, zeros, groups, mask
+    )[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def prepared_reference_weight_vjp(geometry: ConvGeometry):
+    """``f(t_i, t_o)`` = :func:`reference_weight_vjp`, with its arguments prepared."""
+    if not _no_adjustment(geometry):
+        return lambda t_i, t_o: reference_weight_vjp(t_i, t_o, geometry)
+    stride, padding, dilation = list(geometry.stride), _symmetric_padding(geometry)[0], list(geometry.dilation)
+    zeros, groups, shape = [0] * geometry.num_dims, geometry.groups, geometry.weight_shape
+    mask = [False, True, False]
+    return lambda t_i, t_o: _CONVOLUTION_BACKWARD(
+        t_o, t_i, t_o.new_empty(1).expand(shape), None, stride, padding, dilation, False, zeros, groups, mask
+    )[1]

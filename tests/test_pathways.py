@@ -230,3 +230,32 @@ def test_shortcut_of_repeated_calls_follows_settings(fresh_decisions, seed):
                               torch.nn.grad.conv2d_weight(x, w.shape, v, padding=1), atol=1e-5)
     with pytest.raises(ValueError, match="weight"):  # a new (invalid) configuration is validated
         F.conv(x, torch.randn(4, 2, 3, 2), padding=1)
+
+
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_shortcut_of_transposed_and_asymmetric_layers(fresh_decisions, seed, padding):
+    """The prepared ATen calls of repeated calls agree with torch for transposed layers and 'same' padding."""
+    torch.manual_seed(seed)
+    dt = torch.float64
+    x, w, b = torch.randn(2, 4, 5, 6, dtype=dt), torch.randn(4, 3, 2, 3, dtype=dt), torch.randn(6, dtype=dt)
+    for _ in range(3):
+        x = torch.randn_like(x)
+        if padding == 1:  # transposed layer: weight [C_in, C_out // G, *K], groups 2
+            y = tf.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=2)
+            assert torch.allclose(F.conv_transpose(x, w, b, stride=2, padding=1, output_padding=1, groups=2), y)
+            v = torch.randn_like(y)
+            kw = dict(stride=2, padding=1, output_padding=1, groups=2, transposed=True)
+            xg = x.clone().requires_grad_()
+            wg = w.clone().requires_grad_()
+            gx, gw = torch.autograd.grad(tf.conv_transpose2d(xg, wg, None, 2, 1, 1, 2), (xg, wg), v)
+            assert torch.allclose(F.input_vjp(w, v, (5, 6), **kw), gx)
+            assert torch.allclose(F.weight_vjp(x, v, (2, 3), **kw), gw)
+        else:  # 'same' with an even kernel: asymmetric padding
+            wc = torch.randn(6, 4, 2, 3, dtype=dt)
+            y = tf.conv2d(x, wc, b, padding="same")
+            assert torch.allclose(F.conv(x, wc, b, padding="same"), y)
+            v = torch.randn_like(y)
+            xg, wg = x.clone().requires_grad_(), wc.clone().requires_grad_()
+            gx, gw = torch.autograd.grad(tf.conv2d(xg, wg, None, padding="same"), (xg, wg), v)
+            assert torch.allclose(F.input_vjp(wc, v, (5, 6), padding="same"), gx)
+            assert torch.allclose(F.weight_vjp(x, v, (2, 3), padding="same"), gw)
