@@ -148,6 +148,11 @@ def minimum(op: str, geometry: ConvGeometry, batch: int, columns: int = 1, eleme
     gemm = 2 * N * O * G * E * D
     if op in _FORWARD_LIKE:
         return gemm, x_bytes + y_bytes + w_bytes
+    if op in ("kfc", "kfac_reduce") and geometry.transposed:
+        # a transposed layer's factor: D = (layer input channels / G)·∏K over the layer's output
+        # locations (the reference i side); the layer input sits on the o side
+        D, O = z["Co"] // G * math.prod(geometry.kernel_size), I
+        x_bytes = y_bytes
     if op == "kfc":
         return 2 * N * O * G * D * D, x_bytes + G * D * D * element_size
     if op == "kfac_reduce":
