@@ -87,7 +87,7 @@ def run_op(op, x, s, d, geometry, per_sample=False, **options):
 
 
 def relative_error(actual, expected) -> float:
-    actual, expected = actual.detach().cpu().double(), expected.double()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), "result has non-finite entries (unwritten NaN-poisoned elements?)"
     scale = expected.norm().item()

@@ -213,13 +213,13 @@ _HESSCALE = {
 
 def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
     single = locations <= _SINGLE_O_MAX
+    entries = [(*e[:3], next_power_of_2(locations), *e[3:]) for e in _GGN_SINGLE_O[unit]] if single else \
+        list(_GGN_MULTI_O[unit])
+    if single and locations & (locations - 1):
+        # e.g. 36 locations pad to 64 in one tile: steps of 16 waste less
+        entries.append((*_GGN_MULTI_O[unit][0][:3], 16, *_GGN_MULTI_O[unit][0][4:]))
     configs = []
-    for entry in (_GGN_SINGLE_O if single else _GGN_MULTI_O)[unit]:
-        if single:
-            rows_of_j, co_max, block_d, warps, stages = entry
-            block_o = next_power_of_2(locations)
-        else:
-            rows_of_j, co_max, block_d, block_o, warps, stages = entry
+    for rows_of_j, co_max, block_d, block_o, warps, stages in entries:
         block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
         # at least 16 rows (tl.dot), no more columns than there are
         block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
