@@ -346,6 +346,10 @@ def _measure(call: Call, candidates: Sequence[str], text_key: str) -> Decision:
             torch.cuda.empty_cache()
         except Exception as error:  # a failing candidate is reported, not chosen
             entries[name] = {"error": f"{type(error).__name__}: {error}"}
+    if call.device.type == "cuda":
+        # return what the losing candidates cached: a crowded allocator can change later kernels'
+        # workspace (cuDNN picks algorithms by the workspace it gets)
+        torch.cuda.empty_cache()
     if not any("time_s" in e for e in entries.values()):
         raise RuntimeError(f"every pathway failed for {call.op}: {entries}")
     decision = Decision(call.op, text_key, _pick(entries, _SETTINGS.memory_budget), "measured", entries)
