@@ -495,8 +495,24 @@ def probe_overhead(env, path) -> None:
     profile.disable()
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+    # device time per kernel of the fused calls (is a tiny call bound by the GPU or the host?)
+    device_table = None
+    try:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        fused = [implementations(op, inp, ["ieee"])["fused-ieee"] for op in OPS]
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for fn in fused:
+                for _ in range(10):
+                    fn()
+            torch.cuda.synchronize()
+        device_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
+        print(device_table, flush=True)
+    except Exception as error:  # profiler unavailable: the host-time numbers stand alone
+        device_table = f"profiler failed: {error!r}"
     _emit(path, dict(section="overhead", layer=f"{layer.net}/{layer.name}", seconds_per_call=result,
-                     kfac_reduce_profile=text.getvalue()[-3000:], **env))
+                     kfac_reduce_profile=text.getvalue()[-3000:], device_table=device_table, **env))
     print("per call: " + ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in result.items()), flush=True)
 
 

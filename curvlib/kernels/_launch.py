@@ -23,19 +23,6 @@ def fast_launch_enabled() -> bool:
     return not INTERPRET and os.environ.get("CURVLIB_KERNEL_FAST_LAUNCH", "1") not in ("0", "")
 
 
-def _argument_key(value, specialised: bool):
-    if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    if isinstance(value, bool):
-        return ("b", value)
-    if isinstance(value, int):
-        in_int32 = -(2**31) <= value < 2**31
-        if specialised:
-            return (in_int32, value % 16 == 0, value == 1)
-        return in_int32
-    return type(value)
-
-
 class Launcher:
     """``launcher(grid, *args, num_warps=..., num_stages=..., **constexprs)`` launches ``kernel``.
 
@@ -46,28 +33,39 @@ class Launcher:
     def __init__(self, kernel, specialised: Sequence[str] = ()):
         self.kernel = kernel
         names = list(kernel.arg_names)
-        self._specialised = tuple(name in specialised for name in names)
+        self._specialised = [i for i, name in enumerate(names) if name in specialised]
         params = getattr(kernel, "params", None)  # absent on the interpreter's kernels (no fast path there)
         self._constexpr_names = [name for name, param in zip(names, params or ()) if param.is_constexpr]
+        self._tensors = self._integers = None  # argument positions, from the first call
         self._compiled: Dict[tuple, tuple] = {}
+
+    def _key(self, args, constexprs, num_warps, num_stages) -> tuple:
+        if self._tensors is None:
+            self._tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            self._integers = [i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)]
+        # what Triton specialises on: pointer dtype and 16-byte alignment; for the specialised integers
+        # divisibility by 16 and equality to 1; for every integer whether it fits 32 bits
+        return (
+            tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in self._tensors),
+            tuple((args[i] % 16 == 0, args[i] == 1) for i in self._specialised),
+            max((abs(args[i]) for i in self._integers), default=0) < 2**31,
+            tuple(constexprs.items()),
+            num_warps,
+            num_stages,
+        )
 
     def __call__(self, grid, *args, num_warps: int, num_stages: int = None, **constexprs):
         options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
         if not fast_launch_enabled():
             self.kernel[grid](*args, **constexprs, **options)
             return
-        key = (
-            tuple(_argument_key(a, s) for a, s in zip(args, self._specialised)),
-            tuple(constexprs[name] for name in self._constexpr_names),
-            num_warps,
-            num_stages,
-        )
+        key = self._key(args, constexprs, num_warps, num_stages)
         entry = self._compiled.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **constexprs, **options)
             if compiled is not None and hasattr(compiled, "__getitem__"):
                 # the compiled kernel's launcher takes all parameters, constexprs included, in order
-                self._compiled[key] = (compiled, key[1])
+                self._compiled[key] = (compiled, tuple(constexprs[name] for name in self._constexpr_names))
             return
         compiled, constexpr_values = entry
         compiled[grid](*args, *constexpr_values)

@@ -132,6 +132,12 @@ def candidates(rows: int, columns: int, groups: int, device: torch.device, unit:
         # small problems stay unsplit (no zeroed buffer, no atomics)
         split = split_count(pairs * groups, cdiv(columns, block_m), device, min_work=32, waves=4)
         configs.append(KFCConfig(block_d, block_m, warps, split))
+    # and the widest tile split finer (more programs in flight: latency hiding on small problems)
+    block_d, block_m, warps = configs[0].block_d, configs[0].block_m, configs[0].num_warps
+    tiles = cdiv(rows, block_d)
+    finer = split_count(tiles * (tiles + 1) // 2 * groups, cdiv(columns, block_m), device, min_work=4, waves=16)
+    if finer > configs[0].split:
+        configs.append(KFCConfig(block_d, block_m, warps, finer))
     return configs
 
 
