@@ -236,7 +236,7 @@ def ceilings(device) -> dict:
     b = torch.empty_like(a)
     t = statistics.median([_time(lambda: b.copy_(a)) for _ in range(7)])
     result["copy_bytes_per_s"] = 2 * a.numel() * 4 / t
-    del a, b
+    a = b = None  # free before the matrix products
     n = 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
         set_tf32(tf32)
@@ -244,7 +244,7 @@ def ceilings(device) -> dict:
         torch.mm(p, q)
         t = statistics.median([_time(lambda: torch.mm(p, q)) for _ in range(5)])
         result[f"{name}_flops_per_s"] = 2 * n**3 / t
-        del p, q
+        p = q = None
     set_tf32(False)
     _free()
     return result
@@ -454,7 +454,7 @@ def run_allcnnc(args, env, path, peaks) -> None:
                 _emit(path, record)
                 _free()
             print(" ".join(line), flush=True)
-            del inp
+            inp = None
             _free()
 
 

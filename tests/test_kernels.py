@@ -12,7 +12,6 @@ einsums in float64.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

@@ -50,8 +50,6 @@ False
 from __future__ import annotations
 
 import importlib
-import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -62,8 +60,8 @@ from ..expressions import hesscale as _hesscale_expr
 from ..expressions import kfac as _kfac_expr
 from ..hyperparams import ConvGeometry, check_shape, check_tensor
 from ..simplify import simplify as _simplify
-from . import _host, autotune
-from ._geometry import KERNEL_DIMS, KernelGeometry, kernel_geometry
+from . import autotune
+from ._geometry import KERNEL_DIMS, kernel_geometry
 from ._triton import HAVE_TRITON, HAS_INPUT_PRECISION, INTERPRET
 
 __all__ = [
@@ -102,7 +100,7 @@ def _check_precision(precision) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "tf32x3" and HAVE_TRITON and not HAS_INPUT_PRECISION:
-        raise ValueError(f"precision='tf32x3' needs Triton >= 3.0 (tl.dot input_precision), found an older Triton")
+        raise ValueError("precision='tf32x3' needs Triton >= 3.0 (tl.dot input_precision), found an older Triton")
     return precision
 
 

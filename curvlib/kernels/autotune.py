@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Callable, Dict, Hashable, List, Sequence, TypeVar
+from typing import Callable, Dict, Hashable, List, TypeVar
 
 import torch
 
