@@ -98,6 +98,7 @@ def worker(rank: int, world_size: int, init_file: str, result_file: str, backend
     try:
         results = {name: train(name, device, dtype, rank, world_size, ddp=True) for name in CONFIGS}
         torch.save(results, f"{result_file}.{rank}")
+        torch.distributed.barrier()  # no rank tears down while another still communicates
     finally:
         torch.distributed.destroy_process_group()
 
