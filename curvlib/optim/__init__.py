@@ -1,14 +1,16 @@
 """Second-order optimizers built on :mod:`curvlib.extensions`.
 
-=============================  ====================================================================
-optimizer                      what it does
-=============================  ====================================================================
-``KFAC(model, loss_fn, base)``  Kronecker-factored preconditioning (expand/reduce; type-2/MC/empirical)
-                               of any ``torch.optim`` optimizer; other parameters: plain base update
-``DiagGGNNaturalGradient``     ``g / (diag GGN + damping)`` (exact or MC), then the base optimizer
-``AdaHesScale``                Adam with the HesScale diagonal squared in place of ``g²``
-``AdaHesScaleGN``              the same with HesScale's Gauss–Newton variant
-=============================  ====================================================================
+================================  =================================================================
+optimizer                         what it does
+================================  =================================================================
+``KFAC(model, loss_fn, base)``    Kronecker-factored preconditioning (expand/reduce; type-2/MC/
+                                  empirical) of any ``torch.optim`` optimizer; other parameters:
+                                  the base optimizer's plain update
+``DiagGGNNaturalGradient``        ``g / (diag GGN + damping)`` (exact or MC), then the base optimizer
+``AdaHesScale``                   Adam with the HesScale diagonal squared in place of ``g²``
+``AdaHesScaleGN``                 the same with HesScale's Gauss–Newton variant
+``CurvatureOptimizer``            their shared base: hooks on curvature steps only, state, DDP
+================================  =================================================================
 
 All are ``torch.optim.Optimizer`` objects that share the wrapped optimizer's ``param_groups``
 (learning-rate schedulers, ``GradScaler``) and need no change to the training loop::
