@@ -11,9 +11,10 @@ Two routes, both for a stack ``[G, D, D]`` and a damping per matrix:
 
 Example::
 
-    >>> A = torch.randn(2, 5, 3); A = A @ A.mT
-    >>> inv = damped_inverse(A, torch.tensor([1e-3, 1e-3]))
-    >>> torch.allclose(inv @ (A + 1e-3 * torch.eye(5)), torch.eye(5).expand(2, 5, 5), atol=1e-4)
+    >>> A = torch.randn(2, 5, 3, dtype=torch.float64); A = A @ A.mT      # two rank-3 factors
+    >>> inv = damped_inverse(A, torch.tensor([1e-3, 1e-2]))
+    >>> eye = torch.eye(5, dtype=torch.float64)
+    >>> torch.allclose(inv[1] @ (A[1] + 1e-2 * eye), eye)
     True
 """
 
