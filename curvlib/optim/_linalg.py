@@ -12,7 +12,7 @@ Two routes, both for a stack ``[G, D, D]`` and a damping per matrix:
 Example::
 
     >>> A = torch.randn(2, 5, 3, dtype=torch.float64); A = A @ A.mT      # two rank-3 factors
-    >>> inv = damped_inverse(A, torch.tensor([1e-3, 1e-2]))
+    >>> inv = damped_inverse(A, torch.tensor([1e-3, 1e-2], dtype=torch.float64))
     >>> eye = torch.eye(5, dtype=torch.float64)
     >>> torch.allclose(inv[1] @ (A[1] + 1e-2 * eye), eye)
     True
