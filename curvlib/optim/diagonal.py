@@ -25,9 +25,11 @@ over curvature steps (``0, k, 2k, …`` for ``update_every = k``)::
 
 Example::
 
-    >>> opt = AdaHesScale(model, torch.nn.CrossEntropyLoss(), lr=1e-3)
-    >>> opt = DiagGGNNaturalGradient(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1),
-    ...                              fisher="mc", damping=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = AdaHesScale(model, loss_fn, lr=3e-4)            # or AdaHesScaleGN
+    opt = DiagGGNNaturalGradient(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 fisher="mc", damping=1e-3)
+    opt.zero_grad(); loss_fn(model(X), y).backward(); opt.step()
 """
 
 from __future__ import annotations
