@@ -43,14 +43,11 @@ Every rewrite returns the network unchanged when its preconditions do not hold.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import Optional, Tuple
 
 from .patterns import PatternSpec
-from .tensor_network import Embedding, Operand, TensorNetwork, pad_axis, window_view
+from .tensor_network import Embedding, TensorNetwork, pad_axis, window_view
 
 
 # ----------------------------------------------------------------------------------------------

@@ -616,3 +616,35 @@ def test_usage_errors_during_the_passes():
         loss.backward(retain_graph=True)
         loss.backward()
     assert_close(model[0].weight.diag_ggn_exact, ref.diag("0.weight"), rtol=1e-9, name="second backward")
+
+
+def test_loss_of_another_model_is_ignored(seed):
+    """A loss module shared with a second model: its loss depends on no recorded call and is ignored."""
+    torch.manual_seed(seed)
+    model, other = nn.Sequential(nn.Linear(4, 3)).double(), nn.Sequential(nn.Linear(4, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    with curvlib.curvature(model, loss_fn, DiagGGNExact()):
+        output = model(X)
+        loss_fn(other(X), y).backward()  # not this context's loss: no crash, no results
+        assert not hasattr(model[0].weight, "diag_ggn_exact")
+        loss_fn(output, y).backward()
+    expected = GGNReference(model, loss_fn, X, y).diag("0.weight")
+    assert_close(model[0].weight.diag_ggn_exact, expected, name="diag_ggn_exact")
+
+
+def test_generator_makes_monte_carlo_reproducible(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(4, 2, 6, 6, dtype=DT), torch.randint(0, 5, (4,))
+    results = []
+    for generator in (torch.Generator().manual_seed(1), lambda device: torch.Generator(device).manual_seed(1),
+                      torch.Generator().manual_seed(2)):
+        with curvlib.curvature(model, loss_fn, DiagGGNMC(mc_samples=3), generator=generator):
+            model.zero_grad()
+            loss_fn(model(X), y).backward()
+        results.append(model[0].weight.diag_ggn_mc.clone())
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+    with pytest.raises(TypeError, match="generator"):
+        curvlib.curvature(model, loss_fn, DiagGGNMC(), generator=3)

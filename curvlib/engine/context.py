@@ -27,7 +27,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,8 @@ class curvature:
             to round-off). ``None``: all columns at once.
         batch_coupled: ``"auto"`` (BatchNorm in train mode couples samples), ``True`` or ``False``.
         skip: modules whose parameters are skipped silently (e.g. layers an extension refuses).
+        generator: ``torch.Generator`` for the Monte-Carlo samples (``DiagGGNMC``, ``fisher="mc"``), or
+            a function ``device -> torch.Generator``; ``None``: torch's default generator.
 
     Example::
 
@@ -69,6 +71,7 @@ class curvature:
         memory_budget: Optional[int] = None,
         batch_coupled="auto",
         skip: Sequence[nn.Module] = (),
+        generator=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -89,6 +92,10 @@ class curvature:
         self.loss_fn = loss_fn
         self.extensions = list(extensions)
         self.memory_budget = memory_budget
+        if generator is not None and not (isinstance(generator, torch.Generator) or callable(generator)):
+            raise TypeError(f"generator must be a torch.Generator, a function device -> Generator, or None, "
+                            f"got {type(generator).__name__}")
+        self.generator = generator
         self.batch_coupled = batch_coupled
         self.skip = set(skip)
         self._handles: List = []
@@ -144,11 +151,15 @@ class curvature:
         if recording_suspended() or not torch.is_grad_enabled() or not loss.requires_grad:
             return None
         output, target = inputs[0], inputs[1]
-        loss_call = LossCall(loss_fn, output, target)  # without the loss itself: no cycle through its hook
         # only the calls this loss depends on (a forward pass whose output never reached a loss, e.g.
         # a monitoring pass with gradients enabled, must not count as a second call of each layer)
-        graph = _graph_nodes(output)
+        graph = _graph_nodes(output) if isinstance(output, Tensor) else set()
         calls = [call for call in self._calls if call.node in graph]
+        if not calls:
+            # the loss module also serves something else (another model): not this context's loss;
+            # the recorded calls stay for the loss that does depend on them
+            return None
+        loss_call = LossCall(loss_fn, output, target)  # without the loss itself: no cycle through its hook
         self._calls = []
         self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
         self._tensor_handles.append(loss.register_hook(lambda grad: self._on_backward(loss_call, calls)))
@@ -214,10 +225,14 @@ class curvature:
         if not self._grad_output_extensions():
             self._active = None
 
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        generator = self.generator
+        return generator(device) if callable(generator) and not isinstance(generator, torch.Generator) else generator
+
     def _columns(self, loss_call: LossCall, key) -> Tensor:
         if key == "ggn_exact":
             return loss_call.sqrt_hessian()
-        return loss_call.sqrt_hessian_mc(key[1])
+        return loss_call.sqrt_hessian_mc(key[1], generator=self._generator(loss_call.output.device))
 
     def _chunk_size(self, groups: Sequence[ModuleCalls], num_columns: int, coupled: bool, whole: bool) -> int:
         if self.memory_budget is None or whole:

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .diagonal_backprop import _transposed_output_padding
-from ..hyperparams import make_geometry
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -17,7 +17,7 @@ one-hot group-membership tensor ``[C_out, G]``.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 from torch import Tensor
 

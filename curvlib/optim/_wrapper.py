@@ -52,37 +52,18 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..engine.context import _graph_nodes, curvature
+from ..engine.context import curvature
 from ..engine.extension import Extension
-from ..engine.layers import direct_parameters
 from ..engine.losses import check_loss_module
 from . import distributed as _dist
 
 
 class _Context(curvature):
-    """:class:`curvlib.curvature` drawing its Monte-Carlo samples from the optimizer's generator.
-
-    It also ignores a loss whose graph contains none of the layer calls it recorded: the same loss
-    module may serve another model (e.g. several optimizers trained one after the other), and such
-    a loss is none of this context's business.
-    """
+    """:class:`curvlib.curvature` drawing its Monte-Carlo samples from the optimizer's generator
+    (a function of the device, created lazily by the optimizer)."""
 
     def __init__(self, *args, generator_for, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._generator_for = generator_for
-
-    def _record_loss(self, loss_fn, inputs, loss):
-        if not self._calls or not torch.is_grad_enabled() or not isinstance(inputs[0], Tensor):
-            return None
-        graph = _graph_nodes(inputs[0])
-        if not any(call.node in graph for call in self._calls):
-            return None
-        return super()._record_loss(loss_fn, inputs, loss)
-
-    def _columns(self, loss_call, key):
-        if key == "ggn_exact":
-            return loss_call.sqrt_hessian()
-        return loss_call.sqrt_hessian_mc(key[1], generator=self._generator_for(loss_call.output.device))
+        super().__init__(*args, generator=generator_for, **kwargs)
 
 
 def _weak_method(method):

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from curvlib.extensions import DiagGGNExact, DiagGGNMC, HesScale, HesScaleGN
 
 from ..engine.layers import direct_parameters
-from ._wrapper import CurvatureOptimizer, _check_int, _check_number
+from ._wrapper import CurvatureOptimizer, _check_number
 
 _HESSCALE_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 

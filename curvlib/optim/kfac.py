@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
