@@ -130,7 +130,7 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
     if memory_budget is not ...:
         changes["memory_budget"] = memory_budget
     if cache_file is not ...:
-        changes["cache_file"] = None if cache_file is None else os.fspath(cache_file)
+        changes["cache_file"] = None if cache_file is None else os.path.expanduser(os.fspath(cache_file))
     if repeats is not None:
         changes["repeats"] = repeats
     if exclude is not None:
