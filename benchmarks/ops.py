@@ -16,7 +16,8 @@ Protocol (core paper §F/§G, shared/anchors/README.md): float32, TF32 off, rand
 the contraction paths (curvlib caches them). Call 2 gives the extra memory (GPU only:
 ``max_memory_allocated`` during the call minus the memory allocated before it minus the result's
 size, after ``reset_peak_memory_stats``) and the result, compared once with PT's (relative error in
-the Frobenius norm). Call 3 is the last warm-up, then ``--repeats`` timed calls (CUDA events on GPU,
+the Frobenius norm). Call 3 is the last warm-up, then ``--repeats`` timed calls, interleaved in
+rounds across the implementations with a rotating start (CUDA events on GPU,
 ``time.perf_counter`` on CPU); median and minimum are recorded. Out-of-memory and other errors are
 recorded per (layer, op, impl) and the run goes on. Every record is appended to ``ops.jsonl`` as soon
 as it is measured; ``summary.md`` (and ``ratios.png`` if matplotlib is importable) are written at the end.
@@ -376,14 +377,15 @@ def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def measure(fn: Callable, device: torch.device, repeats: int, warmups: int, cap_s: float):
+def measure(fn: Callable, device: torch.device, repeats: int, warmups: int, cap_s: float, interleaved: bool = False):
     """Plan, measure memory, warm up, time.
 
     Call 1 plans (curvlib caches its contraction paths; recorded: FLOPs and largest intermediate of
     the plans). Call 2 measures the extra memory (GPU), gives the result for the accuracy check and
     an estimate of one call. Then warm-ups up to ``warmups`` calls in all and ``repeats`` timed
     calls; when one call is so slow that they would take longer than ``cap_s``, fewer are made (at
-    the least, call 2's time is used) and the record says how many.
+    the least, call 2's time is used) and the record says how many. With ``interleaved=True`` the timed
+    calls are left to :func:`time_interleaved`: returns ``(stats, result, times so far, calls to make)``.
     """
     with inspect_plans() as plans:
         out = fn()
@@ -409,24 +411,44 @@ def measure(fn: Callable, device: torch.device, repeats: int, warmups: int, cap_
         out = fn()
         estimate = time.perf_counter() - t0
     if estimate > cap_s:
-        times, done_warmups = [estimate], 1
+        times, done_warmups, n = [estimate], 1, 0
     else:
         done_warmups = max(2, warmups)
         for _ in range(done_warmups - 2):
             time_call(fn, device)
         n = min(repeats, max(1, int(cap_s / max(estimate, 1e-9))))
-        times = [time_call(fn, device) for _ in range(n)]
+        times = []
     stats = dict(
-        time_s=statistics.median(times),
-        min_s=min(times),
-        repeats=len(times),
         warmups=done_warmups,
         mem_mib=mem,
         result_mib=out.numel() * out.element_size() / MIB,
         plan_flops=plan_flops,
         plan_largest_mib=plan_largest,
     )
-    return stats, out
+    if not interleaved:
+        times += [time_call(fn, device) for _ in range(n)]
+        stats.update(_time_stats(times))
+        return stats, out
+    return stats, out, times, n
+
+
+def _time_stats(times: List[float]) -> dict:
+    return dict(time_s=statistics.median(times), min_s=min(times), repeats=len(times))
+
+
+def time_interleaved(entries: Dict[str, tuple], device: torch.device) -> Dict[str, dict]:
+    """Timed calls of several implementations in rounds (the starting implementation rotates), so that
+    no implementation is always timed right after the same other one; ``entries[impl] = (fn, times,
+    planned)`` with the times gathered so far and the number of timed calls to make."""
+    names = list(entries)
+    rounds = max((planned for _, _, planned in entries.values()), default=0)
+    for r in range(rounds):
+        shift = r % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            fn, times, planned = entries[name]
+            if len(times) - (1 if planned == 0 else 0) < planned:
+                times.append(time_call(fn, device))
+    return {name: _time_stats(times) for name, (_, times, _) in entries.items()}
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -596,6 +618,7 @@ def main(argv=None) -> int:
                 print(" ".join(line) + f" skipped (PT ~{estimate / GIB:.1f} GiB)", flush=True)
                 continue
             reference, pt_time = None, None
+            prepared: Dict[str, tuple] = {}  # impl -> (record, fn, times, planned)
             for impl in impls:
                 fn = implementation(impl, op, case)
                 if fn is None:
@@ -606,8 +629,9 @@ def main(argv=None) -> int:
                 record = dict(base, impl=impl, **env)
                 result, failure = None, None
                 try:
-                    stats, result = measure(fn, device, repeats, warmups, args.cap_s)
+                    stats, result, times, planned = measure(fn, device, repeats, warmups, args.cap_s, interleaved=True)
                     record.update(status="ok", **stats)
+                    prepared[impl] = (record, fn, times, planned)
                 except Exception as error:
                     failure = ("oom" if _is_oom(error) else "error", f"{type(error).__name__}: {str(error)[:300]}")
                     if isinstance(error, ValueError) and "is not available" in str(error):
@@ -621,26 +645,41 @@ def main(argv=None) -> int:
                         line.append(f"{impl} {failure[0].upper()}")
                 else:
                     if impl == "PT":
-                        reference, pt_time = result, record["time_s"]
+                        reference = result
                         record["relerr"] = 0.0
-                        line.append(f"PT {1e3 * record['time_s']:.3f}ms")
-                    else:
-                        if reference is not None:
-                            try:
-                                record["relerr"] = relative_error(result, reference)
-                            except Exception as error:
-                                record["relerr"], record["reason"] = None, f"relerr: {error}"
-                        ratio = f" x{record['time_s'] / pt_time:.2f}" if pt_time else ""
-                        line.append(f"{impl} {1e3 * record['time_s']:.3f}ms{ratio}"
-                                    + (f" err {record['relerr']:.1e}" if record.get("relerr") is not None else ""))
+                    elif reference is not None:
+                        try:
+                            record["relerr"] = relative_error(result, reference)
+                        except Exception as error:
+                            record["relerr"], record["reason"] = None, f"relerr: {error}"
                     if impl != "PT":
                         result = None
                     if impl == "curvlib-auto":
                         chosen = [d for d in pathways.decisions() if d.op == _FUNCTIONAL_NAME.get(op, op)]
                         record["auto_choice"] = chosen[-1].choice if chosen else None
                         record["auto_how"] = chosen[-1].how if chosen else None
-                records.append(_emit(jsonl, record))
+                if failure is not None:
+                    records.append(_emit(jsonl, record))
             reference = result = None
+            # timed calls of all implementations in rotating rounds: no order effects between them
+            try:
+                timed = time_interleaved({i: (fn, times, n) for i, (_, fn, times, n) in prepared.items()}, device)
+            except Exception as error:  # e.g. out of memory under fragmentation: record, go on
+                status = "oom" if _is_oom(error) else "error"
+                timed = {}
+                for record, *_ in prepared.values():
+                    record.update(status=status, reason=f"timing: {type(error).__name__}: {str(error)[:200]}")
+                del error
+                _free(device)
+            pt_time = timed.get("PT", {}).get("time_s")
+            for impl, (record, *_) in prepared.items():
+                if impl in timed:
+                    record.update(timed[impl])
+                    ratio = f" x{record['time_s'] / pt_time:.2f}" if pt_time and impl != "PT" else ""
+                    err = f" err {record['relerr']:.1e}" if impl != "PT" and record.get("relerr") is not None else ""
+                    line.append(f"{impl} {1e3 * record['time_s']:.3f}ms{ratio}{err}")
+                records.append(_emit(jsonl, record))
+            prepared.clear()
             print(" | ".join(line), flush=True)
         if case is not None:
             case.free()
