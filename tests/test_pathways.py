@@ -259,3 +259,22 @@ def test_shortcut_of_transposed_and_asymmetric_layers(fresh_decisions, seed, pad
             gx, gw = torch.autograd.grad(tf.conv2d(xg, wg, None, padding="same"), (xg, wg), v)
             assert torch.allclose(F.input_vjp(wc, v, (5, 6), padding="same"), gx)
             assert torch.allclose(F.weight_vjp(x, v, (2, 3), padding="same"), gw)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, None])
+def test_native_ggn_chunks_give_identical_results(seed, chunk_bytes):
+    """Chunks of single channels, of several channels and whole groups (and the budget-derived default)."""
+    from curvlib import native
+
+    torch.manual_seed(seed)
+    dt = torch.float64
+    x, s = torch.randn(3, 4, 6, 5, dtype=dt), torch.randn(2, 3, 6, 3, 4, dtype=dt)
+    g = make_geometry(4, 6, (6, 5), (3, 2), stride=(2, 1), padding=(1, 0), groups=2)
+    with pathways.options(memory_budget=None if chunk_bytes else 6000):
+        diag = native.ggn_diag(x, s, g, chunk_bytes=chunk_bytes)
+        per_sample = native.ggn_diag(x, s, g, per_sample=True, chunk_bytes=chunk_bytes)
+        gram = native.ggn_gram(x, s, g, chunk_bytes=chunk_bytes)
+    kw = dict(stride=(2, 1), padding=(1, 0), groups=2, pathway="tn", simplify=False)
+    assert torch.allclose(diag, F.ggn_diag(x, s, (3, 2), **kw))
+    assert torch.allclose(per_sample, F.ggn_diag(x, s, (3, 2), per_sample=True, **kw))
+    assert torch.allclose(gram, F.ggn_gram(x, s, (3, 2), **kw))
