@@ -153,7 +153,8 @@ def _dispatch(
         runners=runners,
         device=first.device,
         analytic=lambda name: _cost.operation_cost(
-            op, name, geometry, first.shape[0] if batch is None else batch, columns, first.element_size()
+            op, name, geometry, first.shape[0] if batch is None else batch, columns, first.element_size(),
+            chunk_bytes=_native_module._chunk_bytes(),
         ),
         element_size=first.element_size(),
         network=network,
