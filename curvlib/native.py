@@ -151,6 +151,15 @@ def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
     ``O = ∏ output_size``), materialised: the memory PyTorch's unfold pathway pays."""
     n, c = x.shape[:2]
     k = geometry.num_dims
+    g = geometry.groups
+    if k == 2:  # PyTorch's im2col kernel (what a PyTorch user calls; faster than a strided copy on GPUs)
+        padded = _pad(x, geometry.padding)
+        unfolded = torch.nn.functional.unfold(padded, geometry.kernel_size, dilation=geometry.dilation,
+                                              stride=geometry.stride)
+        sizes = [(i + left + right - d * (kk - 1) - 1) // st + 1 for i, (left, right), d, kk, st in
+                 zip(geometry.input_size, geometry.padding, geometry.dilation, geometry.kernel_size, geometry.stride)]
+        if tuple(sizes) == geometry.output_size:
+            return unfolded.view(n, g, (c // g) * math.prod(geometry.kernel_size), -1)
     windows = _pad(x, geometry.padding)
     for axis in range(k):
         span = geometry.dilation[axis] * (geometry.kernel_size[axis] - 1) + 1
@@ -158,7 +167,6 @@ def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
     # windows: [N, C, *O(+trailing), *K]; trailing pixels no window reaches are already dropped by unfold
     windows = windows[(slice(None), slice(None), *(slice(0, o) for o in geometry.output_size))]
     order = [0, 1, *range(2 + k, 2 + 2 * k), *range(2, 2 + k)]
-    g = geometry.groups
     return windows.permute(order).reshape(n, g, (c // g) * math.prod(geometry.kernel_size), -1)
 
 
