@@ -19,20 +19,23 @@ _HAS_INPUT_PRECISION = tl.constexpr(HAS_INPUT_PRECISION)
 
 
 @triton.jit
+def kernel_offsets(k, K1, K2, DL0, DL1, DL2):
+    """Spatial offsets ``a_j = k_j·DIL_j`` of flat kernel entries ``k = (k0, k1, k2)`` (row-major)."""
+    k0 = k // (K1 * K2)
+    rest = k - k0 * (K1 * K2)
+    k1 = rest // K2
+    k2 = rest - k1 * K2
+    return k0 * DL0, k1 * DL1, k2 * DL2
+
+
+@triton.jit
 def patch_rows(d, g, C_G, KT, K1, K2, DL0, DL1, DL2, sxc, s0, s1, s2):
     """Row part of patch addresses for rows ``d`` (flat ``(c, k0, k1, k2)``) of group ``g``.
 
     Returns ``(offset, a0, a1, a2)`` with ``a_j = k_j·DIL_j`` the kernel's spatial offsets.
     """
     c = d // KT
-    k = d - c * KT
-    k0 = k // (K1 * K2)
-    rest = k - k0 * (K1 * K2)
-    k1 = rest // K2
-    k2 = rest - k1 * K2
-    a0 = k0 * DL0
-    a1 = k1 * DL1
-    a2 = k2 * DL2
+    a0, a1, a2 = kernel_offsets(d - c * KT, K1, K2, DL0, DL1, DL2)
     offset = (g * C_G + c) * sxc + a0 * s0 + a1 * s1 + a2 * s2
     return offset, a0, a1, a2
 

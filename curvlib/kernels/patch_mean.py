@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import kernel_offsets
 from ._geometry import KernelGeometry, trivial_geometry
 from ._host import cdiv, finish, multiprocessors, next_power_of_2
 from ._launch import Launcher
@@ -64,13 +65,7 @@ def _patch_mean_kernel(
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     valid_r = rows < R
     valid_k = k < KT
-    k0 = k // (K1 * K2)
-    rest = k - k0 * (K1 * K2)
-    k1 = rest // K2
-    k2 = rest - k1 * K2
-    a0 = k0 * DL0
-    a1 = k1 * DL1
-    a2 = k2 * DL2
+    a0, a1, a2 = kernel_offsets(k, K1, K2, DL0, DL1, DL2)
     # last window origin per dim, in padded coordinates
     L0 = (O0 - 1) * S0
     L1 = (O1 - 1) * S1
