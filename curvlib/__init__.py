@@ -6,14 +6,19 @@ Layers (each imports only those below it):
 - :mod:`curvlib.expressions` — one builder per operation → :class:`~curvlib.tensor_network.TensorNetwork`.
 - :mod:`curvlib.simplify` — exact rewrites (core paper D.3).
 - :mod:`curvlib.contract` — cached contraction plans.
-- :mod:`curvlib.functional` — the public functions.
+- :mod:`curvlib.native`, :mod:`curvlib.kernels` — PyTorch-kernel and fused-Triton implementations.
+- :mod:`curvlib.cost`, :mod:`curvlib.pathways` — analytic cost and the choice of implementation.
+- :mod:`curvlib.functional` — the public functions (``pathway="auto"``).
 - :mod:`curvlib.engine` — hooks: :class:`curvlib.curvature` computes :mod:`curvlib.extensions` during backward.
+- :mod:`curvlib.optim` — second-order optimizers on the engine; :mod:`curvlib.profile` — per-layer profiler.
 """
 
-from . import contract, functional, patterns, simplify
+from . import contract, cost, functional, pathways, patterns, simplify
 from .engine import curvature
 from .tensor_network import TensorNetwork
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["curvature", "contract", "functional", "patterns", "simplify", "TensorNetwork", "__version__"]
+__all__ = [
+    "curvature", "contract", "cost", "functional", "pathways", "patterns", "simplify", "TensorNetwork", "__version__",
+]
