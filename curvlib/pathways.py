@@ -286,7 +286,9 @@ def _candidate_cost(call: Call, name: str) -> "_cost.Cost":
         planned = plan(network)
         largest = planned.largest_intermediate * call.element_size
         min_bytes = call.analytic("fused").min_bytes  # pathway-independent
-        return _cost.Cost(float(planned.flops), min_bytes, largest, min_bytes + 2 * largest, largest,
+        # a pairwise step holds its operands and its result: at least two intermediates at once
+        # (the profiler measured up to 4x the largest one for the GGN diagonal's network)
+        return _cost.Cost(float(planned.flops), min_bytes, largest, min_bytes + 2 * largest, 2 * largest,
                           _cost.PYTHON_OVERHEAD_S[name], flop_efficiency=_cost.flop_efficiency(call.op, name))
     return call.analytic(name)
 
