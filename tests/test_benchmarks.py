@@ -157,3 +157,27 @@ def test_quick_run(tmp_path):
     (out / "summary.md").unlink()
     assert ops.main(["--summarize", str(out)]) == 0
     assert (out / "summary.md").read_text() == summary
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # BackPACK's own hooks
+def test_end_to_end_quick_run(tmp_path):
+    """``end_to_end.py --quick`` runs every extension (and BackPACK's equivalents when importable),
+    writes its table, and the GGN Gram agrees with the torch.func empirical NTK."""
+    end_to_end = _import("end_to_end")
+    end_to_end.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "end_to_end.jsonl").read_text().splitlines()]
+    names = {(r["net"], r["ext"]) for r in records}
+    for net in ("3c3d", "all_cnn_c"):
+        for ext in ("plain", "DiagGGNExact", "DiagGGNMC", "KFACExpand(mc)", "KFACReduce(type-2)", "HesScale"):
+            assert (net, ext) in names, (net, ext)
+    for r in records:
+        if "s" in r:
+            assert r["s"] > 0 and math.isfinite(r["s"])
+    assert records[0]["gram_relerr"] < 1e-4
+    table = (tmp_path / "end_to_end.md").read_text()
+    assert "| 3c3d | DiagGGNExact |" in table
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        return
+    assert ("3c3d", "BackPACK DiagGGNExact") in names
