@@ -783,7 +783,7 @@ def ggn_diag(
         native=_native("ggn_diag", geometry, lambda: _native_module.ggn_diag(x, s, geometry, per_sample)),
         fused=_fused(
             "ggn_diag", x, geometry, lambda: _kernels().ggn_diag(x, s, geometry, per_sample=per_sample),
-            per_sample=per_sample,
+            per_sample=per_sample, s=s,
         ),
         options=(per_sample,),
         columns=s.shape[0],
@@ -852,6 +852,7 @@ def hesscale_weight_diag(
         fused=_fused(
             "hesscale_weight_diag", x, geometry,
             lambda: _kernels().hesscale_weight_diag(x, d, geometry, per_sample=per_sample), per_sample=per_sample,
+            d=d,
         ),
         options=(per_sample,),
     )
