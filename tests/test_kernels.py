@@ -259,6 +259,29 @@ def _interpreter_usable() -> bool:
     return bool((out == 3).all())
 
 
+def _functional_fused_pathway_failures() -> list:
+    """``curvlib.functional``'s ``pathway="fused"`` dispatches to the kernels and agrees with the TN."""
+    import curvlib.functional as F
+
+    hyper = dict(stride=(2, 1), padding=1, groups=2)
+    x = torch.randn(2, 4, 7, 6)
+    out = F.conv(x, torch.randn(6, 2, 3, 2), **hyper, pathway="tn")
+    s, d = torch.randn(3, *out.shape), torch.rand_like(out)
+    checks = {
+        "kfc": lambda pw: F.kfc(x, (3, 2), **hyper, pathway=pw),
+        "kfac_reduce": lambda pw: F.kfac_reduce(x, (3, 2), **hyper, pathway=pw),
+        "ggn_diag": lambda pw: F.ggn_diag(x, s, (3, 2), **hyper, pathway=pw),
+        "hesscale_weight_diag": lambda pw: F.hesscale_weight_diag(x, d, (3, 2), **hyper, pathway=pw),
+    }
+    failures = []
+    for name, run in checks.items():
+        fused, reference = run("fused"), run("tn")
+        error = ((fused - reference).norm() / reference.norm()).item()
+        if not error < TOLERANCE["ieee"]:
+            failures.append(("functional pathway='fused'", name, error))
+    return failures
+
+
 def _interpret_main() -> int:
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if not _interpreter_usable():
@@ -271,6 +294,7 @@ def _interpret_main() -> int:
     for key, error in check_forced_splits(CASES[0], "cpu").items():
         if not error < TOLERANCE["ieee"]:
             failures.append((CASES[0].name, key, error))
+    failures += _functional_fused_pathway_failures()
     for failure in failures:
         print("FAILED", *failure)
     print("interpreter check:", "failed" if failures else "passed")
