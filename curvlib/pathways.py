@@ -53,6 +53,8 @@ from . import cost as _cost
 
 #: values of ``pathway=`` in :mod:`curvlib.functional`
 PATHWAYS = ("auto", "native", "tn", "unfold", "fused")
+#: when measuring, a candidate whose first call takes longer than this is timed once only (seconds)
+SLOW_CALL_S = 0.5
 #: candidates "auto" chooses from (``tn`` split by ``simplify``)
 CANDIDATES = ("native", "tn", "tn+simplify", "unfold", "fused")
 
@@ -321,15 +323,18 @@ def _measure_one(call: Call, name: str, repeats: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
     out = runner()  # warm-up (plans, autotunes kernels); its peak memory counts
     _sync(device)
+    warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         extra = torch.cuda.max_memory_allocated(device) - before - out.numel() * out.element_size()
     else:
         extra = _candidate_cost(call, name).extra_bytes
     del out
     times = []
-    for _ in range(repeats):
+    # a candidate slower than SLOW_CALL_S even warm is not timed again: once is enough to lose
+    for _ in range(1 if warmup_s > SLOW_CALL_S else repeats):
         _sync(device)
         start = time.perf_counter()
         runner()
