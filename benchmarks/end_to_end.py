@@ -137,6 +137,15 @@ def run_backpack(net, ext_name, make, model, loss_fn, X, y, device, repeats, bas
     return dict(net=net, ext=name, impl="backpack", s=t, min_s=t_min, peak_mib=peak, vs_plain=t / base)
 
 
+def set_global_precision(precision: str) -> None:
+    """PyTorch's float32 flags for cuBLAS and cuDNN (one API only: mixing them makes torch >= 2.9 raise)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,12 +158,18 @@ def main(argv=None):
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK's equivalents out")
     parser.add_argument("--profile", nargs="*", default=(), metavar="EXT",
                         help="also write a torch.profiler kernel table of one All-CNN-C step per extension named")
+    parser.add_argument("--precision", choices=("ieee", "tf32"), default="ieee",
+                        help="float32 products of every step (plain, curvlib and BackPACK alike) on the GPU: exact "
+                             "(default) or TF32 on the matrix units; set through PyTorch's global flags")
+    parser.add_argument("--nets", nargs="+", choices=("3c3d", "all_cnn_c"), default=("3c3d", "all_cnn_c"))
+    parser.add_argument("--extensions", nargs="+", default=None, metavar="EXT",
+                        help="only these extensions (default: all)")
+    parser.add_argument("--no-gram", action="store_true", help="leave the GGN Gram / eNTK comparison out")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.repeats = 2, 1
     device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    set_global_precision(args.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join("benchmarks", "results", f"{name.replace(' ', '_')}-{datetime.date.today()}")
     os.makedirs(out, exist_ok=True)
@@ -169,10 +184,17 @@ def main(argv=None):
         "BatchGrad": lambda: E.BatchGrad(),
         "HesScale": lambda: E.HesScale(),
     }
+    if args.extensions is not None:
+        unknown = sorted(set(args.extensions) - set(extensions))
+        if unknown:
+            parser.error(f"--extensions: unknown {unknown}; choose from {sorted(extensions)}")
+        extensions = {name: make for name, make in extensions.items() if name in args.extensions}
     backpack_equivalents = backpack_extensions() if not args.no_backpack else {}
     # --quick: a CPU smoke test for the test suite (All-CNN-C with 10 classes keeps the exact GGN cheap)
     nets = (("3c3d", three_c_three_d, 10), ("all_cnn_c", all_cnn_c, 10 if args.quick else 100))
     for net, build, classes in nets:
+        if net not in args.nets:
+            continue
         torch.manual_seed(0)
         model = build(classes).to(device)
         loss_fn = nn.CrossEntropyLoss()
@@ -208,11 +230,16 @@ def main(argv=None):
                 records.append(run_backpack(net, ext_name, backpack_equivalents[ext_name], model, loss_fn, X, y,
                                             device, args.repeats, base))
 
-    # GGN Gram (square loss) vs torch.func empirical NTK on 3c3d
+    relerr = None if args.no_gram else compare_gram(records, device, args.batch, args.repeats)
+    write_tables(records, out, name, args, relerr)
+
+
+def compare_gram(records, device, batch, repeats):
+    """GGN Gram (square loss) against a torch.func empirical NTK on 3c3d; returns the relative error."""
     torch.manual_seed(0)
     model = three_c_three_d().to(device)
-    X = torch.randn(args.batch, 3, 32, 32, device=device)
-    target = torch.randn(args.batch, 10, device=device)
+    X = torch.randn(batch, 3, 32, 32, device=device)
+    target = torch.randn(batch, 10, device=device)
     mse = nn.MSELoss(reduction="sum")
     gram = E.GGNGram()
 
@@ -231,21 +258,25 @@ def main(argv=None):
         return torch.einsum("nap,mbp->anbm", flat, flat)
 
     for impl, step in (("GGNGram (curvlib)", curvlib_gram), ("eNTK torch.func", func_ntk)):
-        t, t_min, peak = measure(step, device, args.repeats)
+        t, t_min, peak = measure(step, device, repeats)
         records.append(dict(net="3c3d", ext=impl, s=t, min_s=t_min, peak_mib=peak))
         print(f"3c3d       {impl:18s} {t * 1e3:8.1f} ms  peak {peak} MiB", flush=True)
     ntk = func_ntk()
     curvlib_gram()
     relerr = ((gram.gram - 2 * ntk).norm() / (2 * ntk).norm()).item()
     print(f"GGN Gram vs 2·eNTK relative error {relerr:.2e}", flush=True)
+    return relerr
 
+
+def write_tables(records, out, name, args, relerr):
     meta = dict(device=name, torch=torch.__version__, date=str(datetime.date.today()), batch=args.batch,
-                memory_budget=args.memory_budget, gram_relerr=relerr)
+                memory_budget=args.memory_budget, gram_relerr=relerr, precision=args.precision)
     with open(os.path.join(out, "end_to_end.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps({**meta, **r}) + "\n")
     with open(os.path.join(out, "end_to_end.md"), "w") as f:
-        f.write(f"End to end, batch {args.batch}, {name}, torch {torch.__version__}, {meta['date']}\n\n")
+        f.write(f"End to end, batch {args.batch}, {name}, torch {torch.__version__}, {meta['date']}, "
+                f"float32 products: {args.precision}\n\n")
         f.write("Time: median of the steps (forward + backward with the extension); × plain: multiple of one "
                 "plain gradient step; peak: extra peak memory of one step (GPU allocator). BackPACK rows run "
                 "BackPACK's equivalent extension on an extended copy of the same model and batch.\n\n")

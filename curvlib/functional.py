@@ -49,6 +49,7 @@ from torch import Tensor
 from . import cost as _cost
 from . import native as _native_module
 from . import pathways as _pathways
+from . import precision as _precision
 from . import simplify as _simplify
 from .contract import contract
 from .expressions import convolution, ggn as _ggn, hesscale, kfac, unfold as _unfold, weight as _weight
@@ -132,6 +133,9 @@ def _dispatch(
     """
     first = tensors[0]
     key = _config_key(op, geometry, tensors, options)
+    precision = _pathways.settings().precision
+    if precision is not None and first.is_cuda:  # cuBLAS/cuDNN calls run under the requested precision
+        native = _in_precision(native, precision, first.device)
     if pathway == "auto":  # fast path: a configuration seen before runs its choice directly
         choice = _pathways.cached_choice(key)
         if choice == "native" and native is not None:
@@ -143,9 +147,11 @@ def _dispatch(
         "tn+simplify": lambda: contract(_simplify.simplify(network())),
         "unfold": lambda: contract(_simplify.simplify(network(), unfold_overlapping=True)),
     }
+    if precision is not None and first.is_cuda:
+        runners = {name: _in_precision(run, precision, first.device) for name, run in runners.items()}
     if native is not None:
         runners["native"] = native
-    if fused is not None:
+    if fused is not None:  # takes the precision as its own argument (_kernel_precision)
         runners["fused"] = fused
     call = _pathways.Call(
         op=op,
@@ -163,9 +169,28 @@ def _dispatch(
 
 
 def _config_key(op: str, geometry: ConvGeometry, tensors: Sequence[Tensor], options: tuple = ()) -> tuple:
-    """The configuration an automatic choice is cached for."""
+    """The configuration an automatic choice is cached for (float32 precision included: TF32 changes
+    which candidate is fastest)."""
     first = tensors[0]
-    return (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options)
+    precision = _precision.effective_precision(_pathways.settings().precision) if first.is_cuda else None
+    return (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options, precision)
+
+
+def _in_precision(run, precision: str, device: torch.device):
+    """``run`` (``None`` stays ``None``) called with cuBLAS/cuDNN float32 products in ``precision``."""
+    if run is None:
+        return None
+
+    def wrapped(*args, **kwargs):
+        with _precision.fp32_precision(precision, device):
+            return run(*args, **kwargs)
+
+    return wrapped
+
+
+def _kernel_precision() -> str:
+    """The fused kernels' ``precision=``: the setting, or what PyTorch's matmul flag implies."""
+    return _precision.effective_precision(_pathways.settings().precision)
 
 
 # Shortcut for repeated calls of the forward-like operations (those PyTorch has built in): arguments
@@ -192,6 +217,8 @@ def _shortcut(op: str, tensors, *arguments):
 
 
 def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
+    if _pathways.settings().precision is not None:  # the shortcut calls ATen directly, without the precision
+        return
     if key is None or not (pathway == "native" or (pathway == "auto" and _pathways.cached_choice(config) == "native")):
         return
     if len(_SHORTCUTS) > 4096:
@@ -646,7 +673,7 @@ def kfc(
         "kfc", pathway, simplify, geometry, (x,),
         network=lambda: kfac.kfc(x, geometry),
         native=_native("kfc", geometry, lambda: _native_module.kfc(x, geometry)),
-        fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry)),
+        fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry, precision=_kernel_precision())),
     )
 
 
@@ -674,7 +701,7 @@ def kfac_reduce(
         "kfac_reduce", pathway, simplify, geometry, (x,),
         network=lambda: kfac.kfac_reduce(x, geometry),
         native=_native("kfac_reduce", geometry, lambda: _native_module.kfac_reduce(x, geometry)),
-        fused=_fused("kfac_reduce", x, geometry, lambda: _kernels().kfac_reduce(x, geometry)),
+        fused=_fused("kfac_reduce", x, geometry, lambda: _kernels().kfac_reduce(x, geometry, precision=_kernel_precision())),
     )
 
 
@@ -782,7 +809,7 @@ def ggn_diag(
         network=lambda: _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample),
         native=_native("ggn_diag", geometry, lambda: _native_module.ggn_diag(x, s, geometry, per_sample)),
         fused=_fused(
-            "ggn_diag", x, geometry, lambda: _kernels().ggn_diag(x, s, geometry, per_sample=per_sample),
+            "ggn_diag", x, geometry, lambda: _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision()),
             per_sample=per_sample, s=s,
         ),
         options=(per_sample,),
@@ -851,7 +878,9 @@ def hesscale_weight_diag(
         ),
         fused=_fused(
             "hesscale_weight_diag", x, geometry,
-            lambda: _kernels().hesscale_weight_diag(x, d, geometry, per_sample=per_sample), per_sample=per_sample,
+            lambda: _kernels().hesscale_weight_diag(x, d, geometry, per_sample=per_sample,
+                                                     precision=_kernel_precision()),
+            per_sample=per_sample,
             d=d,
         ),
         options=(per_sample,),

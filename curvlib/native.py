@@ -215,11 +215,10 @@ def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, per_sample: bool = Fa
     out = x.new_empty((n, g, per_group, d) if per_sample else (g, per_group, d))
     chunk = _chunk_bytes() if chunk_bytes is None else chunk_bytes
     for g0, g1, e0, e1, J in column_gradients(x, s, geometry, chunk):
-        squared = J.square_().sum(2)
         if per_sample:
-            out[:, g0:g1, e0:e1] = squared
-        else:
-            out[g0:g1, e0:e1] = squared.sum(0)
+            out[:, g0:g1, e0:e1] = J.square_().sum(2)
+        else:  # one reduction over samples and columns: no [N, ...] intermediate
+            out[g0:g1, e0:e1] = J.square_().sum((0, 2))
     return out.view(*((n,) if per_sample else ()), *geometry.weight_shape)
 
 

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from . import cost as _cost
+from . import precision as _precision
 
 #: values of ``pathway=`` in :mod:`curvlib.functional`
 PATHWAYS = ("auto", "native", "tn", "unfold", "fused")
@@ -68,9 +69,11 @@ class Settings:
     cache_file: Optional[str] = os.environ.get("CURVLIB_PATHWAY_CACHE") or None
     repeats: int = 5
     exclude: tuple = ()
+    precision: Optional[str] = os.environ.get("CURVLIB_PRECISION") or None
 
 
 _SETTINGS = Settings()
+_precision.check_precision(_SETTINGS.precision)  # a bad CURVLIB_PRECISION fails at import, naming the value
 #: bumped whenever settings or decisions change, so that callers' shortcuts keyed on it expire
 _GENERATION = [0]
 _DECISIONS: Dict[tuple, "Decision"] = {}
@@ -94,7 +97,9 @@ class Decision:
                 "measurements": self.measurements}
 
 
-def _check_settings(autotune, memory_budget, cache_file, repeats, exclude) -> None:
+def _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision=...) -> None:
+    if precision is not ...:
+        _precision.check_precision(precision)
     if autotune is not None and not isinstance(autotune, bool):
         raise TypeError(f"autotune must be a bool, got {autotune!r}")
     if memory_budget is not None and memory_budget is not ... and (
@@ -113,7 +118,7 @@ def _check_settings(autotune, memory_budget, cache_file, repeats, exclude) -> No
 
 
 def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=..., repeats: Optional[int] = None,
-              exclude: Optional[Sequence[str]] = None) -> Settings:
+              exclude: Optional[Sequence[str]] = None, precision=...) -> Settings:
     """Change the settings of ``pathway="auto"``; arguments left out keep their value. Returns the new settings.
 
     Args:
@@ -123,8 +128,11 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
         cache_file: JSON file that stores measured decisions across processes; ``None``: memory only.
         repeats: timed calls per candidate when measuring.
         exclude: candidates never chosen automatically (e.g. ``("fused",)``).
+        precision: float32 products of every pathway on CUDA (:mod:`curvlib.precision`): ``"ieee"``
+            (exact), ``"tf32"`` (matrix units, relative errors about ``1e-3``) or ``None`` (follow
+            PyTorch's global flags; the default, also settable with ``CURVLIB_PRECISION``).
     """
-    _check_settings(autotune, memory_budget, cache_file, repeats, exclude)
+    _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision)
     global _SETTINGS
     changes = {}
     if autotune is not None:
@@ -137,6 +145,8 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
         changes["repeats"] = repeats
     if exclude is not None:
         changes["exclude"] = tuple(exclude)
+    if precision is not ...:
+        changes["precision"] = precision
     _SETTINGS = replace(_SETTINGS, **changes)
     _GENERATION[0] += 1
     return _SETTINGS

@@ -1,0 +1,85 @@
+"""Float32 precision of curvlib's own contractions on CUDA devices.
+
+A float32 product on an NVIDIA GPU since Ampere can run as exact float32 multiply-adds (``"ieee"``)
+or on the matrix units with operands rounded to TF32 (10-bit mantissa) and float32 accumulation
+(``"tf32"``): about 8x the arithmetic rate on an H100, relative errors around ``1e-3`` instead of
+``1e-6``. PyTorch decides this per backend with global flags
+(``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``; before
+torch 2.9 the ``allow_tf32`` flags). Its defaults differ between backends: cuBLAS matrix products
+are exact, cuDNN convolutions use TF32.
+
+curvlib follows PyTorch's flags unless told otherwise (``precision=None``, the default), so its
+native pathway computes what ``torch.nn.functional`` computes. :func:`curvlib.pathways.configure`
+(``precision="ieee"`` or ``"tf32"``) overrides them for curvlib's contractions only — cuBLAS and
+cuDNN calls, tensor networks and the fused kernels — leaving the user's model untouched:
+
+>>> from curvlib import pathways
+>>> with pathways.options(precision="tf32"):   # KFAC factors, GGN diagonals, ... on the matrix units
+...     pass
+
+Other dtypes (float16, bfloat16, float64) and the CPU are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["PRECISIONS", "check_precision", "matmul_allows_tf32", "effective_precision", "fp32_precision"]
+
+#: values of ``precision=``: ``None`` follows PyTorch's global flags
+PRECISIONS = (None, "ieee", "tf32")
+
+# torch >= 2.9 has per-backend ``fp32_precision`` strings; mixing them with the legacy ``allow_tf32``
+# flags makes PyTorch raise, so only one of the two APIs is ever touched here
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def check_precision(precision) -> Optional[str]:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether PyTorch's global flags let cuBLAS use TF32 for float32 matrix products."""
+    if _NEW_API:
+        value = torch.backends.cuda.matmul.fp32_precision
+        if value == "none":  # inherits the generic setting
+            value = getattr(torch.backends, "fp32_precision", "ieee")
+        return value == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def effective_precision(precision: Optional[str]) -> str:
+    """``precision``, or for ``None`` what PyTorch's matmul flag implies (``"tf32"`` or ``"ieee"``)."""
+    if precision is not None:
+        return precision
+    return "tf32" if matmul_allows_tf32() else "ieee"
+
+
+@contextlib.contextmanager
+def fp32_precision(precision: Optional[str], device: torch.device) -> Iterator[None]:
+    """Within the block, float32 cuBLAS products and cuDNN convolutions on CUDA use ``precision``
+    (``None`` or a CPU device: nothing changes). The previous flags are restored afterwards."""
+    if precision is None or device.type != "cuda":
+        yield
+        return
+    if _NEW_API:
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = precision
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # pragma: no cover
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,0 +1,125 @@
+"""Float32 precision setting: validation, flag handling, what each pathway receives, and (on a GPU)
+the accuracy of TF32 against float64."""
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import curvlib.functional as F
+from curvlib import pathways, precision
+
+CUDA = torch.cuda.is_available()
+
+
+def _flags():
+    if precision._NEW_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("bad", ["fp16", "TF32", 32, True])
+def test_bad_precision_is_rejected_naming_the_value(bad):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        pathways.configure(precision=bad)
+    with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(")):
+        precision.check_precision(bad)
+    assert pathways.settings().precision is None  # unchanged
+
+
+def test_bad_environment_value_fails_at_import():
+    env = dict(os.environ, CURVLIB_PRECISION="half")
+    run = subprocess.run([sys.executable, "-c", "import curvlib"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "precision must be one of" in run.stderr and "'half'" in run.stderr
+
+
+def test_environment_value_sets_the_default():
+    env = dict(os.environ, CURVLIB_PRECISION="tf32")
+    code = "import curvlib; print(curvlib.pathways.settings().precision)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "tf32"
+
+
+@pytest.mark.parametrize("value", ["tf32", "ieee"])
+def test_context_sets_and_restores_the_cuda_flags(value):
+    # setting the flags needs no GPU; only CUDA devices are affected
+    before = _flags()
+    with precision.fp32_precision(value, torch.device("cuda")):
+        inside = _flags()
+    assert _flags() == before
+    expected = (value, value) if precision._NEW_API else (value == "tf32", value == "tf32")
+    assert inside == expected
+    with pytest.raises(RuntimeError):
+        with precision.fp32_precision(value, torch.device("cuda")):
+            raise RuntimeError("inside")
+    assert _flags() == before
+
+
+def test_context_leaves_the_flags_alone_on_the_cpu_and_for_none():
+    before = _flags()
+    with precision.fp32_precision("tf32", torch.device("cpu")):
+        assert _flags() == before
+    with precision.fp32_precision(None, torch.device("cuda")):
+        assert _flags() == before
+
+
+def test_effective_precision_follows_pytorch_for_none():
+    assert precision.effective_precision("ieee") == "ieee"
+    assert precision.effective_precision("tf32") == "tf32"
+    with precision.fp32_precision("tf32", torch.device("cuda")):
+        assert precision.matmul_allows_tf32()
+        assert precision.effective_precision(None) == "tf32"
+    with precision.fp32_precision("ieee", torch.device("cuda")):
+        assert precision.effective_precision(None) == "ieee"
+
+
+def test_fused_pathway_receives_the_precision(monkeypatch):
+    """The fused kernels get ``precision=`` from the setting (a stand-in kernels module records it)."""
+    seen = []
+
+    def kfc(x, geometry, precision):
+        seen.append(precision)
+        return F.kfc(x, geometry.kernel_size, padding=1, pathway="tn")
+
+    fake = types.SimpleNamespace(supports=lambda *args, **kwargs: True, kfc=kfc)
+    monkeypatch.setattr(F, "_kernels", lambda: fake)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for value, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+        with pathways.options(precision=value):
+            F.kfc(x, 3, padding=1, pathway="fused")
+        assert seen[-1] == expected
+    with precision.fp32_precision("ieee", torch.device("cuda")):  # None: PyTorch's matmul flag
+        F.kfc(x, 3, padding=1, pathway="fused")
+    assert seen[-1] == "ieee"
+
+
+def test_precision_setting_changes_nothing_on_the_cpu():
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    s = torch.randn(2, 3, 5, 5, 5, dtype=torch.float64)
+    reference = F.ggn_diag(x, s, 3, pathway="native")
+    with pathways.options(precision="tf32"):
+        torch.testing.assert_close(F.ggn_diag(x, s, 3), reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(F.kfc(x, 3, padding=1, pathway="tn"), F.kfc(x, 3, padding=1, pathway="native"))
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 needs a CUDA device")
+@pytest.mark.parametrize("pathway", ["native", "tn", "fused"])
+def test_tf32_on_the_gpu_is_within_its_stated_tolerance_and_ieee_is_exact(pathway):
+    x = torch.randn(8, 32, 16, 16, device="cuda")
+    if pathway == "fused" and not F._kernels():
+        pytest.skip("no Triton")
+    reference = F.kfc(x.double(), 3, padding=1, pathway="native")
+
+    def error(value):
+        with pathways.options(precision=value):
+            result = F.kfc(x, 3, padding=1, pathway=pathway).double()
+        return ((result - reference).norm() / reference.norm()).item()
+
+    ieee, tf32 = error("ieee"), error("tf32")
+    assert ieee < 2e-5
+    assert tf32 < 2e-3
+    assert tf32 > 10 * ieee  # TF32 rounding is visible: the setting took effect
