@@ -97,6 +97,7 @@ CURVLIB_ROUTES = {
     "curvlib-unfold": dict(pathway="unfold"),
     "curvlib-native": dict(pathway="native"),
     "curvlib-fused": dict(pathway="fused"),
+    "curvlib-lags": dict(pathway="lags"),
     "curvlib-auto": dict(pathway="auto"),
 }
 IMPLS = ["PT", *CURVLIB_ROUTES, "einconv-TN", "einconv-TN+opt"]
@@ -753,7 +754,8 @@ def _geomean(values):
 
 #: implementations in the summary tables, with short column names
 SUMMARY_IMPLS = [("curvlib-TN", "TN"), ("curvlib-TN+opt", "TN+opt"), ("curvlib-unfold", "unfold"),
-                 ("curvlib-native", "native"), ("curvlib-fused", "fused"), ("curvlib-auto", "auto"),
+                 ("curvlib-native", "native"), ("curvlib-fused", "fused"), ("curvlib-lags", "lags"),
+                 ("curvlib-auto", "auto"),
                  ("einconv-TN", "einconv TN"), ("einconv-TN+opt", "einconv TN+opt")]
 
 #: issue targets for curvlib auto on every layer: (op, statistic, bound)

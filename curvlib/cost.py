@@ -80,6 +80,8 @@ FLOP_EFFICIENCY = {
     ("fused", "kfc"): 0.6,
     ("fused", "ggn_diag"): 0.45,
     ("fused", "hesscale_weight_diag"): 0.5,
+    # many small products (lag weight gradient, thin border slabs, assembly); not yet calibrated on a GPU
+    "lags": 0.5,
 }
 
 
@@ -90,7 +92,8 @@ def flop_efficiency(op: str, pathway: str) -> float:
 
 #: Python time a call spends before its kernels run, per pathway (measured on CPU for small layers:
 #: the tensor networks are built, simplified and looked up in the plan cache on every call)
-PYTHON_OVERHEAD_S = {"native": 2e-5, "fused": 3e-5, "tn": 1.5e-4, "tn+simplify": 3e-4, "unfold": 3e-4}
+PYTHON_OVERHEAD_S = {"native": 2e-5, "fused": 3e-5, "tn": 1.5e-4, "tn+simplify": 3e-4, "unfold": 3e-4,
+                     "lags": 6e-4}  # lags: ~0.3 ms on a CPU, up to ~1 ms of launches on a GPU (about 60 kernels)
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,8 @@ def operation_cost(
     element_size: int = 4,
     chunk_bytes: Optional[float] = None,
 ) -> Cost:
-    """Analytic :class:`Cost` of ``op`` on ``pathway`` ``"native"``, ``"fused"`` or ``"unfold"``.
+    """Analytic :class:`Cost` of ``op`` on ``pathway`` ``"native"``, ``"fused"``, ``"unfold"`` or (KFC of
+    stride-1 layers) ``"lags"``.
 
     (Tensor-network pathways take their FLOPs and intermediates from the planned path: :func:`network_cost`.)
     """
@@ -187,6 +191,16 @@ def operation_cost(
     z = _sizes(geometry, batch, columns)
     unfold_bytes = z["N"] * z["G"] * z["D"] * z["O"] * element_size
     overhead = PYTHON_OVERHEAD_S.get(pathway, 0.0)
+    if pathway == "lags":
+        if op != "kfc":
+            raise ValueError(f"pathway 'lags' computes only op='kfc', got {op!r}")
+        from .lag_gram import lag_flops  # here: lag_gram imports native, which imports this module's users
+
+        x_bytes = z["N"] * z["Ci"] * z["I"] * element_size
+        # a channels-last copy of x and the border slabs; products read x a few times
+        method = "gemm" if element_size == 4 else "conv"  # what kfc_by_lags' "auto" runs
+        return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, x_bytes, min_bytes + 4 * x_bytes, 2 * x_bytes,
+                    overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
         return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway not in ("native", "unfold"):

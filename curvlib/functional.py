@@ -49,6 +49,7 @@ from torch import Tensor
 from . import cost as _cost
 from . import native as _native_module
 from . import pathways as _pathways
+from . import lag_gram as _lag_gram
 from . import precision as _precision
 from . import simplify as _simplify
 from .contract import contract
@@ -121,27 +122,27 @@ def _dispatch(
     network,
     native=None,
     fused=None,
+    lags=None,
     options: tuple = (),
     batch: Optional[int] = None,
     columns: int = 1,
 ) -> Tensor:
     """Run ``op`` on the requested pathway (or the automatic choice among those available).
 
-    ``network`` builds the tensor network; ``native``/``fused`` compute the result natively / with a
-    fused kernel (``None``: not available for these arguments); ``options`` (hashable) completes the
-    configuration key.
+    ``network`` builds the tensor network; ``native``/``fused``/``lags`` compute the result natively /
+    with a fused kernel / from lag products (``None``: not available for these arguments); ``options``
+    (hashable) completes the configuration key.
     """
     first = tensors[0]
     key = _config_key(op, geometry, tensors, options)
     precision = _pathways.settings().precision
     if precision is not None and first.is_cuda:  # cuBLAS/cuDNN calls run under the requested precision
         native = _in_precision(native, precision, first.device)
+        lags = _in_precision(lags, precision, first.device)
     if pathway == "auto":  # fast path: a configuration seen before runs its choice directly
-        choice = _pathways.cached_choice(key)
-        if choice == "native" and native is not None:
-            return native()
-        if choice == "fused" and fused is not None:
-            return fused()
+        direct = {"native": native, "fused": fused, "lags": lags}.get(_pathways.cached_choice(key))
+        if direct is not None:
+            return direct()
     runners = {
         "tn": lambda: contract(network()),
         "tn+simplify": lambda: contract(_simplify.simplify(network())),
@@ -153,6 +154,8 @@ def _dispatch(
         runners["native"] = native
     if fused is not None:  # takes the precision as its own argument (_kernel_precision)
         runners["fused"] = fused
+    if lags is not None:
+        runners["lags"] = lags
     call = _pathways.Call(
         op=op,
         key=key,
@@ -674,6 +677,7 @@ def kfc(
         network=lambda: kfac.kfc(x, geometry),
         native=_native("kfc", geometry, lambda: _native_module.kfc(x, geometry)),
         fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry, precision=_kernel_precision())),
+        lags=(lambda: _lag_gram.kfc_by_lags(x, geometry)) if _lag_gram.supports_lags(geometry) else None,
     )
 
 

@@ -9,10 +9,12 @@ Every operation of :mod:`curvlib.functional` has up to five implementations (*ca
 ``tn+simplify`` the tensor network after the exact rewrites of :mod:`curvlib.simplify`
 ``unfold``     the simplified network with overlapping windows viewed as the unfolded input
 ``fused``      a fused Triton kernel (:mod:`curvlib.kernels`, CUDA only)
+``lags``       KFC of stride-1 layers from lag products and border corrections, never unfolding
+               (:mod:`curvlib.lag_gram`)
 ============== ===============================================================================
 
 ``pathway=`` of the functional operations takes ``"auto"`` (the default), ``"native"``, ``"tn"`` (with
-``simplify=`` choosing between ``tn`` and ``tn+simplify``), ``"unfold"`` or ``"fused"``.
+``simplify=`` choosing between ``tn`` and ``tn+simplify``), ``"unfold"``, ``"fused"`` or ``"lags"``.
 
 ``"auto"`` chooses, per configuration (operation, shapes, hyper-parameters, options, dtype, device),
 the fastest candidate whose extra memory fits the memory budget, and caches the choice:
@@ -53,11 +55,11 @@ from . import cost as _cost
 from . import precision as _precision
 
 #: values of ``pathway=`` in :mod:`curvlib.functional`
-PATHWAYS = ("auto", "native", "tn", "unfold", "fused")
+PATHWAYS = ("auto", "native", "tn", "unfold", "fused", "lags")
 #: when measuring, a candidate whose first call takes longer than this is timed once only (seconds)
 SLOW_CALL_S = 0.5
 #: candidates "auto" chooses from (``tn`` split by ``simplify``)
-CANDIDATES = ("native", "tn", "tn+simplify", "unfold", "fused")
+CANDIDATES = ("native", "tn", "tn+simplify", "unfold", "fused", "lags")
 
 
 @dataclass

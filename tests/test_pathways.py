@@ -107,7 +107,7 @@ def test_autotune_measures_every_candidate_and_takes_the_fastest(fresh_decisions
         again = F.kfc(x, 3, padding=1)  # cached: no second measurement
     (decision,) = pathways.decisions()
     assert decision.how == "measured" and decision.op == "kfc"
-    assert set(decision.measurements) == {"native", "tn", "tn+simplify", "unfold"}
+    assert set(decision.measurements) == {"native", "tn", "tn+simplify", "unfold", "lags"}  # stride 1: lags too
     times = {name: m["time_s"] for name, m in decision.measurements.items()}
     assert decision.choice == min(times, key=times.get)
     expected = F.kfc(x, 3, padding=1, pathway="tn", simplify=False)
@@ -278,3 +278,28 @@ def test_native_ggn_chunks_give_identical_results(seed, chunk_bytes):
     assert torch.allclose(diag, F.ggn_diag(x, s, (3, 2), **kw))
     assert torch.allclose(per_sample, F.ggn_diag(x, s, (3, 2), per_sample=True, **kw))
     assert torch.allclose(gram, F.ggn_gram(x, s, (3, 2), **kw))
+
+
+@pytest.mark.parametrize(
+    "shape, hyper",
+    [
+        ((3, 4, 9, 8), dict(kernel_size=3, padding=1)),
+        ((2, 6, 11), dict(kernel_size=5, padding=3, dilation=2, groups=3)),
+        ((2, 4, 5, 6, 4), dict(kernel_size=(3, 1, 2), padding="same", groups=4)),
+    ],
+)
+def test_lags_pathway_computes_the_kfc_of_stride_one_layers(shape, hyper):
+    """``pathway="lags"`` (lag products + border corrections) against the tensor network as built."""
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = F.kfc(x, pathway="tn", simplify=False, **hyper)
+    torch.testing.assert_close(F.kfc(x, pathway="lags", **hyper), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: F.kfc(x, 3, stride=2, pathway="lags"),                   # stride 2: no lag structure
+    lambda x: F.kfc(x, 3, transposed=True, pathway="lags"),            # transposed layer
+    lambda x: F.kfac_reduce(x, 3, pathway="lags"),                     # lags only compute the KFC
+])
+def test_lags_pathway_where_it_does_not_apply_names_the_alternatives(call):
+    with pytest.raises(ValueError, match=r"pathway='lags' is not available .*available here"):
+        call(torch.randn(2, 4, 7, 7))

@@ -45,6 +45,7 @@ PATHWAY_KWARGS: Dict[str, dict] = {
     "tn+simplify": dict(pathway="tn", simplify=True),
     "unfold": dict(pathway="unfold"),
     "fused": dict(pathway="fused"),
+    "lags": dict(pathway="lags"),
 }
 #: every pathway name the profiler accepts: ``"auto"`` and the candidates it chooses from
 PATHWAYS: Tuple[str, ...] = ("auto",) + tuple(CANDIDATES)

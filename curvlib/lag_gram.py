@@ -1,0 +1,682 @@
+"""KFAC's expand input factor (KFC) of a stride-1 convolution from lag products, without unfolding.
+
+:func:`kfc_by_lags` returns what :func:`curvlib.native.kfc` returns: per group ``g`` the ``[G, D, D]``
+Gram ``1/N Σ_n Σ_o u[n,g,:,o] u[n,g,:,o]ᵀ`` of the unfolded input ``u = unfold_input(x)`` ``[N, G, D, O]``
+(``D = C_in/G · ∏K`` ordered like ``weight.flatten(1)``: channel major, then kernel offsets in C order;
+``O = ∏ output_size``), same dtype, same ``1/N`` normalisation. It never forms ``u``.
+
+The math
+--------
+Let ``x_pad`` be the zero-padded input (``P = I + P_l + P_r`` per dim) and ``B = dil·(K-1)`` the border
+width, so ``O = P - B``. With stride 1, row ``(i, a)`` of ``u`` (channel ``i``, kernel offset ``a``) is
+``x_pad[i]`` on the box ``R_a = Π_dims [dil·a, dil·a + O)``, hence::
+
+    Gram[(i,a),(j,b)] = Σ_n Σ_{q ∈ R_a} x_pad[n,i,q] · x_pad[n,j,q + dil·δ],     δ = b - a.
+
+*Lags.* All entries of one lag ``δ`` sum the same products; only their boxes differ. The products over
+the lag's full range (every ``q`` with both factors inside ``x_pad``),
+``L[i,j,δ] = Σ_n Σ_q x[n,i,q]·x[n,j,q+dil·δ]``, for all ``(2K-1)^d`` lags at once are ONE weight gradient
+of a convolution with kernel ``2K-1``, dilation ``dil``, stride 1, padding ``dil·(K-1)`` and ``groups=G``:
+``grad_output = x`` (rows ``i``) and ``input = x`` (columns ``j``), ``[C_in, C_in/G, *(2K-1)]``, tap
+``k = δ + K - 1``. The padding of the layer does not enter: its zeros add no products, so ``x`` itself
+(size ``I``, not ``P``) is the operand. Or they are matrix products of slices of ``x`` (*Lag methods*,
+below).
+
+*Borders, by inclusion–exclusion.* Per dim, on the lag's full range, the indicator of ``R_a`` is
+``1 - low_{a,b} - high_{a,b}`` with ``low = [0, dil·a)`` and ``high = [dil·a + O, P)`` (in ``x_pad``
+coordinates; their partners ``q + dil·δ`` lie in ``[0, dil·b)`` / ``[dil·b + O, P)``). The product over the
+dims expands into ``3^d`` terms ``Σ_T (-1)^{|T|} Σ_{sides}``: the dims in ``T`` restricted to a border
+(low or high), the others summed over the full range. A border term only involves the first ``B`` / last
+``B`` positions of ``x_pad`` along the dims in ``T`` (the low/high *slabs*, cut further to the real input
+in them: 'same' padding halves them, a side that is all padding drops out; width ``w ≤ B``). For each
+non-empty ``T`` (``2^d - 1`` of them) ONE batched product gives all its products: slab positions and the
+channels are the rows/columns, the side combinations and groups the batch, and the other dims stay
+lags over their full range — by unfolding the thin slab along at most one other dim, or, when two
+other dims remain, as the lag products of the slabs (slab positions folded into the channels, side
+combinations into the groups: a grouped convolution weight gradient or the GEMM form, *Lag methods*).
+This yields, per slab position pair ``(q, q')`` of each dim in ``T``, the products over the full range
+of the other dims.
+
+``low`` and ``high`` never overlap (``R_a`` lies between them), also when the output is smaller than
+the border (``O < B``, where the two slabs of ``x_pad`` overlap): each side is computed from its own copy
+of its slab, so no special case (and no fallback) is needed there.
+
+*Assembly.* Every term is linear in the products it holds, and per dim the map to the kernel-offset
+pair ``(a, b)`` is fixed by the geometry: on a full-range dim it gathers lag ``b - a`` (a one-hot
+matrix, or ``index_select`` where the dim has no border), on a border dim it sums the slab pairs
+``(q, q' = q + dil·(b - a))`` of the side's border set (entries ``-1``, the inclusion–exclusion sign).
+These ``[K², 2K-1 + sides·w²]`` matrices and the lag index are built once per ``(I, K, dil, padding)``
+(``functools.lru_cache``, by broadcasting, no loop over ``(a, b)``) and moved to the device once. The
+terms are laid out ``[C/G (rows ii), X_0, ..., X_{d-1}, C/G (jj), G]`` and the dims are mapped one after
+another, each by one product from the left (no transposition); the terms that differ only in the dim
+being mapped are written next to each other along it, so their count halves at every dim. The last
+product is permuted into ``[G, D, D]``. On CPUs this runs in chunks of rows ``ii`` so that only the
+result is a large allocation (fresh large allocations cost page faults there).
+
+Lag methods
+-----------
+``lag_method`` of :func:`kfc_by_lags` chooses how the lag products are computed (and, in 3-d, the
+border terms that keep two lag dims: those are lag products of the slabs):
+
+- ``"conv"``: the convolution weight gradient above (ATen: oneDNN on CPUs, cuDNN on CUDA). The library
+  picks its algorithm. cuDNN, for float32, may pick a Winograd algorithm for the ``2K-1`` lag kernel
+  (seen for the 5x5 lags of 3x3 layers on an H100 and an H200, TF32 off): about 2e-4 relative error
+  (Frobenius) instead of about 1e-6, and no cuDNN flag avoids it. It also follows
+  ``torch.backends.cudnn.allow_tf32`` (on by default).
+- ``"gemm"``: matrix products only (cuBLAS / the CPU BLAS: plain float32 FMAs unless the caller allowed
+  TF32 in ``torch.backends.cuda.matmul``; nothing here sets a flag). Per group ``L[-δ] = L[δ]ᵀ`` (swap
+  ``i`` and ``j``), so only ``δ = 0`` and the lags whose first non-zero component is positive are
+  computed, ``((2K-1)^d + 1)/2``, and the others filled by transposition. Lag ``δ`` is
+  ``Σ_{n,q} A[n,q,i]·B[n,q,j]`` over its overlap region (``q`` and ``q + dil·δ`` both in the input): two
+  slices of one channels-last copy of ``x`` (``[G, N, *I, C/G]``), each reshaped to ``[rows, C/G]`` (a
+  copy unless contiguous) and one batched product over the groups. Long reductions are split into
+  blocks of rows whose partial products are summed (``_ROW_BLOCK``): a BLAS may accumulate a reduction
+  in one sequence, with an error that grows with its length (measured on CPUs, MKL, float32, ≤ 8
+  columns: 3e-6 at 32k rows, 2.6e-5 at 524k).
+  Depthwise (``C/G = 1``) the products are dot products: an elementwise multiply of the two slices
+  (read in place) and a sum. On CUDA, lags with overlap regions of one shape are stacked into one
+  product (fewer launches), on CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies).
+- ``"auto"`` (default): ``"gemm"`` for float32 (on every device: neither cuDNN's nor oneDNN's float32
+  convolution is accurate enough, see below), ``"conv"`` for float64 and the half-precision types
+  (:func:`resolve_lag_method`).
+
+Measured (float32 against float64; relative errors ``‖·‖_F`` and ``max|·|/max|ref|`` of the ``[G, D, D]``
+result): cuDNN (``"conv"``, CUDA, H100/H200): ~2e-4 (Frobenius). CPU (oneDNN ``"conv"``, torch 2.13,
+2 threads): 5e-7 to 1.1e-5 (max) at batch 32 on the layers of ``benchmarks/lag_kfc.py``, growing with
+``N·I'``: 4.7e-5 (Frobenius) for ResNet-18's 64@56 at batch 128. ``"gemm"`` on the same CPU: 4e-8 to
+6e-7 everywhere (at batch 128 too), like the unfolded Gram. The GEMM form on CUDA is not measured here:
+``tests/test_lag_gram.py::test_cuda_float32_gemm`` asserts < 2e-5 (Frobenius). Time on that CPU
+(whole :func:`kfc_by_lags`, batch 32): ``"gemm"`` 0.74-1.9x the time of ``"conv"`` (0.74-1.08x on
+ConvNeXt's depthwise 7x7, 1.0-1.5x on the 3x3 layers, 1.9x on the 3-channel first one: 1.3 ms).
+
+Cost (multiply-adds), per layer with ``C = C_in``, ``I' = ∏ I``::
+
+    lags "conv"  C·C/G · (2K-1)^d · N · I'
+    lags "gemm"  C·C/G · N · (∏_t S_t + I') / 2,   S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)  (≈ half)
+    border T     sides_T·C·C/G · w^{2|T|} · (2K-1)^{d-|T|} · N · ∏_{t∉T} I_t     (w ≤ B: slab width;
+                 two dims not in T (3-d): their lag products by the lag method, counted as above)
+    unfold       (C/G · K^d)² · G · N · O
+
+so the lag form pays when ``(2K-1)^d · I' ≪ K^{2d} · O`` — for 3×3 kernels ``25 I'`` against ``81 O``
+(≈ 3x fewer), 7×7: ``169`` against ``2401`` (≈ 14x) — and the borders are thin, ``w ≪ I``. It does not pay
+for tiny inputs (``I ≈ K``), where the border terms are as large as the lag term. :func:`lag_flops`
+gives the count.
+
+Stride 1 only (:func:`supports_lags`): with stride ``S`` the boxes are strided lattices
+``dil·a + S·o``; two offsets with the same lag then read the products on different residue classes
+modulo ``S``, so the lag products would have to be split into ``S^d`` phases (and the kernel offsets
+``a`` by ``a mod S``), which is a different algorithm.
+
+Example
+-------
+>>> import torch
+>>> from curvlib.hyperparams import make_geometry
+>>> from curvlib.native import kfc
+>>> geometry = make_geometry(4, 8, (9, 7), kernel_size=3, padding=1)
+>>> x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+>>> torch.allclose(kfc_by_lags(x, geometry), kfc(x, geometry))
+True
+>>> torch.allclose(kfc_by_lags(x, geometry, lag_method="gemm"), kfc(x, geometry))
+True
+>>> lag_flops(geometry, 2) < (4 * 9) ** 2 * 2 * 63
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .hyperparams import ConvGeometry
+
+__all__ = ["kfc_by_lags", "supports_lags", "lag_flops", "unfold_flops", "resolve_lag_method", "LAG_METHODS"]
+
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default  # the overload: no packet dispatch
+
+
+def supports_lags(geometry: ConvGeometry) -> bool:
+    """Whether :func:`kfc_by_lags` handles ``geometry``: an ordinary (not transposed) convolution, stride 1
+    in every dim, at most 3 spatial dims (ATen's convolutions stop at 3-d).
+
+    Stride > 1 is excluded because the unfolded rows then sample strided lattices ``dil·a + S·o``: entries
+    with the same lag no longer sum the same products (they read different residues modulo ``S``), so one
+    set of lag products does not serve all kernel-offset pairs.
+    """
+    return (not geometry.transposed) and geometry.num_dims <= 3 and all(s == 1 for s in geometry.stride)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-dimension plan (built once per (I, K, dil, padding), cached)
+
+
+class _DimPlan(NamedTuple):
+    """What one spatial dim contributes: sizes, the slabs of its borders and its maps to ``(a, b)``."""
+
+    size: int  # I, input length
+    kernel: int  # K
+    dilation: int
+    left: int  # zero padding on the left
+    lags: int  # 2K - 1
+    width: int  # w: slab width (0: no border term in this dim, e.g. K = 1)
+    starts: Tuple[int, ...]  # per side in use (low and/or high) the slab's first position in x_pad
+    lag_index: Tensor  # [K·K] long: (a, b) ↦ lag tap b - a + K - 1
+    map_t: Optional[Tensor]  # [K·K, 2K-1 + sides·w·w] float64: [one-hot gather of lag b - a | border sums]
+
+    @property
+    def border_size(self) -> int:
+        """``X`` of a border term in this dim: ``(side, q, q')``."""
+        return len(self.starts) * self.width ** 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _dim_plan(size: int, kernel: int, dilation: int, left: int, right: int) -> _DimPlan:
+    """Slabs and maps of one dim, from ints only (dtype and device agnostic, see :func:`_plan_tensors`)."""
+    padded = size + left + right
+    border = dilation * (kernel - 1)
+    output = padded - border
+    a = torch.arange(kernel).view(kernel, 1)
+    b = torch.arange(kernel).view(1, kernel)
+    lag_index = (b - a + kernel - 1).reshape(-1)
+
+    # Slabs: the real input (padding zeros add no products) among the first B positions of x_pad (low
+    # side, [P_l, min(B, P_l + I))) and among the last B ([max(O, P_l), P_l + I)); each side's border set
+    # of every (a, b), both factors included, lies in its range. Both get the larger width w (zeros
+    # beyond the input), so that they stack. 'same' padding halves the slabs; a side without real input
+    # (padding ≥ B) drops out.
+    sides = []  # (is_low, start, length)
+    if border > 0:
+        if left < border:
+            sides.append((True, left, min(border, left + size) - left))
+        first = max(output, left)
+        if first < left + size:
+            sides.append((False, first, left + size - first))
+    if not sides:
+        return _DimPlan(size, kernel, dilation, left, 2 * kernel - 1, 0, (), lag_index, None)
+    width = max(length for _, _, length in sides)
+    starts = tuple(start for _, start, _ in sides)
+
+    # border[(s, q, q'), (a, b)] = -1 (the inclusion–exclusion sign) where (p, p') = (start_s + q,
+    # start_s + q') is a product of side s's border set for the offsets (a, b): p' - p = dil·(b - a) and
+    # p < dil·a (low) or p ≥ dil·a + O (high). Built by broadcasting: no loop over (a, b).
+    start = torch.tensor(starts).view(-1, 1, 1, 1, 1)
+    is_low = torch.tensor([s[0] for s in sides]).view(-1, 1, 1, 1, 1)
+    q = torch.arange(width).view(1, -1, 1, 1, 1)
+    q2 = torch.arange(width).view(1, 1, -1, 1, 1)
+    a5, b5 = a.view(1, 1, 1, kernel, 1), b.view(1, 1, 1, 1, kernel)
+    position = start + q
+    on_lag = (q2 - q) == dilation * (b5 - a5)
+    in_border = torch.where(is_low, position < dilation * a5, position >= dilation * a5 + output)
+    border_map = -(on_lag & in_border).to(torch.float64).reshape(len(sides) * width * width, kernel * kernel)
+    full_map = torch.nn.functional.one_hot(lag_index, 2 * kernel - 1).to(torch.float64).t()
+    map_t = torch.cat([full_map, border_map]).t().contiguous()
+    return _DimPlan(size, kernel, dilation, left, 2 * kernel - 1, width, starts, lag_index, map_t)
+
+
+def _plan_key(geometry: ConvGeometry) -> Tuple[Tuple[int, ...], ...]:
+    """The ints the plan depends on, per dim ``(I, K, dil, P_l, P_r)`` (not channels, dtype or device)."""
+    return tuple((i, k, d, left, right) for i, k, d, (left, right) in zip(
+        geometry.input_size, geometry.kernel_size, geometry.dilation, geometry.padding))
+
+
+def _dim_plans(key) -> Tuple[_DimPlan, ...]:
+    return tuple(_dim_plan(*args) for args in key)
+
+
+def _subsets(plans) -> List[Tuple[int, ...]]:
+    """The non-empty sets ``T`` of dims restricted to a border (dims without border never are)."""
+    dims = [t for t, plan in enumerate(plans) if plan.width > 0]
+    return [subset for m in range(1, len(dims) + 1) for subset in itertools.combinations(dims, m)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_tensors(key, dtype: torch.dtype, device: torch.device):
+    """Per dim ``(lag_index, map_t)`` on ``device`` (``map_t`` in ``dtype``): moved once, not per call."""
+    return tuple((plan.lag_index.to(device), None if plan.map_t is None else plan.map_t.to(device, dtype))
+                 for plan in _dim_plans(key))
+
+
+# ----------------------------------------------------------------------------------------------
+# the products
+
+
+#: bytes of the per-chunk temporaries on CPUs (the assembly's, the GEMM lag products' chunks of samples):
+#: large fresh allocations cost page faults there (each first touch), small ones are recycled by the
+#: allocator and stay in cache
+_CPU_CHUNK_BYTES = 2**22
+
+
+LAG_METHODS = ("auto", "conv", "gemm")
+
+
+def resolve_lag_method(lag_method: str, dtype: torch.dtype, device) -> str:
+    """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` on ``device``: ``"conv"`` or
+    ``"gemm"``. ``"auto"`` is ``"gemm"`` for float32 on every device (cuDNN may pick a Winograd algorithm
+    for the lag weight gradient, about 2e-4 relative error; oneDNN's float32 error grows with the input,
+    4.7e-5 measured: module docstring, *Lag methods*), else ``"conv"`` (float64 is exact to rounding).
+    Raises ``ValueError`` naming the allowed values for any other value."""
+    if lag_method not in LAG_METHODS:
+        raise ValueError(f"lag_method must be one of {', '.join(map(repr, LAG_METHODS))}, got {lag_method!r}")
+    if lag_method != "auto":
+        return lag_method
+    return "gemm" if dtype == torch.float32 else "conv"
+
+
+def _lag_products(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, method: str) -> Tensor:
+    """``L[i, j, δ] = Σ_n Σ_q x[n,i,q]·x[n,j,q + dil·δ]`` ``[C, C/G, *(2K-1)]`` (``j`` within the group of
+    ``i``, tap ``δ + K - 1``) over the full range of every lag, by ``method`` (``"conv"`` or ``"gemm"``).
+
+    ``x`` ``[N, C, *I]``: the layer's input for the lag term, a border term's slabs (:func:`_border_products`)
+    otherwise. The functions are looked up here, at call time (the tests replace them to see which runs)."""
+    if method == "gemm":
+        return _lag_products_gemm(x, kernels, dilations, groups)
+    return _lag_products_conv(x, kernels, dilations, groups)
+
+
+def _lag_products_conv(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
+    """:func:`_lag_products` by one convolution weight gradient (kernel ``2K-1``).
+
+    ``grad_output = x`` gives the rows ``i`` (output channels of the weight), ``input = x`` padded by
+    ``dil·(K-1)`` the columns ``j``: ``dW[i, j, k] = Σ_{n,o} x[n,i,o]·x_ext[n,j,o + dil·k]``, lag
+    ``δ = k - (K-1)``. The layer's padding is left out: its zeros add no products. Exact to rounding in
+    float64; in float32, cuDNN may run a Winograd algorithm (~2e-4) and oneDNN's error grows with
+    ``N·I'`` (module docstring, *Lag methods*)."""
+    c, size = x.shape[1], x.shape[2:]
+    d = len(kernels)
+    lags = [2 * k - 1 for k in kernels]
+    if (x.device.type == "cpu" and groups == c > 1 and d in (2, 3) and math.prod(size) >= math.prod(lags)):
+        # depthwise on CPUs: oneDNN's weight gradient with these large kernels is 2-6x faster channels-last
+        # once the input is larger than the kernel (measured; on 7x7 inputs with 13x13 lags it is slower)
+        x = x.contiguous(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d)
+    dummy = x.new_empty(1).expand(c, c // groups, *lags)  # only its shape is read
+    return _CONVOLUTION_BACKWARD(
+        x, x, dummy, None, [1] * d, [dl * (k - 1) for k, dl in zip(kernels, dilations)], list(dilations),
+        False, [0] * d, groups, [False, True, False],
+    )[1]
+
+
+def _stack_factor(device: torch.device) -> int:
+    """Lags whose regions have the same shape are stacked into one batched product in chunks that keep
+    each stacked operand below this multiple of ``x``'s size; 0: one product per lag, no stacking.
+
+    CPUs: 0. Measured there (2 threads, float32): stacking makes the GEMM form 1.0-1.4x slower (1.0-2.6x
+    without the chunks of samples: a fresh large buffer per stack costs page faults, the per-lag copies
+    reuse freed blocks of the same size), and launches are cheap. CUDA: 2, not measured (the caching
+    allocator recycles the stacks; the launches, copy and product, drop by up to ``2^(d-1)``: half in
+    2-d, a quarter in 3-d)."""
+    return 0 if device.type == "cpu" else 2
+
+
+#: rows per matrix product of the GEMM form, at most (when the partial products stay small): a longer
+#: reduction is split into blocks of rows (an explicit split-K) whose partial products are summed by
+#: torch.sum (cascaded on CPUs, a tree on CUDA). Why: a BLAS may accumulate a long reduction in one
+#: sequence; measured on CPUs (MKL, float32) for [C, rows] @ [rows, C] with C ≤ 8 the error grows
+#: linearly with the rows: 3e-6 at 32k rows, 2.6e-5 at 524k (C = 3), against 1e-6 for C ≥ 16. On GPUs
+#: a lag's output (C/G)² is small against its reduction: the blocks are also its parallelism.
+_ROW_BLOCK = 4096
+
+
+def _row_blocks(dims: Sequence[int], columns: int) -> int:
+    """Into how many blocks the rows ``∏ dims`` (``(N, *overlap)``, C order) of a lag product are split:
+    the product of the fewest leading dims that brings a block to ``_ROW_BLOCK`` rows or fewer, unless a
+    block would then be shorter than ``columns`` (the partial products, ``columns²`` per block, would
+    outgrow the operands, ``columns`` per row)."""
+    rows, blocks = math.prod(dims), 1
+    for size in dims[:-1]:
+        if rows // blocks <= _ROW_BLOCK or rows // (blocks * size) < columns:
+            break
+        blocks *= size
+    return blocks
+
+
+class _GemmPlan(NamedTuple):
+    """The lags :func:`_lag_products_gemm` computes, grouped by the shape of their overlap region."""
+
+    by_shape: Tuple[Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]], ...]  # (overlap shape, lags δ)
+    taps: Tuple[int, ...]  # per computed lag in that order (δ = 0 first): flat tap of δ ...
+    mirrored: Tuple[int, ...]  # ... and, from the second on, of -δ
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_plan(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple[int, ...]) -> _GemmPlan:
+    """Half the lags: ``δ = 0`` and those whose first non-zero component is positive (``L[-δ]`` is ``L[δ]``
+    transposed per group), without the lags whose regions do not overlap (``dil·|δ_t| ≥ I_t``: zero)."""
+    d = len(kernels)
+    by_shape: Dict[Tuple[int, ...], List[Tuple[int, ...]]] = {tuple(size): [(0,) * d]}  # δ = 0: alone, first
+    for delta in itertools.product(*(range(-(k - 1), k) for k in kernels)):
+        shape = tuple(i - dl * abs(dt) for i, dl, dt in zip(size, dilations, delta))
+        if delta > (0,) * d and min(shape) > 0:
+            by_shape.setdefault(shape, []).append(delta)
+    order = [delta for deltas in by_shape.values() for delta in deltas]
+    strides = [math.prod(2 * k - 1 for k in kernels[t + 1:]) for t in range(d)]
+    taps = [sum((dt + k - 1) * st for dt, k, st in zip(delta, kernels, strides)) for delta in order]
+    center = taps[0]
+    return _GemmPlan(tuple((shape, tuple(deltas)) for shape, deltas in by_shape.items()), tuple(taps),
+                     tuple(2 * center - tap for tap in taps[1:]))  # tap(-δ) = 2·tap(0) - tap(δ)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gemm_index(size, kernels, dilations, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``taps`` and ``mirrored`` of :func:`_gemm_plan` on ``device``: moved once (a host-to-device copy
+    per call would wait for the queued work on CUDA)."""
+    plan = _gemm_plan(size, kernels, dilations)
+    return tuple(torch.tensor(taps, dtype=torch.long, device=device) for taps in (plan.taps, plan.mirrored))
+
+
+def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
+    """:func:`_lag_products` by matrix products only (exact float32 FMAs in cuBLAS unless the caller
+    allowed TF32 in ``torch.backends.cuda.matmul``; this function sets no flag).
+
+    Half the lags (:func:`_gemm_plan`); the others are their transposes. Lag ``δ`` sums over the overlap
+    region ``q ∈ Π_t [max(0, -s_t), I_t - max(0, s_t))``, ``s = dil·δ``, against ``q + s``: two slices of one
+    copy of ``x`` laid out ``[G, N, *I, C/G]`` (channels last, groups first, made once; on CPUs once per
+    chunk of samples, whose products are accumulated). Each slice is reshaped to ``[G·m, rows/m, C/G]``
+    (a copy unless contiguous, as for ``δ = 0``; ``m`` blocks of rows, :func:`_row_blocks`) and one
+    batched product ``[C/G, rows/m] @ [rows/m, C/G]`` per group and block, summed over the blocks, gives
+    the lag. Lags whose regions have the same shape (``|δ|`` equal per dim: up to ``2^(d-1)`` of the
+    computed half) may be stacked into one product: the same copies, fewer launches (:func:`_stack_factor`:
+    on CUDA, not on CPUs). Depthwise (``C/G = 1``) the products degenerate to dot products: there an
+    elementwise multiply of the two slices, read in place (no copy), and a sum over the rows, one lag at
+    a time (stacking would copy both slices and, in 2-d, save no launch). Lags without overlap
+    (``dil·|δ_t| ≥ I_t``) are zero and not computed. Temporaries: the layout copy, per lag the two
+    slices (each at most ``x``) or a stack (at most ``2x`` each), and the small products."""
+    n, c, *size = x.shape
+    d = len(kernels)
+    ci = c // groups
+    lags = [2 * k - 1 for k in kernels]
+
+    def region(layout, delta, operand):  # [G, N, *overlap, ci]; operand 0: q (rows i), 1: q + dil·δ (columns j)
+        slices = []
+        for i, dl, dt in zip(size, dilations, delta):
+            s = dl * dt
+            lo = max(0, -s) + (s if operand else 0)
+            slices.append(slice(lo, lo + i - abs(s)))
+        return layout[(slice(None), slice(None), *slices)]
+
+    key = (tuple(size), tuple(kernels), tuple(dilations))
+    plan = _gemm_plan(*key)
+    products = x.new_zeros(len(plan.taps), groups, ci, ci)  # per computed lag, in the plan's order
+    factor = _stack_factor(x.device)
+    # CPUs: chunks of samples of _CPU_CHUNK_BYTES, their products accumulated: the region copies stay small
+    # (measured, 2 threads: 2-9x faster for inputs of 25-100 MB, the same for small ones)
+    sample_bytes = math.prod(x.shape[1:]) * x.element_size()
+    samples = n if x.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // max(1, sample_bytes))
+    for n0 in range(0, n, samples):
+        part_x = x[n0:n0 + samples]
+        part_n = part_x.shape[0]
+        # [G, N, *I, ci]: a region of one group is a block of rows of C/G columns; groups are the batch
+        layout = part_x.unflatten(1, (groups, ci)).permute(1, 0, *range(3, 3 + d), 2).contiguous()
+        done = 0
+        for shape, deltas in plan.by_shape:
+            rows = part_n * math.prod(shape)
+            # depthwise: one lag at a time (see the docstring); otherwise chunks of stacked lags (_stack_factor)
+            chunk = 1 if ci == 1 else max(1, factor * layout.numel() // (rows * c))
+            for k0 in range(0, len(deltas), chunk):
+                lag_part = deltas[k0:k0 + chunk]
+                k = len(lag_part)
+                target = products[done:done + k]
+                done += k
+                if ci == 1:
+                    dots = region(layout, lag_part[0], 0) * region(layout, lag_part[0], 1)
+                    target.view(groups, 1).add_(dots.sum(dim=tuple(range(1, 2 + d))))
+                    continue
+                # one lag: the slices (reshape copies unless contiguous); several: stacked (one copy each).
+                # The rows split into m blocks of leading dims (N, ...): batch (lag, group, block), summed
+                m = _row_blocks((part_n, *shape), ci)
+                a, b = ((region(layout, lag_part[0], o) if k == 1
+                         else torch.stack([region(layout, dt, o) for dt in lag_part]))
+                        .reshape(k * groups * m, rows // m, ci) for o in (0, 1))
+                product = torch.bmm(a.transpose(1, 2), b)
+                target.view(k * groups, ci, ci).add_(product if m == 1 else product.view(k * groups, m, ci, ci).sum(1))
+    # the full [G, ci, ci, ∏(2K-1)]: the computed lags at δ and, transposed, at -δ (all but δ = 0, the
+    # first); taps without overlap stay zero
+    taps, mirrored = _gemm_index(*key, x.device)
+    result = x.new_zeros(groups, ci, ci, math.prod(lags))
+    result.index_copy_(3, mirrored, products[1:].permute(1, 3, 2, 0))  # (j, i) of lag δ is (i, j) at -δ
+    result.index_copy_(3, taps, products.permute(1, 2, 3, 0))
+    return result.view(c, ci, *lags)
+
+
+def _window(t: Tensor, axis: int, plan: _DimPlan, start: int) -> Tensor:
+    """``x_pad[start : start + w]`` along ``axis`` of an unpadded tensor (zeros outside the input)."""
+    lo = start - plan.left
+    hi = lo + plan.width
+    first, end = max(lo, 0), min(hi, plan.size)
+    piece = t.narrow(axis, first, end - first)
+    if first == lo and end == hi:
+        return piece
+    pads = [0] * (2 * (t.dim() - axis))
+    pads[-2], pads[-1] = first - lo, hi - end  # torch.nn.functional.pad lists the last dim first
+    return torch.nn.functional.pad(piece, pads)
+
+
+def _border_products(x: Tensor, plans, groups: int, subset: Tuple[int, ...], method: str) -> Tensor:
+    """Products of the border term ``T = subset``: ``[*sides_T, G, ci, *w_T, ci, *w_T, *(2K-1)_rest]``,
+    rows ``(side..., c, q_T)`` and columns ``(c', q'_T)`` of the slabs, lags over the full range of the
+    other dims.
+
+    With at most one other dim this is one batched matrix product of the slab with its copy unfolded
+    along that dim (``2K-1`` times a thin slab; several times faster than a grouped weight gradient of
+    these shapes on CPUs); with two (3-d, one border dim) the unfolded copy would grow by ``(2K-1)²``, and
+    they are the lag products of the slabs by ``method`` (:func:`_lag_products`: a grouped convolution
+    weight gradient or the GEMM form; side combinations and groups as its groups).
+    """
+    n, c = x.shape[:2]
+    d = len(plans)
+    ci = c // groups
+    m = len(subset)
+    # slabs: [N, sides_T..., C, *spatial] with the dims of T cut to their slab windows
+    z = x
+    for k, t in enumerate(subset):
+        axis = 2 + k + t  # after N, the k side axes so far, C
+        z = torch.stack([_window(z, axis, plans[t], s) for s in plans[t].starts], dim=1 + k)
+    sides = [len(plans[t].starts) for t in subset]
+    widths = [plans[t].width for t in subset]
+    rest = [t for t in range(d) if t not in subset]
+    batches = math.prod(sides) * groups  # one product per (side combination, group)
+    rows = ci * math.prod(widths)
+    z = z.view(n, *sides, groups, ci, *z.shape[2 + m:])  # [N, sides..., G, ci, *spatial]
+    side_axes = list(range(1, 1 + m))
+    slab_axes = [3 + m + t for t in subset]
+    rest_axes = [3 + m + t for t in rest]
+    if len(rest) <= 1:
+        left = z.permute(*side_axes, 1 + m, 2 + m, *slab_axes, 0, *rest_axes).reshape(batches, rows, -1)
+        if rest:
+            plan = plans[rest[0]]
+            axis = rest_axes[0]
+            pads = [0] * (2 * (z.dim() - axis))
+            pads[-2] = pads[-1] = plan.dilation * (plan.kernel - 1)
+            windows = torch.nn.functional.pad(z, pads).unfold(axis, plan.dilation * (plan.lags - 1) + 1, 1)
+            windows = windows[..., :: plan.dilation]  # [..., I (at axis), ..., 2K-1]: lag δ at o + dil·δ
+            right = windows.permute(*side_axes, 1 + m, 0, axis, 2 + m, *slab_axes, z.dim())
+        else:
+            right = z.permute(*side_axes, 1 + m, 0, 2 + m, *slab_axes)
+        prod = torch.bmm(left, right.reshape(batches, left.shape[-1], -1))
+    else:  # the lags of the two other dims, per (side combination, group): those are the groups
+        z = z.permute(0, *side_axes, 1 + m, 2 + m, *slab_axes, *rest_axes)
+        z = z.reshape(n, batches * rows, *(plans[t].size for t in rest))
+        prod = _lag_products(z, [plans[t].kernel for t in rest], [plans[t].dilation for t in rest], batches, method)
+    return prod.reshape(*sides, groups, ci, *widths, ci, *widths, *(plans[t].lags for t in rest))
+
+
+@torch.no_grad()  # a curvature statistic; the assembly writes into buffers (out=), which autograd refuses
+def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto") -> Tensor:
+    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]`` (= :func:`curvlib.native.kfc`) from lag products plus
+    border corrections (module docstring), without unfolding the input. Needs :func:`supports_lags`.
+
+    ``x`` ``[N, C_in, *input_size]``, float32 or float64, any device. The result is not differentiable
+    (computed under ``torch.no_grad``).
+
+    ``lag_method`` chooses how the full-range lag products (and, in 3-d, the border terms that keep two
+    lag dims) are computed:
+
+    - ``"conv"``: one convolution weight gradient (ATen: oneDNN on CPUs, cuDNN on CUDA);
+    - ``"gemm"``: matrix products of slices of a channels-last copy of ``x``, half the lags (the others
+      are transposes; module docstring);
+    - ``"auto"`` (default): ``"gemm"`` for float32, ``"conv"`` otherwise (:func:`resolve_lag_method`).
+
+    Precision: float64 agrees with the unfolded Gram to rounding either way. In float32 on CUDA, cuDNN
+    may compute the lag weight gradient by Winograd — no cuDNN flag avoids it — (seen for the 5x5 lags of
+    3x3 layers on an H100 and an H200, TF32 off): about 2e-4 relative error (Frobenius), against about
+    1e-6 for the unfold pathway; ``"gemm"`` runs only cuBLAS products, plain float32 FMAs unless
+    ``torch.backends.cuda.matmul`` allows TF32 (not set here; ``"conv"`` follows
+    ``torch.backends.cudnn.allow_tf32`` instead, on by default). On CPUs, float32: ``"gemm"`` 4e-8 to
+    6e-7 measured; ``"conv"`` (oneDNN) 5e-7 to 1.1e-5 at batch 32, growing with ``N·∏I`` (4.7e-5 for a
+    64-channel 56x56 layer at batch 128); module docstring, *Lag methods*.
+
+    Raises ``ValueError`` for an unsupported geometry or a ``lag_method`` outside ``LAG_METHODS``."""
+    method = resolve_lag_method(lag_method, x.dtype, x.device)
+    if not supports_lags(geometry):
+        raise ValueError(
+            "kfc_by_lags needs an ordinary convolution with stride 1 and at most 3 spatial dims, got "
+            f"stride={geometry.stride}, transposed={geometry.transposed}, {geometry.num_dims} spatial dims"
+        )
+    n, c = x.shape[:2]
+    d = geometry.num_dims
+    groups = geometry.groups
+    ci = c // groups
+    key = _plan_key(geometry)
+    plans = _dim_plans(key)
+    tensors = _plan_tensors(key, x.dtype, x.device)
+
+    # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
+    # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
+    kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
+    lag_term = _lag_products(x, kernels, dilations, groups, method).view(groups, ci, ci, *(p.lags for p in plans))
+    terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
+    for subset in _subsets(plans):
+        m = len(subset)
+        prod = _border_products(x, plans, groups, subset, method)  # [*sides, g, ii, *q, jj, *q', *lags_rest]
+        axes, rest = [], 3 * m + 3
+        for t in range(d):
+            if t in subset:
+                k = subset.index(t)
+                axes += [k, m + 2 + k, 2 * m + 3 + k]
+            else:
+                axes.append(rest)
+                rest += 1
+        terms[tuple(t in subset for t in range(d))] = prod.permute(m + 1, *axes, 2 * m + 2, m)
+
+    # Assembly. Mapping dim t to (a_t, b_t) is a product from the left with the dim's [K², X_t] matrix
+    # (batched over everything before X_t), no transposition. The terms that differ only in dim t are
+    # written next to each other along X_t (lag part first) and mapped by one product; the count of
+    # tensors halves per dim. Rows ii are independent: on CPUs they go in chunks, so that the
+    # temporaries stay small (see _CPU_CHUNK_BYTES) and only the result is a large allocation.
+    kk = [p.kernel ** 2 for p in plans]
+
+    def size(t, border):
+        return plans[t].border_size if border else plans[t].lags
+
+    def split(t, forms):  # per dim from t on: a border form's (side, q, q') or the lag axis
+        return [a for s, f in zip(range(t, d), forms)
+                for a in ((len(plans[s].starts), plans[s].width, plans[s].width) if f else (plans[s].lags,))]
+
+    result = x.new_empty(groups, ci, *geometry.kernel_size, ci, *geometry.kernel_size)
+    # the result seen in the order the assembly produces: [ii, (a_0, b_0), ..., (a_{d-1}, b_{d-1}), jj, g]
+    produced = result.permute(1, *(a for t in range(d) for a in (2 + t, 3 + d + t)), 2 + d, 0)
+    per_row = math.prod(kk) * c * x.element_size()
+    chunk = ci if x.device.type != "cpu" else max(1, min(ci, _CPU_CHUNK_BYTES // per_row))
+    scale = 1.0 / n  # applied while the products are copied in, not on the [G, D, D] result
+    for i0 in range(0, ci, chunk):
+        rows = min(chunk, ci - i0)
+        # step 0's inputs: per forms of dims 1.. a buffer [rows, X_0 (lag | border), rest]
+        sources: Dict[Tuple[bool, ...], Tensor] = {}
+        for forms, term in terms.items():
+            if forms[1:] not in sources:
+                after = math.prod(size(s, f) for s, f in zip(range(1, d), forms[1:]))
+                sources[forms[1:]] = x.new_empty(rows, plans[0].lags + plans[0].border_size, after * c)
+            lo = plans[0].lags if forms[0] else 0
+            target = sources[forms[1:]][:, lo:lo + size(0, forms[0])]
+            torch.mul(term[i0:i0 + rows], scale, out=target.view(rows, *split(0, forms), ci, groups))
+        for t in range(d):
+            lag_index, map_t = tensors[t]
+            targets: Dict[Tuple[bool, ...], Tensor] = {}
+            for forms_after, source in sources.items():  # source [batch, X_t total, rest]
+                batch = source.shape[0]
+                if t == d - 1:
+                    target = x.new_empty(batch, kk[t], c)
+                    targets[()] = target
+                else:
+                    key_next = forms_after[1:]
+                    if key_next not in targets:
+                        after = math.prod(size(s, f) for s, f in zip(range(t + 2, d), key_next))
+                        targets[key_next] = x.new_empty(batch * kk[t], plans[t + 1].lags + plans[t + 1].border_size,
+                                                        after * c)
+                    lo = plans[t + 1].lags if forms_after[0] else 0
+                    # a view (errors rather than copying): splits the leading dim, merges the contiguous rest
+                    target = targets[key_next][:, lo:lo + size(t + 1, forms_after[0])].view(batch, kk[t], -1)
+                if map_t is None:  # no border in this dim: a gather of lag b - a
+                    target.copy_(source.index_select(1, lag_index))
+                else:
+                    torch.matmul(map_t, source, out=target)
+            sources = targets
+        (gram,) = sources.values()
+        produced[i0:i0 + rows].copy_(gram.view(rows, *(k for k in geometry.kernel_size for _ in range(2)), ci, groups))
+    size_d = ci * math.prod(geometry.kernel_size)
+    return result.view(groups, size_d, size_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# cost model
+
+
+def unfold_flops(geometry: ConvGeometry, batch: int) -> float:
+    """Multiply-adds of :func:`curvlib.native.kfc`: ``(C_in/G·∏K)²·G·N·O``."""
+    d = geometry.in_channels // geometry.groups * math.prod(geometry.kernel_size)
+    return float(d * d * geometry.groups * batch * math.prod(geometry.output_size))
+
+
+def _lag_positions(sizes: Sequence[int], kernels: Sequence[int], dilations: Sequence[int], method: str) -> float:
+    """Per sample and channel pair, the multiply-adds of :func:`_lag_products` by ``method``: the weight
+    gradient ``∏(2K-1)·∏I`` (every tap over the whole input, as counted for the convolution; the zeros
+    of its padding included), the GEMM form the overlap regions of half the lags,
+    ``(∏_t S_t + ∏ I)/2`` with ``S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)`` (all lags' overlaps; ``δ = 0``
+    once, the others' mirror images not computed)."""
+    if method == "conv":
+        return float(math.prod(2 * k - 1 for k in kernels) * math.prod(sizes))
+    overlap = math.prod(sum(max(0, i - dl * abs(dt)) for dt in range(-(k - 1), k))
+                        for i, k, dl in zip(sizes, kernels, dilations))
+    return (overlap + math.prod(sizes)) / 2
+
+
+def lag_flops(geometry: ConvGeometry, batch: int, lag_method: str = "conv") -> float:
+    """Multiply-adds of :func:`kfc_by_lags` with ``lag_method`` ``"conv"`` or ``"gemm"`` (``"auto"``
+    depends on the input's dtype and device: resolve it first, :func:`resolve_lag_method`): the lag
+    products (:func:`_lag_positions`), one product per border term (in 3-d those with two lag dims by
+    the lag method) and the products mapping the terms to ``(a, b)`` (gathers, copies, the transposes of
+    the GEMM form and the final permutation move memory only and are not counted). Compare with
+    :func:`unfold_flops`."""
+    if lag_method not in ("conv", "gemm"):
+        raise ValueError(f"lag_method must be 'conv' or 'gemm' (resolve 'auto' with resolve_lag_method), "
+                         f"got {lag_method!r}")
+    plans = _dim_plans(_plan_key(geometry))
+    d = len(plans)
+    c, g = geometry.in_channels, geometry.groups
+    ci = c // g
+
+    def positions(dims, method):
+        return _lag_positions([plans[t].size for t in dims], [plans[t].kernel for t in dims],
+                              [plans[t].dilation for t in dims], method)
+
+    total = c * ci * positions(range(d), lag_method) * batch
+    subsets = _subsets(plans)
+    for subset in subsets:
+        rest = [t for t in range(d) if t not in subset]
+        sides = math.prod(len(plans[t].starts) for t in subset)
+        width = math.prod(plans[t].width for t in subset)
+        # two lag dims: by the lag method (_border_products), fewer: an unfolded product over all taps
+        total += sides * c * width * ci * width * positions(rest, lag_method if len(rest) == 2 else "conv") * batch
+    # assembly: per dim with a border, one [K², 2K-1 + sides·w²] product per group of terms
+    after = {tuple(t in subset for t in range(d)) for subset in subsets} | {(False,) * d}
+    for t in range(d):
+        after = {forms[1:] for forms in after}
+        if plans[t].width:
+            prev = math.prod(plans[s].kernel ** 2 for s in range(t))
+            for forms in after:
+                rest = math.prod(plans[s].border_size if f else plans[s].lags for s, f in zip(range(t + 1, d), forms))
+                total += prev * plans[t].kernel ** 2 * (plans[t].lags + plans[t].border_size) * rest * g * ci * ci
+    return total
