@@ -123,3 +123,23 @@ def test_tf32_on_the_gpu_is_within_its_stated_tolerance_and_ieee_is_exact(pathwa
     assert ieee < 2e-5
     assert tf32 < 2e-3
     assert tf32 > 10 * ieee  # TF32 rounding is visible: the setting took effect
+
+
+def test_lags_pathway_uses_the_convolution_under_tf32(monkeypatch):
+    """Under TF32 the lag products may come from cuDNN (its Winograd error is below TF32's); exact
+    float32 otherwise. Checked through the method the pathway requests (no GPU needed)."""
+    from curvlib import lag_gram
+
+    seen = []
+    original = lag_gram.kfc_by_lags
+    monkeypatch.setattr(lag_gram, "kfc_by_lags", lambda x, g, lag_method="auto": seen.append(lag_method)
+                        or original(x, g, lag_method=lag_method))
+    x = torch.randn(2, 3, 6, 6)
+    with pathways.options(precision="tf32"):
+        F.kfc(x, 3, padding=1, pathway="lags")  # CPU: no TF32, the method stays automatic
+    assert seen == ["auto"]
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    with pathways.options(precision="tf32"):
+        assert F._lag_method(cuda_like) == "conv"
+    with pathways.options(precision="ieee"):
+        assert F._lag_method(cuda_like) == "auto"
