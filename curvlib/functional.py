@@ -191,12 +191,15 @@ def _in_precision(run, precision: str, device: torch.device):
     return wrapped
 
 
-def _lag_method(x: Tensor) -> str:
-    """The lags pathway's ``lag_method``: under TF32 on CUDA the convolution (cuDNN's Winograd error,
-    ~2e-4, is below TF32's ~1e-3; 2x faster than the GEMM form on an H100), else its own default."""
-    if x.is_cuda and _precision.effective_precision(_pathways.settings().precision) == "tf32":
-        return "conv"
-    return "auto"
+def _kfc_by_lags(x: Tensor, geometry) -> Tensor:
+    """The lags pathway: the Triton lag products where they run (float32 on CUDA), in the precision the
+    setting implies; without Triton under TF32 on CUDA the convolution (cuDNN's Winograd error, ~2e-4,
+    is below TF32's ~1e-3; 2x faster than the GEMM form on an H100), else the method's own default."""
+    precision = _precision.effective_precision(_pathways.settings().precision)
+    if _lag_gram.triton_usable(x.dtype, x.device, x.numel()) and x.is_cuda:
+        return _lag_gram.kfc_by_lags(x, geometry, lag_method="triton", precision=precision)
+    method = "conv" if x.is_cuda and precision == "tf32" else "auto"
+    return _lag_gram.kfc_by_lags(x, geometry, lag_method=method)
 
 
 def _kernel_precision() -> str:
@@ -685,7 +688,7 @@ def kfc(
         network=lambda: kfac.kfc(x, geometry),
         native=_native("kfc", geometry, lambda: _native_module.kfc(x, geometry)),
         fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry, precision=_kernel_precision())),
-        lags=(lambda: _lag_gram.kfc_by_lags(x, geometry, lag_method=_lag_method(x))) if _lag_gram.supports_lags(
+        lags=(lambda: _kfc_by_lags(x, geometry)) if _lag_gram.supports_lags(
             geometry) else None,
     )
 

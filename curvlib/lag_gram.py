@@ -76,9 +76,14 @@ border terms that keep two lag dims: those are lag products of the slabs):
   Depthwise (``C/G = 1``) the products are dot products: an elementwise multiply of the two slices
   (read in place) and a sum. On CUDA, lags with overlap regions of one shape are stacked into one
   product (fewer launches), on CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies).
-- ``"auto"`` (default): ``"gemm"`` for float32 (on every device: neither cuDNN's nor oneDNN's float32
-  convolution is accurate enough, see below), ``"conv"`` for float64 and the half-precision types
-  (:func:`resolve_lag_method`).
+- ``"triton"``: the GEMM form's half of the lags in ONE launch (:mod:`curvlib.kernels.lag_products`,
+  CUDA, float32): a lag's two operands are ``x`` at ``q`` and at ``q + dil·δ``, a constant address
+  offset apart, so every program loads its tiles straight from ``x`` (no slices, no copies) while
+  walking the lag's overlap region; the programs of all lags for one stretch of positions run
+  together and share it through L2. Exact float32 FMAs by default (``precision=``).
+- ``"auto"`` (default): ``"triton"`` for float32 on CUDA when Triton is there; else ``"gemm"`` for
+  float32 (on every device: neither cuDNN's nor oneDNN's float32 convolution is accurate enough, see
+  below), ``"conv"`` for float64 and the half-precision types (:func:`resolve_lag_method`).
 
 Measured (float32 against float64; relative errors ``‖·‖_F`` and ``max|·|/max|ref|`` of the ``[G, D, D]``
 result): cuDNN (``"conv"``, CUDA, H100/H200): ~2e-4 (Frobenius). CPU (oneDNN ``"conv"``, torch 2.13,
@@ -134,7 +139,8 @@ from torch import Tensor
 
 from .hyperparams import ConvGeometry
 
-__all__ = ["kfc_by_lags", "supports_lags", "lag_flops", "unfold_flops", "resolve_lag_method", "LAG_METHODS"]
+__all__ = ["kfc_by_lags", "supports_lags", "lag_flops", "unfold_flops", "resolve_lag_method", "triton_usable",
+           "LAG_METHODS", "TRITON_PRECISIONS"]
 
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default  # the overload: no packet dispatch
 
@@ -250,30 +256,56 @@ def _plan_tensors(key, dtype: torch.dtype, device: torch.device):
 _CPU_CHUNK_BYTES = 2**22
 
 
-LAG_METHODS = ("auto", "conv", "gemm")
+LAG_METHODS = ("auto", "conv", "gemm", "triton")
+
+#: values of ``precision=`` (the Triton method's products; :mod:`curvlib.kernels`)
+TRITON_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 
-def resolve_lag_method(lag_method: str, dtype: torch.dtype, device) -> str:
-    """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` on ``device``: ``"conv"`` or
-    ``"gemm"``. ``"auto"`` is ``"gemm"`` for float32 on every device (cuDNN may pick a Winograd algorithm
-    for the lag weight gradient, about 2e-4 relative error; oneDNN's float32 error grows with the input,
-    4.7e-5 measured: module docstring, *Lag methods*), else ``"conv"`` (float64 is exact to rounding).
-    Raises ``ValueError`` naming the allowed values for any other value."""
+def triton_usable(dtype: torch.dtype, device, numel: int = 0) -> bool:
+    """Whether the ``"triton"`` lag method runs: Triton importable, float32, a CUDA device (or a CPU
+    tensor under ``TRITON_INTERPRET=1``), fewer than 2³¹ elements (32-bit addresses)."""
+    from . import kernels
+
+    device = torch.device(device)
+    on_device = device.type == "cuda" or (device.type == "cpu" and kernels._triton.INTERPRET)
+    return kernels.available() and dtype == torch.float32 and on_device and numel < 2**31
+
+
+def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int = 0) -> str:
+    """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` (``numel`` elements) on
+    ``device``: ``"conv"``, ``"gemm"`` or ``"triton"``. ``"auto"`` is ``"triton"`` for float32 on CUDA
+    when Triton is there (:func:`triton_usable`), else ``"gemm"`` for float32 on every device (cuDNN may
+    pick a Winograd algorithm for the lag weight gradient, about 2e-4 relative error; oneDNN's float32
+    error grows with the input, 4.7e-5 measured: module docstring, *Lag methods*), else ``"conv"``
+    (float64 is exact to rounding). Raises ``ValueError`` naming the allowed values for any other value,
+    and for ``"triton"`` where it cannot run."""
     if lag_method not in LAG_METHODS:
         raise ValueError(f"lag_method must be one of {', '.join(map(repr, LAG_METHODS))}, got {lag_method!r}")
+    if lag_method == "triton" and not triton_usable(dtype, device, numel):
+        raise ValueError(
+            "lag_method='triton' needs Triton, a float32 input on a CUDA device (or TRITON_INTERPRET=1) and "
+            f"fewer than 2**31 elements, got {dtype} on {device} with {numel} elements; use 'gemm' or 'conv'"
+        )
     if lag_method != "auto":
         return lag_method
+    if torch.device(device).type == "cuda" and triton_usable(dtype, device, numel):
+        return "triton"
     return "gemm" if dtype == torch.float32 else "conv"
 
 
-def _lag_products(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, method: str) -> Tensor:
+def _lag_products(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, method: str,
+                  precision: str = "ieee") -> Tensor:
     """``L[i, j, δ] = Σ_n Σ_q x[n,i,q]·x[n,j,q + dil·δ]`` ``[C, C/G, *(2K-1)]`` (``j`` within the group of
-    ``i``, tap ``δ + K - 1``) over the full range of every lag, by ``method`` (``"conv"`` or ``"gemm"``).
+    ``i``, tap ``δ + K - 1``) over the full range of every lag, by ``method`` (``"conv"``, ``"gemm"`` or
+    ``"triton"``, which alone reads ``precision``).
 
     ``x`` ``[N, C, *I]``: the layer's input for the lag term, a border term's slabs (:func:`_border_products`)
     otherwise. The functions are looked up here, at call time (the tests replace them to see which runs)."""
     if method == "gemm":
         return _lag_products_gemm(x, kernels, dilations, groups)
+    if method == "triton":
+        return _lag_products_triton(x, kernels, dilations, groups, precision)
     return _lag_products_conv(x, kernels, dilations, groups)
 
 
@@ -432,13 +464,35 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
                         .reshape(k * groups * m, rows // m, ci) for o in (0, 1))
                 product = torch.bmm(a.transpose(1, 2), b)
                 target.view(k * groups, ci, ci).add_(product if m == 1 else product.view(k * groups, m, ci, ci).sum(1))
-    # the full [G, ci, ci, ∏(2K-1)]: the computed lags at δ and, transposed, at -δ (all but δ = 0, the
-    # first); taps without overlap stay zero
-    taps, mirrored = _gemm_index(*key, x.device)
-    result = x.new_zeros(groups, ci, ci, math.prod(lags))
+    return _all_lags(products, key, x.shape[1])
+
+
+def _all_lags(products: Tensor, key, channels: int) -> Tensor:
+    """The full ``[C, C/G, *(2K-1)]`` from the computed half ``[lags, G, ci, ci]`` (:func:`_gemm_plan`'s
+    order): the computed lags at ``δ`` and, transposed, at ``-δ`` (all but ``δ = 0``, the first); taps
+    without overlap stay zero."""
+    _, groups, ci, _ = products.shape
+    lags = [2 * k - 1 for k in key[1]]
+    taps, mirrored = _gemm_index(*key, products.device)
+    result = products.new_zeros(groups, ci, ci, math.prod(lags))
     result.index_copy_(3, mirrored, products[1:].permute(1, 3, 2, 0))  # (j, i) of lag δ is (i, j) at -δ
     result.index_copy_(3, taps, products.permute(1, 2, 3, 0))
-    return result.view(c, ci, *lags)
+    return result.view(channels, ci, *lags)
+
+
+def _lag_products_triton(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int,
+                         precision: str) -> Tensor:
+    """:func:`_lag_products` by one Triton launch (:mod:`curvlib.kernels.lag_products`): the half of the
+    lags the GEMM form computes (:func:`_gemm_plan`), each over its overlap region, read straight from
+    ``x`` (no copies), then mirrored like the GEMM form's. float32 accumulation; ``precision`` selects
+    the products' mode (``"ieee"``: exact float32 FMAs)."""
+    from .kernels.lag_products import lag_products  # needs Triton: imported only when this method runs
+
+    key = (tuple(x.shape[2:]), tuple(kernels), tuple(dilations))
+    plan = _gemm_plan(*key)
+    shifts = [tuple(dl * dt for dl, dt in zip(dilations, delta)) for _, deltas in plan.by_shape for delta in deltas]
+    products = lag_products(x, shifts, groups, precision=precision)
+    return _all_lags(products.to(x.dtype), key, x.shape[1])
 
 
 def _window(t: Tensor, axis: int, plan: _DimPlan, start: int) -> Tensor:
@@ -454,7 +508,8 @@ def _window(t: Tensor, axis: int, plan: _DimPlan, start: int) -> Tensor:
     return torch.nn.functional.pad(piece, pads)
 
 
-def _border_products(x: Tensor, plans, groups: int, subset: Tuple[int, ...], method: str) -> Tensor:
+def _border_products(x: Tensor, plans, groups: int, subset: Tuple[int, ...], method: str,
+                     precision: str = "ieee") -> Tensor:
     """Products of the border term ``T = subset``: ``[*sides_T, G, ci, *w_T, ci, *w_T, *(2K-1)_rest]``,
     rows ``(side..., c, q_T)`` and columns ``(c', q'_T)`` of the slabs, lags over the full range of the
     other dims.
@@ -499,12 +554,13 @@ def _border_products(x: Tensor, plans, groups: int, subset: Tuple[int, ...], met
     else:  # the lags of the two other dims, per (side combination, group): those are the groups
         z = z.permute(0, *side_axes, 1 + m, 2 + m, *slab_axes, *rest_axes)
         z = z.reshape(n, batches * rows, *(plans[t].size for t in rest))
-        prod = _lag_products(z, [plans[t].kernel for t in rest], [plans[t].dilation for t in rest], batches, method)
+        prod = _lag_products(z, [plans[t].kernel for t in rest], [plans[t].dilation for t in rest], batches, method,
+                             precision)
     return prod.reshape(*sides, groups, ci, *widths, ci, *widths, *(plans[t].lags for t in rest))
 
 
 @torch.no_grad()  # a curvature statistic; the assembly writes into buffers (out=), which autograd refuses
-def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto") -> Tensor:
+def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", precision: str = "ieee") -> Tensor:
     """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]`` (= :func:`curvlib.native.kfc`) from lag products plus
     border corrections (module docstring), without unfolding the input. Needs :func:`supports_lags`.
 
@@ -517,19 +573,31 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto") -> 
     - ``"conv"``: one convolution weight gradient (ATen: oneDNN on CPUs, cuDNN on CUDA);
     - ``"gemm"``: matrix products of slices of a channels-last copy of ``x``, half the lags (the others
       are transposes; module docstring);
-    - ``"auto"`` (default): ``"gemm"`` for float32, ``"conv"`` otherwise (:func:`resolve_lag_method`).
+    - ``"triton"``: the same half of the lags in one Triton launch that reads ``x`` in place
+      (:mod:`curvlib.kernels.lag_products`; CUDA, float32);
+    - ``"auto"`` (default): ``"triton"`` for float32 on CUDA with Triton, ``"gemm"`` for other float32,
+      ``"conv"`` otherwise (:func:`resolve_lag_method`).
+
+    ``precision`` (``"ieee"``, ``"tf32"``, ``"tf32x3"``, ``"bf16"``) is the mode of the ``"triton"``
+    method's products (:mod:`curvlib.kernels`): ``"ieee"`` (default) multiplies float32 exactly, ``"tf32"``
+    uses the matrix units (~1e-3). The other methods follow PyTorch's flags instead.
 
     Precision: float64 agrees with the unfolded Gram to rounding either way. In float32 on CUDA, cuDNN
     may compute the lag weight gradient by Winograd — no cuDNN flag avoids it — (seen for the 5x5 lags of
     3x3 layers on an H100 and an H200, TF32 off): about 2e-4 relative error (Frobenius), against about
     1e-6 for the unfold pathway; ``"gemm"`` runs only cuBLAS products, plain float32 FMAs unless
     ``torch.backends.cuda.matmul`` allows TF32 (not set here; ``"conv"`` follows
-    ``torch.backends.cudnn.allow_tf32`` instead, on by default). On CPUs, float32: ``"gemm"`` 4e-8 to
+    ``torch.backends.cudnn.allow_tf32`` instead, on by default); ``"triton"`` with ``precision="ieee"``
+    runs exact float32 FMAs, each slice of the reduction at most 16384 positions long, the slices added
+    atomically. On CPUs, float32: ``"gemm"`` 4e-8 to
     6e-7 measured; ``"conv"`` (oneDNN) 5e-7 to 1.1e-5 at batch 32, growing with ``N·∏I`` (4.7e-5 for a
     64-channel 56x56 layer at batch 128); module docstring, *Lag methods*.
 
-    Raises ``ValueError`` for an unsupported geometry or a ``lag_method`` outside ``LAG_METHODS``."""
-    method = resolve_lag_method(lag_method, x.dtype, x.device)
+    Raises ``ValueError`` for an unsupported geometry, a ``lag_method`` outside ``LAG_METHODS`` (or
+    ``"triton"`` where it cannot run) or a ``precision`` outside ``TRITON_PRECISIONS``."""
+    if precision not in TRITON_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, TRITON_PRECISIONS))}, got {precision!r}")
+    method = resolve_lag_method(lag_method, x.dtype, x.device, x.numel())
     if not supports_lags(geometry):
         raise ValueError(
             "kfc_by_lags needs an ordinary convolution with stride 1 and at most 3 spatial dims, got "
@@ -546,11 +614,12 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto") -> 
     # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
     # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
     kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
-    lag_term = _lag_products(x, kernels, dilations, groups, method).view(groups, ci, ci, *(p.lags for p in plans))
+    lag_term = _lag_products(x, kernels, dilations, groups, method, precision)
+    lag_term = lag_term.view(groups, ci, ci, *(p.lags for p in plans))
     terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
     for subset in _subsets(plans):
         m = len(subset)
-        prod = _border_products(x, plans, groups, subset, method)  # [*sides, g, ii, *q, jj, *q', *lags_rest]
+        prod = _border_products(x, plans, groups, subset, method, precision)  # [*sides, g, ii, *q, jj, *q', *lags_rest]
         axes, rest = [], 3 * m + 3
         for t in range(d):
             if t in subset:
@@ -644,14 +713,15 @@ def _lag_positions(sizes: Sequence[int], kernels: Sequence[int], dilations: Sequ
 
 
 def lag_flops(geometry: ConvGeometry, batch: int, lag_method: str = "conv") -> float:
-    """Multiply-adds of :func:`kfc_by_lags` with ``lag_method`` ``"conv"`` or ``"gemm"`` (``"auto"``
+    """Multiply-adds of :func:`kfc_by_lags` with ``lag_method`` ``"conv"``, ``"gemm"`` or ``"triton"``
+    (the same products as ``"gemm"``; ``"auto"``
     depends on the input's dtype and device: resolve it first, :func:`resolve_lag_method`): the lag
     products (:func:`_lag_positions`), one product per border term (in 3-d those with two lag dims by
     the lag method) and the products mapping the terms to ``(a, b)`` (gathers, copies, the transposes of
     the GEMM form and the final permutation move memory only and are not counted). Compare with
     :func:`unfold_flops`."""
-    if lag_method not in ("conv", "gemm"):
-        raise ValueError(f"lag_method must be 'conv' or 'gemm' (resolve 'auto' with resolve_lag_method), "
+    if lag_method not in ("conv", "gemm", "triton"):
+        raise ValueError(f"lag_method must be 'conv', 'gemm' or 'triton' (resolve 'auto' with resolve_lag_method), "
                          f"got {lag_method!r}")
     plans = _dim_plans(_plan_key(geometry))
     d = len(plans)

@@ -12,6 +12,7 @@ einsums in float64.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -282,6 +283,51 @@ def _functional_fused_pathway_failures() -> list:
     return failures
 
 
+def _lag_products_failures() -> list:
+    """The lag-product kernel (both paths, forced splits) against a float64 slicing reference, and the
+    lags pathway's ``"triton"`` method against the float64 unfolded Gram (curvlib's convolution form)."""
+    import itertools
+
+    from curvlib import lag_gram
+    from curvlib.hyperparams import make_geometry
+    from curvlib.kernels import lag_products as lp
+
+    def reference(x, shifts, groups):
+        n, c, *size = x.shape
+        out = []
+        for shift in shifts:
+            a = x[(slice(None), slice(None), *(slice(max(0, -s), i - max(0, s)) for i, s in zip(size, shift)))]
+            b = x[(slice(None), slice(None), *(slice(max(0, s), i + min(0, s)) for i, s in zip(size, shift)))]
+            a, b = (t.double().unflatten(1, (groups, c // groups)).flatten(3) for t in (a, b))
+            out.append(torch.einsum("ngip,ngjp->gij", a, b))
+        return torch.stack(out)
+
+    failures = []
+    # (channels, groups, size, shift range): dot path one/several tiles, narrow path (1, 3, 2 channels)
+    for c, groups, size, reach in [(20, 1, (7, 6), 2), (40, 1, (5, 4), 1), (6, 3, (9,), 3), (4, 4, (5, 6, 4), 1),
+                                   (3, 1, (8, 8), 2), (34, 2, (6, 5), 2)]:
+        x = torch.randn(3, c, *size)
+        shifts = list(itertools.product(*(range(-reach, reach + 1) for _ in size)))
+        expected = reference(x, shifts, groups)
+        total = 3 * math.prod(size)
+        configs = lp.candidates(c // groups, groups, len(shifts), total, x.device)
+        for config in configs[:2]:
+            for split in (1, 3):
+                forced = lp.LagConfig(config.narrow, config.block, config.block_r, config.num_warps, split)
+                error = relative_error(lp.lag_products(x, shifts, groups, config=forced), expected)
+                if not error < TOLERANCE["ieee"]:
+                    failures.append(("lag_products", (c, groups, size), forced, error))
+    for c, size, kernel, padding, dilation, groups in [(16, (7, 6), 3, 1, 1, 1), (4, (9,), 3, 2, 2, 4),
+                                                       (2, (5, 4, 6), 3, 1, 1, 1)]:
+        geometry = make_geometry(c, c, size, kernel_size=kernel, padding=padding, dilation=dilation, groups=groups)
+        x = torch.randn(2, c, *size)
+        expected = lag_gram.kfc_by_lags(x.double(), geometry, lag_method="conv")
+        error = relative_error(lag_gram.kfc_by_lags(x, geometry, lag_method="triton"), expected)
+        if not error < TOLERANCE["ieee"]:
+            failures.append(("kfc_by_lags triton", str(geometry), error))
+    return failures
+
+
 def _interpret_main() -> int:
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if not _interpreter_usable():
@@ -295,6 +341,7 @@ def _interpret_main() -> int:
         if not error < TOLERANCE["ieee"]:
             failures.append((CASES[0].name, key, error))
     failures += _functional_fused_pathway_failures()
+    failures += _lag_products_failures()
     for failure in failures:
         print("FAILED", *failure)
     print("interpreter check:", "failed" if failures else "passed")

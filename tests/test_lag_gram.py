@@ -215,16 +215,16 @@ def test_gemm_lag_products_equal_conv(seed):
 
 def test_bad_lag_method():
     geometry = make_geometry(3, 4, (8, 8), kernel_size=3, padding=1)
-    with pytest.raises(ValueError, match=r"lag_method must be one of 'auto', 'conv', 'gemm', got 'winograd'"):
+    with pytest.raises(ValueError, match=r"lag_method must be one of 'auto', 'conv', 'gemm', 'triton', got 'winograd'"):
         kfc_by_lags(torch.randn(1, 3, 8, 8), geometry, lag_method="winograd")
     with pytest.raises(ValueError, match="lag_method"):
         lag_flops(geometry, 2, lag_method="auto")
 
 
 def _record_lag_methods(monkeypatch):
-    """Replace both private lag functions by recording wrappers; returns the list of names called."""
+    """Replace the private lag functions by recording wrappers; returns the list of names called."""
     calls = []
-    for name in ("conv", "gemm"):
+    for name in ("conv", "gemm", "triton"):
         original = getattr(lag_gram, f"_lag_products_{name}")
 
         def wrapper(*args, name=name, original=original):
@@ -255,10 +255,24 @@ def test_auto_picks_gemm_for_float32_and_conv_for_float64(dtype, monkeypatch):
     torch.testing.assert_close(result, expected, rtol=tol, atol=tol * expected.abs().max())
 
 
-def test_resolve_lag_method():
-    """``"auto"``: the GEMM form for float32 on every device, the convolution otherwise."""
+def test_resolve_lag_method(monkeypatch):
+    """``"auto"``: the Triton kernel for float32 on CUDA (when Triton is there), the GEMM form for other
+    float32, the convolution otherwise; ``"triton"`` where it cannot run is an error."""
+    from curvlib import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert resolve_lag_method("auto", torch.float32, torch.device("cuda")) == "triton"
+    assert resolve_lag_method("auto", torch.float32, "cuda:1", numel=100) == "triton"
+    assert resolve_lag_method("auto", torch.float32, "cuda", numel=2**31) == "gemm"  # 32-bit addresses
+    assert resolve_lag_method("triton", torch.float32, "cuda") == "triton"
+    for dtype, device in ((torch.float64, "cuda"), (torch.float32, "cpu")):
+        with pytest.raises(ValueError, match="lag_method='triton' needs Triton, a float32 input"):
+            resolve_lag_method("triton", dtype, device)
+    monkeypatch.setattr(kernels, "available", lambda: False)
     assert resolve_lag_method("auto", torch.float32, torch.device("cuda")) == "gemm"
     assert resolve_lag_method("auto", torch.float32, "cuda:1") == "gemm"
+    with pytest.raises(ValueError, match="use 'gemm' or 'conv'"):
+        resolve_lag_method("triton", torch.float32, "cuda")
     assert resolve_lag_method("auto", torch.float64, "cuda") == "conv"
     assert resolve_lag_method("auto", torch.float32, "cpu") == "gemm"
     assert resolve_lag_method("auto", torch.float64, torch.device("cpu")) == "conv"
@@ -297,27 +311,57 @@ def test_cuda(seed):
     torch.testing.assert_close(result.cpu().double(), expected, rtol=0, atol=2e-3 * expected.abs().max())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_float32_gemm(seed, monkeypatch):
-    """float32 on CUDA: ``"auto"`` runs the GEMM form, within 2e-5 relative (Frobenius) of float64 with
-    TF32 off (cuDNN's Winograd weight gradient, ``"conv"``: ~2e-4)."""
+#: float32 CUDA cases: dot path (C/G ≥ 16, one and several tiles), narrow path (depthwise, 3 channels),
+#: 1-d/3-d, dilation, groups, a reduction long enough to be split
+CUDA_FLOAT32_CASES = [((20, 18), 3, 1, 1, 32, 1), ((28, 28), 3, 1, 1, 64, 1), ((14, 14), 7, 3, 48, 48, 1),
+                      ((9, 10, 8), 3, 1, 1, 16, 1), ((12, 11), 5, 2, 2, 16, 1), ((64,), 3, 1, 1, 32, 1),
+                      ((16, 16), 3, 1, 1, 3, 1), ((10, 12), 3, 2, 1, 80, 2), ((30, 30), 3, 1, 1, 24, 1)]
+
+
+def _cuda_float32_errors(methods, calls, precision="ieee"):
+    """Per case and method the relative error (Frobenius) of float32 against float64 (TF32 off)."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    calls = _record_lag_methods(monkeypatch)
+    errors = {}
     try:
-        for size, kernel, padding, groups, channels in [((20, 18), 3, 1, 1, 32), ((28, 28), 3, 1, 1, 64),
-                                                        ((14, 14), 7, 3, 48, 48), ((9, 10, 8), 3, 1, 1, 16),
-                                                        ((12, 11), 5, 2, 2, 16), ((64,), 3, 1, 1, 32)]:
-            geometry = make_geometry(channels, channels, size, kernel_size=kernel, padding=padding, groups=groups)
-            x = torch.randn(8, channels, *size, device="cuda")
+        for size, kernel, padding, groups, channels, dilation in CUDA_FLOAT32_CASES:
+            geometry = make_geometry(channels, channels, size, kernel_size=kernel, padding=padding, groups=groups,
+                                     dilation=dilation)
+            x = torch.randn(24, channels, *size, device="cuda")
             expected = kfc_by_lags(x.double(), geometry)
-            calls.clear()
-            result = kfc_by_lags(x, geometry)
-            assert result.dtype == torch.float32 and set(calls) == {"gemm"}
-            error = ((result.double() - expected).norm() / expected.norm()).item()
-            assert error < 2e-5, f"{geometry}: relative error {error:.2e}"
+            for method in methods:
+                calls.clear()
+                result = kfc_by_lags(x, geometry, lag_method=method, precision=precision)
+                assert result.dtype == torch.float32
+                assert set(calls) == {"triton" if method == "auto" else method}, (method, calls)
+                errors[(str(geometry), method)] = ((result.double() - expected).norm() / expected.norm()).item()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    return errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float32_gemm_and_triton(seed, monkeypatch):
+    """float32 on CUDA: ``"auto"`` runs the Triton lag products; it and the GEMM form are within 2e-5
+    relative (Frobenius) of float64 with TF32 off (cuDNN's Winograd weight gradient, ``"conv"``: ~2e-4)."""
+    from curvlib import kernels
+
+    methods = ("gemm", "triton", "auto") if kernels.available() else ("gemm",)
+    errors = _cuda_float32_errors(methods, _record_lag_methods(monkeypatch))
+    bad = {key: error for key, error in errors.items() if not error < 2e-5}
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_tf32(seed, monkeypatch):
+    """``precision="tf32"``: the matrix units are used (error above float32's) and stay within 2e-3."""
+    from curvlib import kernels
+
+    if not kernels.available():
+        pytest.skip("needs Triton")
+    errors = _cuda_float32_errors(("triton",), _record_lag_methods(monkeypatch), precision="tf32")
+    assert all(error < 2e-3 for error in errors.values()), errors
+    assert max(errors.values()) > 2e-5, errors  # TF32 rounding is visible: the option took effect
 
 
 def test_supports_lags():

@@ -125,21 +125,30 @@ def test_tf32_on_the_gpu_is_within_its_stated_tolerance_and_ieee_is_exact(pathwa
     assert tf32 > 10 * ieee  # TF32 rounding is visible: the setting took effect
 
 
-def test_lags_pathway_uses_the_convolution_under_tf32(monkeypatch):
-    """Under TF32 the lag products may come from cuDNN (its Winograd error is below TF32's); exact
-    float32 otherwise. Checked through the method the pathway requests (no GPU needed)."""
+def test_lags_pathway_method_and_precision(monkeypatch):
+    """The lags pathway requests the Triton lag products on CUDA (when they run) in the setting's
+    precision; without Triton, under TF32 the convolution (its Winograd error is below TF32's); exact
+    float32 otherwise. Checked through what the pathway requests (no GPU needed)."""
     from curvlib import lag_gram
 
     seen = []
     original = lag_gram.kfc_by_lags
-    monkeypatch.setattr(lag_gram, "kfc_by_lags", lambda x, g, lag_method="auto": seen.append(lag_method)
-                        or original(x, g, lag_method=lag_method))
+
+    def recording(x, g, lag_method="auto", precision="ieee"):
+        seen.append((lag_method, precision))
+        return original(x, g, lag_method=lag_method) if not isinstance(x, types.SimpleNamespace) else None
+
+    monkeypatch.setattr(lag_gram, "kfc_by_lags", recording)
     x = torch.randn(2, 3, 6, 6)
     with pathways.options(precision="tf32"):
         F.kfc(x, 3, padding=1, pathway="lags")  # CPU: no TF32, the method stays automatic
-    assert seen == ["auto"]
-    cuda_like = types.SimpleNamespace(is_cuda=True)
-    with pathways.options(precision="tf32"):
-        assert F._lag_method(cuda_like) == "conv"
-    with pathways.options(precision="ieee"):
-        assert F._lag_method(cuda_like) == "auto"
+    assert seen == [("auto", "ieee")]
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"),
+                                      numel=lambda: 10)
+    for usable, setting, expected in [(True, "tf32", ("triton", "tf32")), (True, "ieee", ("triton", "ieee")),
+                                      (False, "tf32", ("conv", "ieee")), (False, "ieee", ("auto", "ieee"))]:
+        monkeypatch.setattr(lag_gram, "triton_usable", lambda *args, usable=usable: usable)
+        seen.clear()
+        with pathways.options(precision=setting):
+            F._kfc_by_lags(cuda_like, None)
+        assert seen == [expected], (usable, setting)
