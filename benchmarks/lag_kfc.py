@@ -2,7 +2,7 @@
 
     python benchmarks/lag_kfc.py --quick                  # tiny layers, batch 2, CPU: seconds
     python benchmarks/lag_kfc.py [--device cuda|cpu] [--repeats 5] [--batch N] [--nets allcnnc convnext resnet18]
-                                 [--dtype float32|float64] [--lag-method auto|conv|gemm]
+                                 [--dtype float32|float64] [--lag-method auto|conv|gemm|triton]
                                  [--both-methods | --no-both-methods] [--json FILE]
 
 Implementations, side by side in one process on the same input:
@@ -11,10 +11,11 @@ Implementations, side by side in one process on the same input:
   ``(C/G·K^d)²·G·N·O`` multiply-adds),
 - ``lags``: :func:`curvlib.lag_gram.kfc_by_lags` (the ``(2K-1)^d`` lag products, thin border corrections,
   assembly to ``[G, D, D]``) with the lag products by ``lag_method``: ``conv`` (one convolution weight
-  gradient), ``gemm`` (matrix products of slices, half the lags) or ``auto`` (``gemm`` for float32 on CUDA,
-  else ``conv``; the column ``method`` shows the choice). ``--both-methods`` (the default on CUDA) times
-  ``conv`` and ``gemm`` side by side; the ``unfold/lags`` ratio, GFLOP and memory columns are those of
-  the chosen method.
+  gradient), ``gemm`` (matrix products of slices, half the lags), ``triton`` (the same half in one Triton
+  launch, operands read in place) or ``auto`` (``triton`` for float32 on CUDA with Triton, ``gemm`` for
+  other float32, else ``conv``; the column ``method`` shows the choice). ``--both-methods`` (the default
+  on CUDA) times the methods side by side (``triton`` where it runs); the ``unfold/lags`` ratio, GFLOP and
+  memory columns are those of the chosen method.
 
 Layers (stride 1, the default batch in brackets): All-CNN-C's 3×3 layers (128): 3→96@32, 96→96@32,
 96→192@16, 192→192@16 (padding 1), 192→192@8 (padding 0); ConvNeXt's depthwise 7×7 (``groups=C``,
@@ -49,7 +50,8 @@ import torch  # noqa: E402
 
 from curvlib import native  # noqa: E402
 from curvlib.hyperparams import make_geometry  # noqa: E402
-from curvlib.lag_gram import kfc_by_lags, lag_flops, resolve_lag_method, supports_lags, unfold_flops  # noqa: E402
+from curvlib.lag_gram import (kfc_by_lags, lag_flops, resolve_lag_method, supports_lags, triton_usable,  # noqa: E402
+                               unfold_flops)
 
 
 class Layer(NamedTuple):
@@ -106,7 +108,7 @@ def measure(layer: Layer, device: torch.device, dtype: torch.dtype, repeats: int
                              padding=layer.padding, groups=layer.groups)
     assert supports_lags(geometry)
     chosen = resolve_lag_method(lag_method, dtype, device)
-    methods = ["conv", "gemm"] if both_methods else [chosen]
+    methods = timed_methods(device, dtype) if both_methods else [chosen]
     record = dict(net=layer.net, layer=layer.name, batch=layer.batch, device=str(device), dtype=str(dtype),
                   method=chosen, unfold_gflop=unfold_flops(geometry, layer.batch) / 1e9,
                   lags_gflop=lag_flops(geometry, layer.batch, chosen) / 1e9,
@@ -160,10 +162,17 @@ def measure(layer: Layer, device: torch.device, dtype: torch.dtype, repeats: int
             record[f"lags_{key}"] = record[f"{chosen}_{key}"]
     if "unfold_ms" in record and "lags_ms" in record:
         record["speedup"] = record["unfold_ms"] / record["lags_ms"]
-    if "conv_ms" in record and "gemm_ms" in record:
-        record["gemm_over_conv"] = record["gemm_ms"] / record["conv_ms"]
+    for m in methods:
+        if m != "conv" and "conv_ms" in record and f"{m}_ms" in record:
+            record[f"{m}_over_conv"] = record[f"{m}_ms"] / record["conv_ms"]
     del x
     return record
+
+
+def timed_methods(device: torch.device, dtype: torch.dtype) -> List[str]:
+    """The lag methods timed side by side: the convolution, the GEMM form, and the Triton kernel where it
+    runs (float32 on CUDA)."""
+    return ["conv", "gemm"] + (["triton"] if device.type == "cuda" and triton_usable(dtype, device) else [])
 
 
 def _fmt(value, spec: str) -> str:
@@ -172,11 +181,12 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(records: List[Dict]) -> None:
     cuda = any(r["device"].startswith("cuda") for r in records)
-    both = any("gemm_over_conv" in r for r in records)
+    timed = [m for m in ("conv", "gemm", "triton") if any(f"{m}_gflop" in r for r in records)]
+    both = len(timed) > 1
     header = f"{'net':<9} {'layer':<22} {'N':>4} {'method':>6} {'unfold ms':>10}"
-    header += f" {'conv ms':>9} {'gemm ms':>9} {'gemm/conv':>9}" if both else f" {'lags ms':>9}"
+    header += "".join(f" {m + ' ms':>9}" for m in timed) if both else f" {'lags ms':>9}"
     header += f" {'unfold/lags':>11} {'err unfold':>10}"
-    header += f" {'err conv':>9} {'err gemm':>9}" if both else f" {'err lags':>9}"
+    header += "".join(f" {'err ' + m:>10}" for m in timed) if both else f" {'err lags':>9}"
     header += f" {'unfold GF':>10} {'lags GF':>8} {'GF ratio':>8}"
     if cuda:
         header += f" {'unfold MiB':>10} {'lags MiB':>9}"
@@ -185,13 +195,12 @@ def print_table(records: List[Dict]) -> None:
     for r in records:
         line = f"{r['net']:<9} {r['layer']:<22} {r['batch']:>4} {r['method']:>6} {_fmt(r.get('unfold_ms'), '10.2f')}"
         if both:
-            line += (f" {_fmt(r.get('conv_ms'), '9.2f')} {_fmt(r.get('gemm_ms'), '9.2f')}"
-                     f" {_fmt(r.get('gemm_over_conv'), '9.2f')}")
+            line += "".join(f" {_fmt(r.get(f'{m}_ms'), '9.2f')}" for m in timed)
         else:
             line += f" {_fmt(r.get('lags_ms'), '9.2f')}"
         line += f" {_fmt(r.get('speedup'), '11.2f')} {_fmt(r.get('unfold_max_rel_error'), '10.1e')}"
         if both:
-            line += f" {_fmt(r.get('conv_max_rel_error'), '9.1e')} {_fmt(r.get('gemm_max_rel_error'), '9.1e')}"
+            line += "".join(f" {_fmt(r.get(f'{m}_max_rel_error'), '10.1e')}" for m in timed)
         else:
             line += f" {_fmt(r.get('lags_max_rel_error'), '9.1e')}"
         line += f" {r['unfold_gflop']:>10.3g} {r['lags_gflop']:>8.3g} {r['unfold_gflop'] / r['lags_gflop']:>8.2f}"
@@ -205,11 +214,12 @@ def print_table(records: List[Dict]) -> None:
         geo = statistics.geometric_mean(speedups)
         print(f"\nunfold/lags time ratio: geometric mean {geo:.2f}, min {min(speedups):.2f}, max {max(speedups):.2f}"
               f" over {len(speedups)} layers (> 1: lags faster)")
-    ratios = [r["gemm_over_conv"] for r in records if "gemm_over_conv" in r]
-    if ratios:
-        geo = statistics.geometric_mean(ratios)
-        print(f"gemm/conv time ratio: geometric mean {geo:.2f}, min {min(ratios):.2f}, max {max(ratios):.2f}"
-              f" over {len(ratios)} layers (< 1: gemm faster)")
+    for m in timed[1:]:
+        ratios = [r[f"{m}_over_conv"] for r in records if f"{m}_over_conv" in r]
+        if ratios:
+            geo = statistics.geometric_mean(ratios)
+            print(f"{m}/conv time ratio: geometric mean {geo:.2f}, min {min(ratios):.2f}, max {max(ratios):.2f}"
+                  f" over {len(ratios)} layers (< 1: {m} faster)")
 
 
 def main(argv=None) -> None:
@@ -222,10 +232,12 @@ def main(argv=None) -> None:
                         choices=["allcnnc", "convnext", "resnet18"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
-    parser.add_argument("--lag-method", default="auto", choices=["auto", "conv", "gemm"],
-                        help="kfc_by_lags' lag_method (auto: gemm for float32 on CUDA, else conv)")
+    parser.add_argument("--lag-method", default="auto", choices=["auto", "conv", "gemm", "triton"],
+                        help="kfc_by_lags' lag_method (auto: triton for float32 on CUDA, gemm for other float32, "
+                             "else conv)")
     parser.add_argument("--both-methods", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the conv and gemm lag methods side by side (default: on CUDA only)")
+                        help="time the lag methods side by side: conv, gemm and (CUDA, float32) triton "
+                             "(default: on CUDA only)")
     parser.add_argument("--json", default=None, help="also write the records to this file (JSON lines)")
     args = parser.parse_args(argv)
     if args.quick and "--device" not in (argv if argv is not None else sys.argv[1:]):
