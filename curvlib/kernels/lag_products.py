@@ -106,9 +106,10 @@ def _lag_dot_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         valid_r = r < r_end
         col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
+        # both tiles [channels, positions]: the positions (contiguous in x) vary fastest in the loads
         a = tl.load(x_ptr + row_a[:, None] + col[None, :], mask=valid_i[:, None] & valid_r[None, :], other=0.0)
-        b = tl.load(x_ptr + col[:, None] + row_b[None, :], mask=valid_r[:, None] & valid_j[None, :], other=0.0)
-        acc = mma(a, b, acc, PRECISION)
+        b = tl.load(x_ptr + row_b[:, None] + col[None, :], mask=valid_j[:, None] & valid_r[None, :], other=0.0)
+        acc = mma(a, tl.trans(b), acc, PRECISION)
     ptrs = out_ptr + ((lag * G + g) * CI + i[:, None]) * CI + j[None, :]
     store_tile(ptrs, acc, valid_i[:, None] & valid_j[None, :], use_atomic)
 
@@ -130,19 +131,32 @@ def _lag_narrow_kernel(
     channel = (g[:, None] * CI + c[None, :]) * sxc
     r_start = split * r_per_split
     r_end = tl.minimum(total, r_start + r_per_split)
-    # products accumulated elementwise per position lane, reduced over the lanes once at the end
-    acc = tl.zeros((BLOCK_G, CI_P, CI_P, BLOCK_R), dtype=tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        valid_r = r < r_end
-        col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
-        mask = channel_valid[:, :, None] & valid_r[None, None, :]
-        address = x_ptr + channel[:, :, None] + col[None, None, :]
-        a = tl.load(address, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(address + shift, mask=mask, other=0.0).to(tl.float32)
-        acc += a[:, :, None, :] * b[:, None, :, :]
-    total_products = tl.sum(acc, axis=3)
     ci = tl.arange(0, CI_P)
+    # products accumulated elementwise per position lane, reduced over the lanes once at the end
+    if CI_P == 1:  # depthwise: dot products of channels with themselves, no channel-pair axes
+        acc1 = tl.zeros((BLOCK_G, BLOCK_R), dtype=tl.float32)
+        valid_g = g < G
+        row = g * sxc
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
+            mask = valid_g[:, None] & (r < r_end)[None, :]
+            address = x_ptr + row[:, None] + col[None, :]
+            a = tl.load(address, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(address + shift, mask=mask, other=0.0).to(tl.float32)
+            acc1 += a * b
+        total_products = tl.reshape(tl.sum(acc1, axis=1), (BLOCK_G, 1, 1))
+    else:
+        acc = tl.zeros((BLOCK_G, CI_P, CI_P, BLOCK_R), dtype=tl.float32)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
+            mask = channel_valid[:, :, None] & (r < r_end)[None, None, :]
+            address = x_ptr + channel[:, :, None] + col[None, None, :]
+            a = tl.load(address, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(address + shift, mask=mask, other=0.0).to(tl.float32)
+            acc += a[:, :, None, :] * b[:, None, :, :]
+        total_products = tl.sum(acc, axis=3)
     ptrs = out_ptr + (((lag * G + g[:, None, None]) * CI + ci[None, :, None]) * CI + ci[None, None, :])
     mask = channel_valid[:, :, None] & (ci < CI)[None, None, :]
     store_tile(ptrs, total_products, mask, use_atomic)
