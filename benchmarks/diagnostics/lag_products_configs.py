@@ -51,7 +51,7 @@ def timed(fn, repeats=10, warmups=3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--precision", default="ieee")
+    parser.add_argument("--precision", default="ieee", help="of the configuration grid")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for name, n, c, size, k, pad, groups in LAYERS:
@@ -95,9 +95,15 @@ def main() -> None:
             fn = getattr(lag_gram, f"_lag_products_{method}")
             print(f"  {method:>6} lag products: {timed(lambda: fn(x, kernels, dilations, groups)):8.3f} ms")
         geometry = make_geometry(c, c, (size, size), kernel_size=k, padding=pad, groups=groups)
-        for method in ("conv", "gemm", "triton"):
-            ms = timed(lambda: lag_gram.kfc_by_lags(x, geometry, lag_method=method, precision=args.precision))
-            print(f"  kfc_by_lags {method:>6}: {ms:8.3f} ms")
+        reference = lag_gram.kfc_by_lags(x.double(), geometry, lag_method="conv")
+        runs = [(m, "ieee") for m in ("conv", "gemm", "triton")]
+        runs += [("triton", p) for p in ("tf32x3", "tf32")] if ci >= lp.DOT_MIN_CHANNELS else []
+        for method, precision in runs:
+            ms = timed(lambda: lag_gram.kfc_by_lags(x, geometry, lag_method=method, precision=precision))
+            result = lag_gram.kfc_by_lags(x, geometry, lag_method=method, precision=precision)
+            error = ((result.double() - reference).norm() / reference.norm()).item()
+            print(f"  kfc_by_lags {method:>6} {precision:>6}: {ms:8.3f} ms  rel. error {error:.1e}")
+        del reference
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -14,9 +14,13 @@ one launch computes all of them and reads the operands straight from ``x``:
   programs in flight at one time read the same stretch of ``x`` (it is reused from L2);
 - a long reduction is split into slices added atomically into a zeroed float32 result (parallelism,
   and a bounded accumulation chain: each slice sums at most :data:`MAX_SLICE` positions);
-- groups with ``C/G ≥ 16`` use ``tl.dot`` on ``[BLOCK, BLOCK]`` channel tiles; narrower groups
-  (depthwise, the 3-channel first layer) a broadcast multiply-add over ``BLOCK_G`` groups at a time
-  that is reduced over the positions once, at the end (no matrix-unit padding from 1 or 3 to 16).
+- groups with ``C/G ≥ 16`` use ``tl.dot`` on ``[BLOCK, BLOCK]`` channel tiles (the layout above).
+  Narrower groups (depthwise, the 3-channel first layer) do one or two multiply-adds per loaded
+  element, so there the loads and the index arithmetic are the cost: a program owns ``BLOCK_G`` groups
+  and one stretch of positions ``(n, q)`` of the whole input, loads its tile once, and loops over the
+  lags inside, loading the tile shifted by each lag (an L1 hit: the halo is the program's own
+  neighbourhood) masked where ``q + s`` leaves the input, and adds the ``[BLOCK_G, C/G, C/G]``
+  products of each lag atomically (no matrix-unit padding from 1 or 3 to 16).
 
 Precision (``tl.dot``'s ``input_precision`` for float32, :func:`._common.mma`): ``"ieee"`` multiplies
 float32 exactly (FMA; relative error ~1e-6, like cuBLAS), ``"tf32"`` one matrix-unit pass (~1e-3),
@@ -31,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -50,13 +54,14 @@ MAX_SLICE = 16384
 DOT_MIN_CHANNELS = 16
 
 _INT_ARGS = ["N", "CI", "G", "sxn", "sxc", "I12", "I2", "r_per_split", "use_atomic"]
+_NARROW_INT_ARGS = ["LAGS", "CI", "G", "sxn", "sxc", "I0", "I1", "I2", "total", "r_per_program"]
 
 
 @triton.jit
 def _lag_region(table_ptr, lag, N):
     """The lag's overlap region from its row of the table: ``(OV1, OV2, OV, start, shift, total)`` with
     ``OV`` its volume, ``start`` the flat address of its first ``q``, ``shift`` the flat ``s_δ``."""
-    row = table_ptr + lag * 5
+    row = table_ptr + lag * 8
     OV1 = tl.load(row)
     OV2 = tl.load(row + 1)
     OV = tl.load(row + 2)
@@ -114,52 +119,49 @@ def _lag_dot_kernel(
     store_tile(ptrs, acc, valid_i[:, None] & valid_j[None, :], use_atomic)
 
 
-@triton.jit(do_not_specialize=_INT_ARGS)
+@triton.jit(do_not_specialize=_NARROW_INT_ARGS)
 def _lag_narrow_kernel(
     x_ptr, table_ptr, out_ptr,
-    N, CI, G, sxn, sxc, I12, I2, r_per_split, use_atomic,
+    LAGS, CI, G, sxn, sxc, I0, I1, I2, total, r_per_program,
     BLOCK_G: tl.constexpr, CI_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    lag = tl.program_id(0)
-    group_block = tl.program_id(1)
-    split = tl.program_id(2)
-    OV1, OV2, OV, start, shift, total = _lag_region(table_ptr, lag, N)
-
+    # one block of groups and one stretch of positions (n, q) over the whole input; every lag in a loop:
+    # the program's own tile of x is loaded once, the shifted tiles come from L1
+    group_block = tl.program_id(0)
+    stretch = tl.program_id(1)
+    I12 = I1 * I2
     g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
     c = tl.arange(0, CI_P)
     channel_valid = (g < G)[:, None] & (c < CI)[None, :]  # [BLOCK_G, CI_P]
     channel = (g[:, None] * CI + c[None, :]) * sxc
-    r_start = split * r_per_split
-    r_end = tl.minimum(total, r_start + r_per_split)
-    ci = tl.arange(0, CI_P)
-    # products accumulated elementwise per position lane, reduced over the lanes once at the end
-    if CI_P == 1:  # depthwise: dot products of channels with themselves, no channel-pair axes
-        acc1 = tl.zeros((BLOCK_G, BLOCK_R), dtype=tl.float32)
-        valid_g = g < G
-        row = g * sxc
-        for r0 in range(r_start, r_end, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
-            mask = valid_g[:, None] & (r < r_end)[None, :]
-            address = x_ptr + row[:, None] + col[None, :]
-            a = tl.load(address, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(address + shift, mask=mask, other=0.0).to(tl.float32)
-            acc1 += a * b
-        total_products = tl.reshape(tl.sum(acc1, axis=1), (BLOCK_G, 1, 1))
-    else:
-        acc = tl.zeros((BLOCK_G, CI_P, CI_P, BLOCK_R), dtype=tl.float32)
-        for r0 in range(r_start, r_end, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            col = _positions(r, OV1, OV2, OV, start, sxn, I12, I2)
-            mask = channel_valid[:, :, None] & (r < r_end)[None, None, :]
-            address = x_ptr + channel[:, :, None] + col[None, None, :]
-            a = tl.load(address, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(address + shift, mask=mask, other=0.0).to(tl.float32)
-            acc += a[:, :, None, :] * b[:, None, :, :]
-        total_products = tl.sum(acc, axis=3)
-    ptrs = out_ptr + (((lag * G + g[:, None, None]) * CI + ci[None, :, None]) * CI + ci[None, None, :])
-    mask = channel_valid[:, :, None] & (ci < CI)[None, None, :]
-    store_tile(ptrs, total_products, mask, use_atomic)
+    pair = ((g[:, None, None] * CI + c[None, :, None]) * CI + c[None, None, :])  # [BLOCK_G, CI_P, CI_P]
+    pair_valid = channel_valid[:, :, None] & (c < CI)[None, None, :]
+    r_end = tl.minimum(total, (stretch + 1) * r_per_program)
+    for r0 in range(stretch * r_per_program, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        valid_r = r < r_end
+        n = r // (I0 * I12)
+        q = r - n * (I0 * I12)
+        q0 = q // I12
+        rest = q - q0 * I12
+        q1 = rest // I2
+        q2 = rest - q1 * I2
+        address = x_ptr + channel[:, :, None] + (n * sxn + q)[None, None, :]  # [BLOCK_G, CI_P, BLOCK_R]
+        a = tl.load(address, mask=channel_valid[:, :, None] & valid_r[None, None, :], other=0.0).to(tl.float32)
+        for lag in range(0, LAGS):
+            row = table_ptr + lag * 8
+            flat = tl.load(row + 4)
+            # the partner q + s inside the input, per dim (one unsigned comparison each)
+            inside = (valid_r & ((q0 + tl.load(row + 5)).to(tl.uint32, bitcast=True) < I0.to(tl.uint32))
+                      & ((q1 + tl.load(row + 6)).to(tl.uint32, bitcast=True) < I1.to(tl.uint32))
+                      & ((q2 + tl.load(row + 7)).to(tl.uint32, bitcast=True) < I2.to(tl.uint32)))
+            b = tl.load(address + flat, mask=channel_valid[:, :, None] & inside[None, None, :], other=0.0)
+            b = b.to(tl.float32)
+            if CI_P == 1:  # depthwise: a channel with itself, no channel-pair product
+                products = tl.reshape(tl.sum(a * b, axis=2), (BLOCK_G, 1, 1))
+            else:
+                products = tl.sum(a[:, :, None, :] * b[:, None, :, :], axis=3)
+            tl.atomic_add(out_ptr + lag * G * CI * CI + pair, products, mask=pair_valid, sem="relaxed")
 
 
 _launch_dot = Launcher(_lag_dot_kernel)
@@ -183,8 +185,9 @@ _CACHE = ConfigCache("lag_products")
 
 @functools.lru_cache(maxsize=1024)
 def _table(size: Tuple[int, ...], shifts: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    """Per lag ``[OV1, OV2, OV, start, shift]`` (int32, on ``device``; built once per shape and lags):
-    the overlap region's last two extents and volume, its first flat position and the flat shift."""
+    """Per lag ``[OV1, OV2, OV, start, shift, s0, s1, s2]`` (int32, on ``device``; built once per shape and
+    lags): the overlap region's last two extents and volume, its first flat position, the flat shift and
+    the shift per dim (three dims, leading zeros)."""
     size3 = (1,) * (3 - len(size)) + tuple(size)
     strides = (size3[1] * size3[2], size3[2], 1)
     rows = []
@@ -195,21 +198,32 @@ def _table(size: Tuple[int, ...], shifts: Tuple[Tuple[int, ...], ...], device: t
             raise ValueError(f"lag shift {shift} leaves no overlap in an input of size {tuple(size)}")
         start = sum(max(0, -s) * st for s, st in zip(s3, strides))
         flat = sum(s * st for s, st in zip(s3, strides))
-        rows.append([extent[1], extent[2], math.prod(extent), start, flat])
+        rows.append([extent[1], extent[2], math.prod(extent), start, flat, *s3])
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-def _narrow_block(ci_p: int, groups: int) -> Tuple[int, int]:
-    """``(block_g, block_r)`` of the narrow path: about 4096 accumulator lanes per program (no spills
-    with 4 warps), as many groups as there are up to 32 (depthwise), the rest along the positions."""
-    block_g = min(32, triton.next_power_of_2(groups), max(1, 64 // (ci_p * ci_p)))
-    block_r = max(16, 4096 // (block_g * ci_p * ci_p))
-    return block_g, block_r
+def _narrow_tiles(ci_p: int, groups: int) -> List[Tuple[int, int, int]]:
+    """``(block_g, block_r, warps)`` candidates of the narrow path, best guess first: about 4096 products
+    per lag and program (the channel-pair products ``[BLOCK_G, CI_P, CI_P, BLOCK_R]`` in registers), as
+    many groups per program as there are up to 16-32 (depthwise), the rest along the positions."""
+    groups_p = triton.next_power_of_2(groups)
+    if ci_p == 1:
+        tiles = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (32, 128, 4)]
+    else:
+        block_g = max(1, min(groups_p, 64 // (ci_p * ci_p)))
+        tiles = [(block_g, max(16, 4096 // (block_g * ci_p * ci_p)), 4),
+                 (block_g, max(16, 8192 // (block_g * ci_p * ci_p)), 8)]
+    result = []
+    for block_g, block_r, warps in tiles:  # fewer groups than the block: move the lanes to the positions
+        shrink = max(1, block_g // groups_p)
+        result.append((block_g // shrink, block_r * shrink, warps))
+    return list(dict.fromkeys(result))
 
 
 def candidates(ci: int, groups: int, lags: int, total: int, device: torch.device):
-    """Launch configurations to try, best guess first: per candidate tile the split that gives about four
-    waves of programs and keeps every slice at most :data:`MAX_SLICE` positions."""
+    """Launch configurations to try, best guess first. Dot path: per candidate tile the split that gives
+    about four waves of programs and keeps every slice at most :data:`MAX_SLICE` positions. Narrow path:
+    one stretch of ``block_r`` positions per program (``split`` stretches), and four per program."""
     sms = multiprocessors(device)
 
     def split_for(programs: int, block_r: int) -> int:
@@ -218,10 +232,11 @@ def candidates(ci: int, groups: int, lags: int, total: int, device: torch.device
         return max(1, min(max(wanted, cdiv(total, MAX_SLICE)), steps))
 
     if ci < DOT_MIN_CHANNELS:
-        ci_p = triton.next_power_of_2(ci)
-        block_g, block_r = _narrow_block(ci_p, groups)
-        programs = lags * cdiv(groups, block_g)
-        return [LagConfig(True, block_g, block_r, 4, split_for(programs, block_r))]
+        configs = []
+        for block_g, block_r, warps in _narrow_tiles(triton.next_power_of_2(ci), groups):
+            for steps in (1, 4):
+                configs.append(LagConfig(True, block_g, block_r, warps, cdiv(total, steps * block_r)))
+        return list(dict.fromkeys(configs))
     configs = []
     for block, block_r, warps in ((64, 32, 8), (32, 32, 4), (64, 64, 8), (32, 64, 4)):
         if block == 64 and ci <= 32:
@@ -258,17 +273,18 @@ def lag_products(
     sxn, sxc = c * math.prod(size), math.prod(size)
 
     def launch(cfg: LagConfig):
-        atomic = cfg.split > 1
+        atomic = cfg.narrow or cfg.split > 1
         out = (torch.zeros if atomic else torch.empty)((lags, groups, ci, ci), device=x.device, dtype=torch.float32)
         r_per_split = cdiv(cdiv(total, cfg.split), cfg.block_r) * cfg.block_r
-        args = (x, table, out, n, ci, groups, sxn, sxc, size3[1] * size3[2], size3[2], r_per_split, int(atomic))
-        if cfg.narrow:
-            grid = (lags, cdiv(groups, cfg.block), cfg.split)
-            _launch_narrow(grid, *args, BLOCK_G=cfg.block, CI_P=triton.next_power_of_2(ci), BLOCK_R=cfg.block_r,
+        if cfg.narrow:  # split: stretches of positions, every lag in each program
+            grid = (cdiv(groups, cfg.block), cdiv(total, r_per_split))
+            _launch_narrow(grid, x, table, out, lags, ci, groups, sxn, sxc, *size3, total, r_per_split,
+                           BLOCK_G=cfg.block, CI_P=triton.next_power_of_2(ci), BLOCK_R=cfg.block_r,
                            num_warps=cfg.num_warps)
         else:
             grid = (lags, groups * cdiv(ci, cfg.block) ** 2, cfg.split)
-            _launch_dot(grid, *args, BLOCK=cfg.block, BLOCK_R=cfg.block_r, PRECISION=precision,
+            _launch_dot(grid, x, table, out, n, ci, groups, sxn, sxc, size3[1] * size3[2], size3[2], r_per_split,
+                        int(atomic), BLOCK=cfg.block, BLOCK_R=cfg.block_r, PRECISION=precision,
                         num_warps=cfg.num_warps)
         return out
 
