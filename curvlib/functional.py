@@ -192,14 +192,13 @@ def _in_precision(run, precision: str, device: torch.device):
 
 
 def _kfc_by_lags(x: Tensor, geometry) -> Tensor:
-    """The lags pathway: the Triton lag products where they run (float32 on CUDA), in the precision the
-    setting implies; without Triton under TF32 on CUDA the convolution (cuDNN's Winograd error, ~2e-4,
-    is below TF32's ~1e-3; 2x faster than the GEMM form on an H100), else the method's own default."""
+    """The lags pathway in the precision the setting implies (the Triton lag products take it as an
+    argument, cuBLAS runs under the flags ``_dispatch`` sets); under TF32 on CUDA without Triton the
+    convolution (cuDNN's Winograd error, ~2e-4, is below TF32's ~1e-3; 2x faster than the GEMM form)."""
     precision = _precision.effective_precision(_pathways.settings().precision)
-    if _lag_gram.triton_usable(x.dtype, x.device, x.numel()) and x.is_cuda:
-        return _lag_gram.kfc_by_lags(x, geometry, lag_method="triton", precision=precision)
-    method = "conv" if x.is_cuda and precision == "tf32" else "auto"
-    return _lag_gram.kfc_by_lags(x, geometry, lag_method=method)
+    if x.is_cuda and precision == "tf32" and not _lag_gram.triton_usable(x.dtype, x.device, x.numel()):
+        return _lag_gram.kfc_by_lags(x, geometry, lag_method="conv")
+    return _lag_gram.kfc_by_lags(x, geometry, lag_method="auto", precision=precision if x.is_cuda else "ieee")
 
 
 def _kernel_precision() -> str:

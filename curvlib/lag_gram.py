@@ -81,8 +81,9 @@ border terms that keep two lag dims: those are lag products of the slabs):
   offset apart, so every program loads its tiles straight from ``x`` (no slices, no copies) while
   walking the lag's overlap region; the programs of all lags for one stretch of positions run
   together and share it through L2. Exact float32 FMAs by default (``precision=``).
-- ``"auto"`` (default): ``"triton"`` for float32 on CUDA when Triton is there; else ``"gemm"`` for
-  float32 (on every device: neither cuDNN's nor oneDNN's float32 convolution is accurate enough, see
+- ``"auto"`` (default): for float32 on CUDA, ``"triton"`` for narrow groups (``C/G < 16``: depthwise,
+  the 3-channel first layer; when Triton is there) and ``"gemm"`` for the others; ``"gemm"`` for float32
+  elsewhere (on every device: neither cuDNN's nor oneDNN's float32 convolution is accurate enough, see
   below), ``"conv"`` for float64 and the half-precision types (:func:`resolve_lag_method`).
 
 Measured (float32 against float64; relative errors ``‖·‖_F`` and ``max|·|/max|ref|`` of the ``[G, D, D]``
@@ -272,14 +273,22 @@ def triton_usable(dtype: torch.dtype, device, numel: int = 0) -> bool:
     return kernels.available() and dtype == torch.float32 and on_device and numel < 2**31
 
 
-def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int = 0) -> str:
-    """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` (``numel`` elements) on
-    ``device``: ``"conv"``, ``"gemm"`` or ``"triton"``. ``"auto"`` is ``"triton"`` for float32 on CUDA
-    when Triton is there (:func:`triton_usable`), else ``"gemm"`` for float32 on every device (cuDNN may
-    pick a Winograd algorithm for the lag weight gradient, about 2e-4 relative error; oneDNN's float32
-    error grows with the input, 4.7e-5 measured: module docstring, *Lag methods*), else ``"conv"``
-    (float64 is exact to rounding). Raises ``ValueError`` naming the allowed values for any other value,
-    and for ``"triton"`` where it cannot run."""
+#: narrower groups than this (``C/G``) take the Triton lag products on CUDA under ``"auto"``: their
+#: products are dot products (depthwise) or tiny matrices, which the GEMM form pads to whole BLAS tiles
+NARROW_CHANNELS = 16
+
+
+def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int = 0,
+                       channels_per_group: int = NARROW_CHANNELS) -> str:
+    """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` (``numel`` elements,
+    ``channels_per_group = C/G``) on ``device``: ``"conv"``, ``"gemm"`` or ``"triton"``. ``"auto"`` is, for
+    float32 on CUDA, ``"triton"`` for narrow groups (``C/G <`` :data:`NARROW_CHANNELS`, when Triton runs:
+    :func:`triton_usable`) and ``"gemm"`` otherwise (a few cuBLAS products, :func:`_lag_products_flat`);
+    ``"gemm"`` for float32 on other devices (cuDNN may pick a Winograd algorithm for the lag weight
+    gradient, about 2e-4 relative error; oneDNN's float32 error grows with the input, 4.7e-5 measured:
+    module docstring, *Lag methods*); ``"conv"`` for the other dtypes (float64 is exact to rounding).
+    Raises ``ValueError`` naming the allowed values for any other value, and for ``"triton"`` where it
+    cannot run."""
     if lag_method not in LAG_METHODS:
         raise ValueError(f"lag_method must be one of {', '.join(map(repr, LAG_METHODS))}, got {lag_method!r}")
     if lag_method == "triton" and not triton_usable(dtype, device, numel):
@@ -289,7 +298,8 @@ def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int =
         )
     if lag_method != "auto":
         return lag_method
-    if torch.device(device).type == "cuda" and triton_usable(dtype, device, numel):
+    if (torch.device(device).type == "cuda" and channels_per_group < NARROW_CHANNELS
+            and triton_usable(dtype, device, numel)):
         return "triton"
     return "gemm" if dtype == torch.float32 else "conv"
 
@@ -369,8 +379,11 @@ class _GemmPlan(NamedTuple):
     """The lags :func:`_lag_products_gemm` computes, grouped by the shape of their overlap region."""
 
     by_shape: Tuple[Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]], ...]  # (overlap shape, lags δ)
-    taps: Tuple[int, ...]  # per computed lag in that order (δ = 0 first): flat tap of δ ...
-    mirrored: Tuple[int, ...]  # ... and, from the second on, of -δ
+
+    @property
+    def order(self) -> Tuple[Tuple[int, ...], ...]:
+        """The lags in the order of ``by_shape`` (``δ = 0`` first)."""
+        return tuple(delta for _, deltas in self.by_shape for delta in deltas)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -383,23 +396,78 @@ def _gemm_plan(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple
         shape = tuple(i - dl * abs(dt) for i, dl, dt in zip(size, dilations, delta))
         if delta > (0,) * d and min(shape) > 0:
             by_shape.setdefault(shape, []).append(delta)
-    order = [delta for deltas in by_shape.values() for delta in deltas]
-    strides = [math.prod(2 * k - 1 for k in kernels[t + 1:]) for t in range(d)]
-    taps = [sum((dt + k - 1) * st for dt, k, st in zip(delta, kernels, strides)) for delta in order]
-    center = taps[0]
-    return _GemmPlan(tuple((shape, tuple(deltas)) for shape, deltas in by_shape.items()), tuple(taps),
-                     tuple(2 * center - tap for tap in taps[1:]))  # tap(-δ) = 2·tap(0) - tap(δ)
-
-
-@functools.lru_cache(maxsize=1024)
-def _gemm_index(size, kernels, dilations, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """``taps`` and ``mirrored`` of :func:`_gemm_plan` on ``device``: moved once (a host-to-device copy
-    per call would wait for the queued work on CUDA)."""
-    plan = _gemm_plan(size, kernels, dilations)
-    return tuple(torch.tensor(taps, dtype=torch.long, device=device) for taps in (plan.taps, plan.mirrored))
+    return _GemmPlan(tuple((shape, tuple(deltas)) for shape, deltas in by_shape.items()))
 
 
 def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
+    """:func:`_lag_products` by matrix products only: on CUDA the flat form (:func:`_lag_products_flat`, a
+    few strided batched products of one padded copy), elsewhere products of slices
+    (:func:`_lag_products_slices`)."""
+    if x.is_cuda:
+        return _lag_products_flat(x, kernels, dilations, groups)
+    return _lag_products_slices(x, kernels, dilations, groups)
+
+
+def _lag_products_flat(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
+    """:func:`_lag_products` (GEMM form) as strided batched products of ONE zero-padded channels-last copy.
+
+    ``x`` is copied into ``buf`` ``[N, *(I + B), C]`` (``B = dil·(K-1)`` zeros after the input in every
+    dim) viewed as ``[rows, C]``, plus ``max f`` zero rows at the end. For a computed lag (``δ = 0`` or its
+    first non-zero component positive, :func:`_gemm_plan`) the flat shift ``f = Σ_t dil_t·δ_t·stride_t``
+    is ``≥ 0``, and ``Σ_p buf[p]ᵀ buf[p + f]`` over all ``rows`` is the lag's product: a partner
+    ``p + f`` of a real position is a real position only as ``(n, q + dil·δ)`` — leaving the input along
+    a dim lands in that dim's zeros (negative components wrap into the zero columns of the row before,
+    never past them: ``|dil·δ_t| ≤ B_t``), never in another sample or row. So each lag is ONE matrix
+    product of two contiguous row ranges of ``buf``, and the lags that differ only in the last
+    component (``f`` spaced ``dil_{d-1}`` rows apart) form one strided batched product (the first
+    operand broadcast, batch stride 0; the second an overlapping strided view): ``2K_0 - 1``-ish
+    launches for all lags instead of three per lag, no slice copies. The padding costs rows:
+    ``∏(I + B) / ∏(I - |dil·δ|)`` (1.1x at 56x56, 1.4x at 16x16, 2.2x at 7x7 for 3x3 kernels). Groups:
+    one product per group (column slices of ``buf``)."""
+    n, c, *size = x.shape
+    d = len(kernels)
+    ci = c // groups
+    borders = [dl * (k - 1) for k, dl in zip(kernels, dilations)]
+    padded = [i + b for i, b in zip(size, borders)]
+    strides = [math.prod(padded[t + 1:]) for t in range(d)]
+    rows = n * math.prod(padded)
+    buf = x.new_zeros(rows + sum(b * st for b, st in zip(borders, strides)), c)
+    buf[:rows].view(n, *padded, c)[(slice(None), *(slice(0, i) for i in size))].copy_(x.movedim(1, -1))
+    order, runs = _flat_runs(tuple(size), tuple(kernels), tuple(dilations))
+    products = x.new_empty(len(order), groups, ci, ci)
+    step = dilations[-1]
+    for start, m, first in runs:  # lags start..start+m-1: flat shifts first, first + step, ...
+        for g in range(groups):
+            a = buf[:rows, g * ci:(g + 1) * ci].t().expand(m, ci, rows)
+            b = buf.as_strided((m, rows, ci), (step * c, c, 1), buf.storage_offset() + first * c + g * ci)
+            if groups == 1:
+                torch.bmm(a, b, out=products[start:start + m, 0])
+            else:
+                products[start:start + m, g] = torch.bmm(a, b)
+    return _all_lags(products, kernels, order, c)
+
+
+@functools.lru_cache(maxsize=1024)
+def _flat_runs(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple[int, ...]):
+    """The lags of :func:`_gemm_plan` in lexicographic order (``δ = 0`` first) and their runs
+    ``(start, count, first flat shift)``: consecutive lags that differ only in the last component, whose
+    flat shifts in :func:`_lag_products_flat`'s padded layout are ``dil_{d-1}`` rows apart."""
+    plan = _gemm_plan(size, kernels, dilations)
+    order = sorted(delta for _, deltas in plan.by_shape for delta in deltas)
+    padded = [i + dl * (k - 1) for i, k, dl in zip(size, kernels, dilations)]
+    strides = [math.prod(padded[t + 1:]) for t in range(len(size))]
+    runs = []
+    for k, delta in enumerate(order):
+        if runs and order[k - 1][:-1] == delta[:-1]:
+            assert order[k - 1][-1] + 1 == delta[-1], "the overlapping lags form a range per leading components"
+            start, m, first = runs[-1]
+            runs[-1] = (start, m + 1, first)
+        else:
+            runs.append((k, 1, sum(dl * dt * st for dl, dt, st in zip(dilations, delta, strides))))
+    return tuple(order), tuple(runs)
+
+
+def _lag_products_slices(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
     """:func:`_lag_products` by matrix products only (exact float32 FMAs in cuBLAS unless the caller
     allowed TF32 in ``torch.backends.cuda.matmul``; this function sets no flag).
 
@@ -419,7 +487,6 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
     n, c, *size = x.shape
     d = len(kernels)
     ci = c // groups
-    lags = [2 * k - 1 for k in kernels]
 
     def region(layout, delta, operand):  # [G, N, *overlap, ci]; operand 0: q (rows i), 1: q + dil·δ (columns j)
         slices = []
@@ -429,9 +496,8 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
             slices.append(slice(lo, lo + i - abs(s)))
         return layout[(slice(None), slice(None), *slices)]
 
-    key = (tuple(size), tuple(kernels), tuple(dilations))
-    plan = _gemm_plan(*key)
-    products = x.new_zeros(len(plan.taps), groups, ci, ci)  # per computed lag, in the plan's order
+    plan = _gemm_plan(tuple(size), tuple(kernels), tuple(dilations))
+    products = x.new_zeros(len(plan.order), groups, ci, ci)  # per computed lag, in the plan's order
     factor = _stack_factor(x.device)
     # CPUs: chunks of samples of _CPU_CHUNK_BYTES, their products accumulated: the region copies stay small
     # (measured, 2 threads: 2-9x faster for inputs of 25-100 MB, the same for small ones)
@@ -464,20 +530,31 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
                         .reshape(k * groups * m, rows // m, ci) for o in (0, 1))
                 product = torch.bmm(a.transpose(1, 2), b)
                 target.view(k * groups, ci, ci).add_(product if m == 1 else product.view(k * groups, m, ci, ci).sum(1))
-    return _all_lags(products, key, x.shape[1])
+    return _all_lags(products, kernels, plan.order, c)
 
 
-def _all_lags(products: Tensor, key, channels: int) -> Tensor:
-    """The full ``[C, C/G, *(2K-1)]`` from the computed half ``[lags, G, ci, ci]`` (:func:`_gemm_plan`'s
-    order): the computed lags at ``δ`` and, transposed, at ``-δ`` (all but ``δ = 0``, the first); taps
-    without overlap stay zero."""
+def _all_lags(products: Tensor, kernels: Sequence[int], order: Sequence[Tuple[int, ...]], channels: int) -> Tensor:
+    """The full ``[C, C/G, *(2K-1)]`` from the computed half ``[lags, G, ci, ci]`` (lags ``order``, ``δ = 0``
+    first): the computed lags at ``δ`` and, transposed, at ``-δ`` (all but ``δ = 0``); taps without overlap
+    stay zero."""
     _, groups, ci, _ = products.shape
-    lags = [2 * k - 1 for k in key[1]]
-    taps, mirrored = _gemm_index(*key, products.device)
-    result = products.new_zeros(groups, ci, ci, math.prod(lags))
+    taps, mirrored = _tap_index(tuple(kernels), tuple(order), products.device)
+    result = products.new_zeros(groups, ci, ci, math.prod(2 * k - 1 for k in kernels))
     result.index_copy_(3, mirrored, products[1:].permute(1, 3, 2, 0))  # (j, i) of lag δ is (i, j) at -δ
     result.index_copy_(3, taps, products.permute(1, 2, 3, 0))
-    return result.view(channels, ci, *lags)
+    return result.view(channels, ci, *(2 * k - 1 for k in kernels))
+
+
+@functools.lru_cache(maxsize=1024)
+def _tap_index(kernels: Tuple[int, ...], order: Tuple[Tuple[int, ...], ...], device: torch.device):
+    """Flat taps of the lags ``order`` (``δ = 0`` first) and of their mirror images ``-δ`` (all but the
+    first) in ``[*(2K-1)]``, on ``device``: moved once (a host-to-device copy per call would wait for the
+    queued work on CUDA)."""
+    d = len(kernels)
+    strides = [math.prod(2 * k - 1 for k in kernels[t + 1:]) for t in range(d)]
+    taps = [sum((dt + k - 1) * st for dt, k, st in zip(delta, kernels, strides)) for delta in order]
+    mirrored = [2 * taps[0] - tap for tap in taps[1:]]  # tap(-δ) = 2·tap(0) - tap(δ)
+    return tuple(torch.tensor(t, dtype=torch.long, device=device) for t in (taps, mirrored))
 
 
 def _lag_products_triton(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int,
@@ -488,11 +565,10 @@ def _lag_products_triton(x: Tensor, kernels: Sequence[int], dilations: Sequence[
     the products' mode (``"ieee"``: exact float32 FMAs)."""
     from .kernels.lag_products import lag_products  # needs Triton: imported only when this method runs
 
-    key = (tuple(x.shape[2:]), tuple(kernels), tuple(dilations))
-    plan = _gemm_plan(*key)
-    shifts = [tuple(dl * dt for dl, dt in zip(dilations, delta)) for _, deltas in plan.by_shape for delta in deltas]
+    order = _gemm_plan(tuple(x.shape[2:]), tuple(kernels), tuple(dilations)).order
+    shifts = [tuple(dl * dt for dl, dt in zip(dilations, delta)) for delta in order]
     products = lag_products(x, shifts, groups, precision=precision)
-    return _all_lags(products.to(x.dtype), key, x.shape[1])
+    return _all_lags(products.to(x.dtype), kernels, order, x.shape[1])
 
 
 def _window(t: Tensor, axis: int, plan: _DimPlan, start: int) -> Tensor:
@@ -575,8 +651,9 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
       are transposes; module docstring);
     - ``"triton"``: the same half of the lags in one Triton launch that reads ``x`` in place
       (:mod:`curvlib.kernels.lag_products`; CUDA, float32);
-    - ``"auto"`` (default): ``"triton"`` for float32 on CUDA with Triton, ``"gemm"`` for other float32,
-      ``"conv"`` otherwise (:func:`resolve_lag_method`).
+    - ``"auto"`` (default): for float32 on CUDA ``"triton"`` for groups of fewer than 16 channels (when
+      Triton is there) and ``"gemm"`` otherwise; ``"gemm"`` for other float32, ``"conv"`` otherwise
+      (:func:`resolve_lag_method`).
 
     ``precision`` (``"ieee"``, ``"tf32"``, ``"tf32x3"``, ``"bf16"``) is the mode of the ``"triton"``
     method's products (:mod:`curvlib.kernels`): ``"ieee"`` (default) multiplies float32 exactly, ``"tf32"``
@@ -597,7 +674,7 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     ``"triton"`` where it cannot run) or a ``precision`` outside ``TRITON_PRECISIONS``."""
     if precision not in TRITON_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, TRITON_PRECISIONS))}, got {precision!r}")
-    method = resolve_lag_method(lag_method, x.dtype, x.device, x.numel())
+    method = resolve_lag_method(lag_method, x.dtype, x.device, x.numel(), x.shape[1] // max(geometry.groups, 1))
     if not supports_lags(geometry):
         raise ValueError(
             "kfc_by_lags needs an ordinary convolution with stride 1 and at most 3 spatial dims, got "

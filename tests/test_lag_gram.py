@@ -200,7 +200,7 @@ def test_row_blocks(dims, row_block, columns, blocks, monkeypatch):
 
 
 def test_gemm_lag_products_equal_conv(seed):
-    """The private lag products of both methods agree element for element, zero lags (no overlap) too."""
+    """The private lag products of the methods agree element for element, zero lags (no overlap) too."""
     for size, kernel, dilation, groups, channels in [((7, 6), (3, 5), (1, 2), 1, 3), ((4,), 5, 2, 2, 4),
                                                      ((5, 3, 4), 3, (1, 2, 1), 3, 3), ((6, 6), 7, 1, 4, 4)]:
         d = len(size)
@@ -208,9 +208,10 @@ def test_gemm_lag_products_equal_conv(seed):
         dilations = (dilation,) * d if isinstance(dilation, int) else dilation
         x = torch.randn(2, channels, *size, dtype=DTYPE)
         conv = lag_gram._lag_products_conv(x, kernels, dilations, groups)
-        gemm = lag_gram._lag_products_gemm(x, kernels, dilations, groups)
-        assert gemm.shape == conv.shape == (channels, channels // groups, *(2 * k - 1 for k in kernels))
-        torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12 * conv.abs().max())
+        for form in ("slices", "flat"):  # the CPU's and CUDA's GEMM forms (both run on every device)
+            gemm = getattr(lag_gram, f"_lag_products_{form}")(x, kernels, dilations, groups)
+            assert gemm.shape == conv.shape == (channels, channels // groups, *(2 * k - 1 for k in kernels))
+            torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12 * conv.abs().max())
 
 
 def test_bad_lag_method():
@@ -256,14 +257,17 @@ def test_auto_picks_gemm_for_float32_and_conv_for_float64(dtype, monkeypatch):
 
 
 def test_resolve_lag_method(monkeypatch):
-    """``"auto"``: the Triton kernel for float32 on CUDA (when Triton is there), the GEMM form for other
-    float32, the convolution otherwise; ``"triton"`` where it cannot run is an error."""
+    """``"auto"``: for float32 on CUDA the Triton kernel for narrow groups (when Triton is there) and the
+    GEMM form for the others, the GEMM form for other float32, the convolution otherwise; ``"triton"``
+    where it cannot run is an error."""
     from curvlib import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: True)
-    assert resolve_lag_method("auto", torch.float32, torch.device("cuda")) == "triton"
-    assert resolve_lag_method("auto", torch.float32, "cuda:1", numel=100) == "triton"
-    assert resolve_lag_method("auto", torch.float32, "cuda", numel=2**31) == "gemm"  # 32-bit addresses
+    assert resolve_lag_method("auto", torch.float32, torch.device("cuda"), channels_per_group=1) == "triton"
+    assert resolve_lag_method("auto", torch.float32, "cuda:1", numel=100, channels_per_group=15) == "triton"
+    assert resolve_lag_method("auto", torch.float32, "cuda", channels_per_group=16) == "gemm"  # cuBLAS
+    assert resolve_lag_method("auto", torch.float32, "cuda", numel=2**31, channels_per_group=1) == "gemm"
+    assert resolve_lag_method("auto", torch.float32, "cpu", channels_per_group=1) == "gemm"
     assert resolve_lag_method("triton", torch.float32, "cuda") == "triton"
     for dtype, device in ((torch.float64, "cuda"), (torch.float32, "cpu")):
         with pytest.raises(ValueError, match="lag_method='triton' needs Triton, a float32 input"):
@@ -333,7 +337,8 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
                 calls.clear()
                 result = kfc_by_lags(x, geometry, lag_method=method, precision=precision)
                 assert result.dtype == torch.float32
-                assert set(calls) == {"triton" if method == "auto" else method}, (method, calls)
+                narrow = channels // groups < lag_gram.NARROW_CHANNELS
+                assert set(calls) == {("triton" if narrow else "gemm") if method == "auto" else method}, (method, calls)
                 errors[(str(geometry), method)] = ((result.double() - expected).norm() / expected.norm()).item()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
@@ -342,8 +347,9 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_gemm_and_triton(seed, monkeypatch):
-    """float32 on CUDA: ``"auto"`` runs the Triton lag products; it and the GEMM form are within 2e-5
-    relative (Frobenius) of float64 with TF32 off (cuDNN's Winograd weight gradient, ``"conv"``: ~2e-4)."""
+    """float32 on CUDA: ``"auto"`` runs the Triton lag products for narrow groups, the GEMM form (flat,
+    cuBLAS) otherwise; both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
+    Winograd weight gradient, ``"conv"``: ~2e-4)."""
     from curvlib import kernels
 
     methods = ("gemm", "triton", "auto") if kernels.available() else ("gemm",)

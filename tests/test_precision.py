@@ -126,9 +126,9 @@ def test_tf32_on_the_gpu_is_within_its_stated_tolerance_and_ieee_is_exact(pathwa
 
 
 def test_lags_pathway_method_and_precision(monkeypatch):
-    """The lags pathway requests the Triton lag products on CUDA (when they run) in the setting's
-    precision; without Triton, under TF32 the convolution (its Winograd error is below TF32's); exact
-    float32 otherwise. Checked through what the pathway requests (no GPU needed)."""
+    """The lags pathway passes the setting's precision on CUDA (the Triton lag products take it as an
+    argument); without Triton, under TF32 it requests the convolution (its Winograd error is below
+    TF32's); exact float32 otherwise. Checked through what the pathway requests (no GPU needed)."""
     from curvlib import lag_gram
 
     seen = []
@@ -145,7 +145,7 @@ def test_lags_pathway_method_and_precision(monkeypatch):
     assert seen == [("auto", "ieee")]
     cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"),
                                       numel=lambda: 10)
-    for usable, setting, expected in [(True, "tf32", ("triton", "tf32")), (True, "ieee", ("triton", "ieee")),
+    for usable, setting, expected in [(True, "tf32", ("auto", "tf32")), (True, "ieee", ("auto", "ieee")),
                                       (False, "tf32", ("conv", "ieee")), (False, "ieee", ("auto", "ieee"))]:
         monkeypatch.setattr(lag_gram, "triton_usable", lambda *args, usable=usable: usable)
         seen.clear()

@@ -72,7 +72,7 @@ def main() -> None:
                     configs.append(lp.LagConfig(False, block, block_r, warps, split))
         else:
             for block_r, warps in itertools.product((64, 128, 256, 512), (2, 4, 8)):
-                configs.append(lp.LagConfig(True, default[0].block, block_r, warps, default[0].split))
+                configs.append(lp.LagConfig(True, default[0].block, block_r, warps, -(-total // block_r)))
         seen, rows = set(), []
         for config in configs:
             if config in seen:
@@ -91,7 +91,7 @@ def main() -> None:
         chosen = min((r for r in rows if r[1] in default), key=lambda r: r[0])
         print(f"  autotune candidates best: {chosen[0]:.3f} ms; grid best {rows[0][0]:.3f} ms")
         kernels, dilations = (k, k), (1, 1)
-        for method in ("gemm", "conv"):
+        for method in ("flat", "slices", "conv"):
             fn = getattr(lag_gram, f"_lag_products_{method}")
             print(f"  {method:>6} lag products: {timed(lambda: fn(x, kernels, dilations, groups)):8.3f} ms")
         geometry = make_geometry(c, c, (size, size), kernel_size=k, padding=pad, groups=groups)

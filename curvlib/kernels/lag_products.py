@@ -16,10 +16,10 @@ one launch computes all of them and reads the operands straight from ``x``:
   and a bounded accumulation chain: each slice sums at most :data:`MAX_SLICE` positions);
 - groups with ``C/G ≥ 16`` use ``tl.dot`` on ``[BLOCK, BLOCK]`` channel tiles (the layout above).
   Narrower groups (depthwise, the 3-channel first layer) do one or two multiply-adds per loaded
-  element, so there the loads and the index arithmetic are the cost: a program owns ``BLOCK_G`` groups
+  element, so there the loads and the index arithmetic are the cost: a program owns ``BLOCK_P`` channel pairs ``(g, i, j)``
   and one stretch of positions ``(n, q)`` of the whole input, loads its tile once, and loops over the
   lags inside, loading the tile shifted by each lag (an L1 hit: the halo is the program's own
-  neighbourhood) masked where ``q + s`` leaves the input, and adds the ``[BLOCK_G, C/G, C/G]``
+  neighbourhood) masked where ``q + s`` leaves the input, and adds the ``BLOCK_P``
   products of each lag atomically (no matrix-unit padding from 1 or 3 to 16).
 
 Precision (``tl.dot``'s ``input_precision`` for float32, :func:`._common.mma`): ``"ieee"`` multiplies
@@ -123,19 +123,22 @@ def _lag_dot_kernel(
 def _lag_narrow_kernel(
     x_ptr, table_ptr, out_ptr,
     LAGS, CI, G, sxn, sxc, I0, I1, I2, total, r_per_program,
-    BLOCK_G: tl.constexpr, CI_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, CI_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # one block of groups and one stretch of positions (n, q) over the whole input; every lag in a loop:
-    # the program's own tile of x is loaded once, the shifted tiles come from L1
-    group_block = tl.program_id(0)
+    # One block of channel pairs (g, i, j) of BLOCK_P / CI_P² groups and one stretch of positions (n, q)
+    # of the whole input; every lag in a loop: the program's tile of x is loaded once, the shifted tiles
+    # come from L1 (pairs sharing a channel load it again: also from L1). All tensors 2-d [pairs, positions].
+    pair_block = tl.program_id(0)
     stretch = tl.program_id(1)
     I12 = I1 * I2
-    g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
-    c = tl.arange(0, CI_P)
-    channel_valid = (g < G)[:, None] & (c < CI)[None, :]  # [BLOCK_G, CI_P]
-    channel = (g[:, None] * CI + c[None, :]) * sxc
-    pair = ((g[:, None, None] * CI + c[None, :, None]) * CI + c[None, None, :])  # [BLOCK_G, CI_P, CI_P]
-    pair_valid = channel_valid[:, :, None] & (c < CI)[None, None, :]
+    pair = pair_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    g = pair // (CI_P * CI_P)
+    i = (pair // CI_P) % CI_P
+    j = pair % CI_P
+    pair_valid = (g < G) & (i < CI) & (j < CI)
+    row_a = (g * CI + i) * sxc
+    row_b = (g * CI + j) * sxc
+    out_pairs = out_ptr + (g * CI + i) * CI + j
     r_end = tl.minimum(total, (stretch + 1) * r_per_program)
     for r0 in range(stretch * r_per_program, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -146,22 +149,19 @@ def _lag_narrow_kernel(
         rest = q - q0 * I12
         q1 = rest // I2
         q2 = rest - q1 * I2
-        address = x_ptr + channel[:, :, None] + (n * sxn + q)[None, None, :]  # [BLOCK_G, CI_P, BLOCK_R]
-        a = tl.load(address, mask=channel_valid[:, :, None] & valid_r[None, None, :], other=0.0).to(tl.float32)
+        col = n * sxn + q
+        a = tl.load(x_ptr + row_a[:, None] + col[None, :], mask=pair_valid[:, None] & valid_r[None, :], other=0.0)
+        a = a.to(tl.float32)
+        address_b = x_ptr + row_b[:, None] + col[None, :]
         for lag in range(0, LAGS):
             row = table_ptr + lag * 8
-            flat = tl.load(row + 4)
             # the partner q + s inside the input, per dim (one unsigned comparison each)
             inside = (valid_r & ((q0 + tl.load(row + 5)).to(tl.uint32, bitcast=True) < I0.to(tl.uint32))
                       & ((q1 + tl.load(row + 6)).to(tl.uint32, bitcast=True) < I1.to(tl.uint32))
                       & ((q2 + tl.load(row + 7)).to(tl.uint32, bitcast=True) < I2.to(tl.uint32)))
-            b = tl.load(address + flat, mask=channel_valid[:, :, None] & inside[None, None, :], other=0.0)
-            b = b.to(tl.float32)
-            if CI_P == 1:  # depthwise: a channel with itself, no channel-pair product
-                products = tl.reshape(tl.sum(a * b, axis=2), (BLOCK_G, 1, 1))
-            else:
-                products = tl.sum(a[:, :, None, :] * b[:, None, :, :], axis=3)
-            tl.atomic_add(out_ptr + lag * G * CI * CI + pair, products, mask=pair_valid, sem="relaxed")
+            b = tl.load(address_b + tl.load(row + 4), mask=pair_valid[:, None] & inside[None, :], other=0.0)
+            products = tl.sum(a * b.to(tl.float32), axis=1)
+            tl.atomic_add(out_pairs + lag * G * CI * CI, products, mask=pair_valid, sem="relaxed")
 
 
 _launch_dot = Launcher(_lag_dot_kernel)
@@ -170,8 +170,8 @@ _launch_narrow = Launcher(_lag_narrow_kernel)
 
 @dataclass(frozen=True)
 class LagConfig:
-    """Launch configuration: channel tile ``block`` (dot path) or groups per program ``block_g`` and padded
-    channels ``ci_p`` (narrow path), reduction step ``block_r``, warps, and the reduction's ``split``."""
+    """Launch configuration: channel tile ``block`` (dot path) or channel pairs per program (narrow path),
+    reduction step ``block_r``, warps, and the reduction's ``split`` (narrow path: stretches of positions)."""
 
     narrow: bool
     block: int
@@ -203,20 +203,14 @@ def _table(size: Tuple[int, ...], shifts: Tuple[Tuple[int, ...], ...], device: t
 
 
 def _narrow_tiles(ci_p: int, groups: int) -> List[Tuple[int, int, int]]:
-    """``(block_g, block_r, warps)`` candidates of the narrow path, best guess first: about 4096 products
-    per lag and program (the channel-pair products ``[BLOCK_G, CI_P, CI_P, BLOCK_R]`` in registers), as
-    many groups per program as there are up to 16-32 (depthwise), the rest along the positions."""
-    groups_p = triton.next_power_of_2(groups)
-    if ci_p == 1:
-        tiles = [(16, 256, 4), (32, 256, 8), (8, 512, 4), (32, 128, 4)]
-    else:
-        block_g = max(1, min(groups_p, 64 // (ci_p * ci_p)))
-        tiles = [(block_g, max(16, 4096 // (block_g * ci_p * ci_p)), 4),
-                 (block_g, max(16, 8192 // (block_g * ci_p * ci_p)), 8)]
+    """``(block_p, block_r, warps)`` candidates of the narrow path, best guess first: ``block_p`` channel
+    pairs (``block_p / ci_p²`` groups, at least one) times ``block_r`` positions, 4096 or 8192 products per
+    lag and program; with fewer pairs than the block the lanes move to the positions."""
+    pairs = triton.next_power_of_2(groups) * ci_p * ci_p
     result = []
-    for block_g, block_r, warps in tiles:  # fewer groups than the block: move the lanes to the positions
-        shrink = max(1, block_g // groups_p)
-        result.append((block_g // shrink, block_r * shrink, warps))
+    for block_p, lanes, warps in ((16, 4096, 4), (32, 8192, 8), (8, 4096, 4), (32, 4096, 4)):
+        block_p = min(max(block_p, ci_p * ci_p), pairs)
+        result.append((block_p, max(16, lanes // block_p), warps))
     return list(dict.fromkeys(result))
 
 
@@ -233,9 +227,9 @@ def candidates(ci: int, groups: int, lags: int, total: int, device: torch.device
 
     if ci < DOT_MIN_CHANNELS:
         configs = []
-        for block_g, block_r, warps in _narrow_tiles(triton.next_power_of_2(ci), groups):
+        for block_p, block_r, warps in _narrow_tiles(triton.next_power_of_2(ci), groups):
             for steps in (1, 4):
-                configs.append(LagConfig(True, block_g, block_r, warps, cdiv(total, steps * block_r)))
+                configs.append(LagConfig(True, block_p, block_r, warps, cdiv(total, steps * block_r)))
         return list(dict.fromkeys(configs))
     configs = []
     for block, block_r, warps in ((64, 32, 8), (32, 32, 4), (64, 64, 8), (32, 64, 4)):
@@ -277,9 +271,10 @@ def lag_products(
         out = (torch.zeros if atomic else torch.empty)((lags, groups, ci, ci), device=x.device, dtype=torch.float32)
         r_per_split = cdiv(cdiv(total, cfg.split), cfg.block_r) * cfg.block_r
         if cfg.narrow:  # split: stretches of positions, every lag in each program
-            grid = (cdiv(groups, cfg.block), cdiv(total, r_per_split))
+            ci_p = triton.next_power_of_2(ci)
+            grid = (cdiv(groups * ci_p * ci_p, cfg.block), cdiv(total, r_per_split))
             _launch_narrow(grid, x, table, out, lags, ci, groups, sxn, sxc, *size3, total, r_per_split,
-                           BLOCK_G=cfg.block, CI_P=triton.next_power_of_2(ci), BLOCK_R=cfg.block_r,
+                           BLOCK_P=cfg.block, CI_P=ci_p, BLOCK_R=cfg.block_r,
                            num_warps=cfg.num_warps)
         else:
             grid = (lags, groups * cdiv(ci, cfg.block) ** 2, cfg.split)
