@@ -81,8 +81,9 @@ border terms that keep two lag dims: those are lag products of the slabs):
   offset apart, so every program loads its tiles straight from ``x`` (no slices, no copies) while
   walking the lag's overlap region; the programs of all lags for one stretch of positions run
   together and share it through L2. Exact float32 FMAs by default (``precision=``).
-- ``"auto"`` (default): for float32 on CUDA, ``"triton"`` for narrow groups (``C/G < 16``: depthwise,
-  the 3-channel first layer; when Triton is there) and ``"gemm"`` for the others; ``"gemm"`` for float32
+- ``"auto"`` (default): for float32 on CUDA, ``"triton"`` for groups of at most 64 channels (depthwise,
+  the 3-channel first layer, 64-channel layers; when Triton is there: :data:`TRITON_MAX_CHANNELS`) and
+  ``"gemm"`` for wider ones; ``"gemm"`` for float32
   elsewhere (on every device: neither cuDNN's nor oneDNN's float32 convolution is accurate enough, see
   below), ``"conv"`` for float64 and the half-precision types (:func:`resolve_lag_method`).
 
@@ -273,17 +274,21 @@ def triton_usable(dtype: torch.dtype, device, numel: int = 0) -> bool:
     return kernels.available() and dtype == torch.float32 and on_device and numel < 2**31
 
 
-#: narrower groups than this (``C/G``) take the Triton lag products on CUDA under ``"auto"``: their
-#: products are dot products (depthwise) or tiny matrices, which the GEMM form pads to whole BLAS tiles
-NARROW_CHANNELS = 16
+#: groups of at most this many channels (``C/G``) take the Triton lag products on CUDA under ``"auto"``,
+#: wider ones the GEMM form. Measured on an H200 (``benchmarks/diagnostics/lag_products_configs.py``,
+#: whole ``kfc_by_lags``): Triton 1.3 ms against 1.8 ms at 64 channels (56x56, batch 32), a tie at 512
+#: (7x7), 2x slower at 96 and 192 (its float32 FMA tiles reach ~10 TFLOP/s where cuBLAS's products of
+#: wide groups reach ~20); narrow groups (depthwise, 3 channels) are dot products or tiny matrices,
+#: which the GEMM form pads to whole BLAS tiles
+TRITON_MAX_CHANNELS = 64
 
 
 def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int = 0,
-                       channels_per_group: int = NARROW_CHANNELS) -> str:
+                       channels_per_group: int = TRITON_MAX_CHANNELS + 1) -> str:
     """The lag method :func:`kfc_by_lags` runs for an input of ``dtype`` (``numel`` elements,
     ``channels_per_group = C/G``) on ``device``: ``"conv"``, ``"gemm"`` or ``"triton"``. ``"auto"`` is, for
-    float32 on CUDA, ``"triton"`` for narrow groups (``C/G <`` :data:`NARROW_CHANNELS`, when Triton runs:
-    :func:`triton_usable`) and ``"gemm"`` otherwise (a few cuBLAS products, :func:`_lag_products_flat`);
+    float32 on CUDA, ``"triton"`` for groups of at most :data:`TRITON_MAX_CHANNELS` channels (when Triton
+    runs: :func:`triton_usable`) and ``"gemm"`` for wider ones;
     ``"gemm"`` for float32 on other devices (cuDNN may pick a Winograd algorithm for the lag weight
     gradient, about 2e-4 relative error; oneDNN's float32 error grows with the input, 4.7e-5 measured:
     module docstring, *Lag methods*); ``"conv"`` for the other dtypes (float64 is exact to rounding).
@@ -298,7 +303,7 @@ def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int =
         )
     if lag_method != "auto":
         return lag_method
-    if (torch.device(device).type == "cuda" and channels_per_group < NARROW_CHANNELS
+    if (torch.device(device).type == "cuda" and channels_per_group <= TRITON_MAX_CHANNELS
             and triton_usable(dtype, device, numel)):
         return "triton"
     return "gemm" if dtype == torch.float32 else "conv"
@@ -400,74 +405,6 @@ def _gemm_plan(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple
 
 
 def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
-    """:func:`_lag_products` by matrix products only: on CUDA the flat form (:func:`_lag_products_flat`, a
-    few strided batched products of one padded copy), elsewhere products of slices
-    (:func:`_lag_products_slices`)."""
-    if x.is_cuda:
-        return _lag_products_flat(x, kernels, dilations, groups)
-    return _lag_products_slices(x, kernels, dilations, groups)
-
-
-def _lag_products_flat(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
-    """:func:`_lag_products` (GEMM form) as strided batched products of ONE zero-padded channels-last copy.
-
-    ``x`` is copied into ``buf`` ``[N, *(I + B), C]`` (``B = dil·(K-1)`` zeros after the input in every
-    dim) viewed as ``[rows, C]``, plus ``max f`` zero rows at the end. For a computed lag (``δ = 0`` or its
-    first non-zero component positive, :func:`_gemm_plan`) the flat shift ``f = Σ_t dil_t·δ_t·stride_t``
-    is ``≥ 0``, and ``Σ_p buf[p]ᵀ buf[p + f]`` over all ``rows`` is the lag's product: a partner
-    ``p + f`` of a real position is a real position only as ``(n, q + dil·δ)`` — leaving the input along
-    a dim lands in that dim's zeros (negative components wrap into the zero columns of the row before,
-    never past them: ``|dil·δ_t| ≤ B_t``), never in another sample or row. So each lag is ONE matrix
-    product of two contiguous row ranges of ``buf``, and the lags that differ only in the last
-    component (``f`` spaced ``dil_{d-1}`` rows apart) form one strided batched product (the first
-    operand broadcast, batch stride 0; the second an overlapping strided view): ``2K_0 - 1``-ish
-    launches for all lags instead of three per lag, no slice copies. The padding costs rows:
-    ``∏(I + B) / ∏(I - |dil·δ|)`` (1.1x at 56x56, 1.4x at 16x16, 2.2x at 7x7 for 3x3 kernels). Groups:
-    one product per group (column slices of ``buf``)."""
-    n, c, *size = x.shape
-    d = len(kernels)
-    ci = c // groups
-    borders = [dl * (k - 1) for k, dl in zip(kernels, dilations)]
-    padded = [i + b for i, b in zip(size, borders)]
-    strides = [math.prod(padded[t + 1:]) for t in range(d)]
-    rows = n * math.prod(padded)
-    buf = x.new_zeros(rows + sum(b * st for b, st in zip(borders, strides)), c)
-    buf[:rows].view(n, *padded, c)[(slice(None), *(slice(0, i) for i in size))].copy_(x.movedim(1, -1))
-    order, runs = _flat_runs(tuple(size), tuple(kernels), tuple(dilations))
-    products = x.new_empty(len(order), groups, ci, ci)
-    step = dilations[-1]
-    for start, m, first in runs:  # lags start..start+m-1: flat shifts first, first + step, ...
-        for g in range(groups):
-            a = buf[:rows, g * ci:(g + 1) * ci].t().expand(m, ci, rows)
-            b = buf.as_strided((m, rows, ci), (step * c, c, 1), buf.storage_offset() + first * c + g * ci)
-            if groups == 1:
-                torch.bmm(a, b, out=products[start:start + m, 0])
-            else:
-                products[start:start + m, g] = torch.bmm(a, b)
-    return _all_lags(products, kernels, order, c)
-
-
-@functools.lru_cache(maxsize=1024)
-def _flat_runs(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple[int, ...]):
-    """The lags of :func:`_gemm_plan` in lexicographic order (``δ = 0`` first) and their runs
-    ``(start, count, first flat shift)``: consecutive lags that differ only in the last component, whose
-    flat shifts in :func:`_lag_products_flat`'s padded layout are ``dil_{d-1}`` rows apart."""
-    plan = _gemm_plan(size, kernels, dilations)
-    order = sorted(delta for _, deltas in plan.by_shape for delta in deltas)
-    padded = [i + dl * (k - 1) for i, k, dl in zip(size, kernels, dilations)]
-    strides = [math.prod(padded[t + 1:]) for t in range(len(size))]
-    runs = []
-    for k, delta in enumerate(order):
-        if runs and order[k - 1][:-1] == delta[:-1]:
-            assert order[k - 1][-1] + 1 == delta[-1], "the overlapping lags form a range per leading components"
-            start, m, first = runs[-1]
-            runs[-1] = (start, m + 1, first)
-        else:
-            runs.append((k, 1, sum(dl * dt * st for dl, dt, st in zip(dilations, delta, strides))))
-    return tuple(order), tuple(runs)
-
-
-def _lag_products_slices(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
     """:func:`_lag_products` by matrix products only (exact float32 FMAs in cuBLAS unless the caller
     allowed TF32 in ``torch.backends.cuda.matmul``; this function sets no flag).
 
@@ -651,8 +588,8 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
       are transposes; module docstring);
     - ``"triton"``: the same half of the lags in one Triton launch that reads ``x`` in place
       (:mod:`curvlib.kernels.lag_products`; CUDA, float32);
-    - ``"auto"`` (default): for float32 on CUDA ``"triton"`` for groups of fewer than 16 channels (when
-      Triton is there) and ``"gemm"`` otherwise; ``"gemm"`` for other float32, ``"conv"`` otherwise
+    - ``"auto"`` (default): for float32 on CUDA ``"triton"`` for groups of at most 64 channels (when
+      Triton is there) and ``"gemm"`` for wider ones; ``"gemm"`` for other float32, ``"conv"`` otherwise
       (:func:`resolve_lag_method`).
 
     ``precision`` (``"ieee"``, ``"tf32"``, ``"tf32x3"``, ``"bf16"``) is the mode of the ``"triton"``

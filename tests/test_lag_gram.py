@@ -208,10 +208,9 @@ def test_gemm_lag_products_equal_conv(seed):
         dilations = (dilation,) * d if isinstance(dilation, int) else dilation
         x = torch.randn(2, channels, *size, dtype=DTYPE)
         conv = lag_gram._lag_products_conv(x, kernels, dilations, groups)
-        for form in ("slices", "flat"):  # the CPU's and CUDA's GEMM forms (both run on every device)
-            gemm = getattr(lag_gram, f"_lag_products_{form}")(x, kernels, dilations, groups)
-            assert gemm.shape == conv.shape == (channels, channels // groups, *(2 * k - 1 for k in kernels))
-            torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12 * conv.abs().max())
+        gemm = lag_gram._lag_products_gemm(x, kernels, dilations, groups)
+        assert gemm.shape == conv.shape == (channels, channels // groups, *(2 * k - 1 for k in kernels))
+        torch.testing.assert_close(gemm, conv, rtol=1e-12, atol=1e-12 * conv.abs().max())
 
 
 def test_bad_lag_method():
@@ -257,15 +256,15 @@ def test_auto_picks_gemm_for_float32_and_conv_for_float64(dtype, monkeypatch):
 
 
 def test_resolve_lag_method(monkeypatch):
-    """``"auto"``: for float32 on CUDA the Triton kernel for narrow groups (when Triton is there) and the
-    GEMM form for the others, the GEMM form for other float32, the convolution otherwise; ``"triton"``
+    """``"auto"``: for float32 on CUDA the Triton kernel for groups of at most 64 channels (when Triton is
+    there) and the GEMM form for wider ones, the GEMM form for other float32, the convolution otherwise; ``"triton"``
     where it cannot run is an error."""
     from curvlib import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: True)
     assert resolve_lag_method("auto", torch.float32, torch.device("cuda"), channels_per_group=1) == "triton"
-    assert resolve_lag_method("auto", torch.float32, "cuda:1", numel=100, channels_per_group=15) == "triton"
-    assert resolve_lag_method("auto", torch.float32, "cuda", channels_per_group=16) == "gemm"  # cuBLAS
+    assert resolve_lag_method("auto", torch.float32, "cuda:1", numel=100, channels_per_group=64) == "triton"
+    assert resolve_lag_method("auto", torch.float32, "cuda", channels_per_group=65) == "gemm"  # cuBLAS
     assert resolve_lag_method("auto", torch.float32, "cuda", numel=2**31, channels_per_group=1) == "gemm"
     assert resolve_lag_method("auto", torch.float32, "cpu", channels_per_group=1) == "gemm"
     assert resolve_lag_method("triton", torch.float32, "cuda") == "triton"
@@ -337,7 +336,7 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
                 calls.clear()
                 result = kfc_by_lags(x, geometry, lag_method=method, precision=precision)
                 assert result.dtype == torch.float32
-                narrow = channels // groups < lag_gram.NARROW_CHANNELS
+                narrow = channels // groups <= lag_gram.TRITON_MAX_CHANNELS
                 assert set(calls) == {("triton" if narrow else "gemm") if method == "auto" else method}, (method, calls)
                 errors[(str(geometry), method)] = ((result.double() - expected).norm() / expected.norm()).item()
     finally:
@@ -347,8 +346,8 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_gemm_and_triton(seed, monkeypatch):
-    """float32 on CUDA: ``"auto"`` runs the Triton lag products for narrow groups, the GEMM form (flat,
-    cuBLAS) otherwise; both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
+    """float32 on CUDA: ``"auto"`` runs the Triton lag products for groups of at most 64 channels, the
+    GEMM form (cuBLAS) otherwise; both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
     Winograd weight gradient, ``"conv"``: ~2e-4)."""
     from curvlib import kernels
 

@@ -88,10 +88,11 @@ def main() -> None:
         for ms, config in rows[:6]:
             mark = " (default)" if config in default else ""
             print(f"  {ms:8.3f} ms {flops / ms / 1e9:7.2f} TFLOP/s  {config}{mark}")
-        chosen = min((r for r in rows if r[1] in default), key=lambda r: r[0])
-        print(f"  autotune candidates best: {chosen[0]:.3f} ms; grid best {rows[0][0]:.3f} ms")
+        chosen = [r for r in rows if r[1] in default]
+        if chosen and rows:
+            print(f"  autotune candidates best: {min(chosen, key=lambda r: r[0])[0]:.3f} ms; grid best {rows[0][0]:.3f} ms")
         kernels, dilations = (k, k), (1, 1)
-        for method in ("flat", "slices", "conv"):
+        for method in ("gemm", "conv"):
             fn = getattr(lag_gram, f"_lag_products_{method}")
             print(f"  {method:>6} lag products: {timed(lambda: fn(x, kernels, dilations, groups)):8.3f} ms")
         geometry = make_geometry(c, c, (size, size), kernel_size=k, padding=pad, groups=groups)

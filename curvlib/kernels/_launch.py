@@ -68,4 +68,5 @@ class Launcher:
                 self._compiled[key] = (compiled, tuple(constexprs[name] for name in self._constexpr_names))
             return
         compiled, constexpr_values = entry
-        compiled[grid](*args, *constexpr_values)
+        # the compiled kernel's launcher reads grid[0], grid[1] and grid[2] (the JIT pads shorter grids)
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexpr_values)
