@@ -107,7 +107,7 @@ def measure(layer: Layer, device: torch.device, dtype: torch.dtype, repeats: int
     geometry = make_geometry(layer.c_in, layer.c_out, (layer.size, layer.size), kernel_size=layer.kernel,
                              padding=layer.padding, groups=layer.groups)
     assert supports_lags(geometry)
-    chosen = resolve_lag_method(lag_method, dtype, device)
+    chosen = resolve_lag_method(lag_method, dtype, device, channels_per_group=layer.c_in // layer.groups)
     methods = timed_methods(device, dtype) if both_methods else [chosen]
     record = dict(net=layer.net, layer=layer.name, batch=layer.batch, device=str(device), dtype=str(dtype),
                   method=chosen, unfold_gflop=unfold_flops(geometry, layer.batch) / 1e9,
@@ -254,7 +254,7 @@ def main(argv=None) -> None:
     if args.batch:
         layers = [layer._replace(batch=args.batch) for layer in layers]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    chosen = resolve_lag_method(args.lag_method, dtype, device)
+    chosen = resolve_lag_method(args.lag_method, dtype, device, channels_per_group=16)  # per layer in the table
     print(f"# KFC by lags vs unfold: {name}, torch {torch.__version__}, {args.dtype}, median of {repeats}, "
           f"lag_method={args.lag_method} ({chosen}){', both methods timed' if both_methods else ''}\n")
     torch.manual_seed(0)
