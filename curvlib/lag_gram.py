@@ -81,9 +81,10 @@ border terms that keep two lag dims: those are lag products of the slabs):
   offset apart, so every program loads its tiles straight from ``x`` (no slices, no copies) while
   walking the lag's overlap region; the programs of all lags for one stretch of positions run
   together and share it through L2. Exact float32 FMAs by default (``precision=``).
-- ``"auto"`` (default): for float32 on CUDA, ``"triton"`` for groups of at most 64 channels (depthwise,
-  the 3-channel first layer, 64-channel layers; when Triton is there: :data:`TRITON_MAX_CHANNELS`) and
-  ``"gemm"`` for wider ones; ``"gemm"`` for float32
+- ``"auto"`` (default): for float32 on CUDA (with Triton), ``"triton"`` or ``"gemm"``, whichever ran
+  faster on the first call for the input's shape (neither wins everywhere; without autotuning
+  ``"triton"`` for groups of at most 64 channels — depthwise, the 3-channel first layer, 64-channel
+  layers — and ``"gemm"`` for wider ones, :data:`TRITON_MAX_CHANNELS`); ``"gemm"`` for float32
   elsewhere (on every device: neither cuDNN's nor oneDNN's float32 convolution is accurate enough, see
   below), ``"conv"`` for float64 and the half-precision types (:func:`resolve_lag_method`).
 
@@ -140,6 +141,7 @@ import torch
 from torch import Tensor
 
 from .hyperparams import ConvGeometry
+from .kernels.autotune import ConfigCache
 
 __all__ = ["kfc_by_lags", "supports_lags", "lag_flops", "unfold_flops", "resolve_lag_method", "triton_usable",
            "LAG_METHODS", "TRITON_PRECISIONS"]
@@ -307,6 +309,23 @@ def resolve_lag_method(lag_method: str, dtype: torch.dtype, device, numel: int =
             and triton_usable(dtype, device, numel)):
         return "triton"
     return "gemm" if dtype == torch.float32 else "conv"
+
+
+_LAG_METHOD_CHOICE = ConfigCache("lag_method")
+
+
+def _measured_lag_method(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, precision: str,
+                         first: str) -> str:
+    """``"triton"`` or ``"gemm"`` for the lag products of this input shape on CUDA, whichever ran faster
+    (timed once per shape on the first call, then cached; :class:`curvlib.kernels.autotune.ConfigCache`,
+    off with ``CURVLIB_KERNEL_AUTOTUNE=0``, when ``first`` — the static choice — is taken). Neither
+    wins everywhere: on an H100, at batch 32, Triton is 1.4-1.6x faster on ResNet-18's 3x3 layers of 64
+    to 512 channels; at batch 128, cuBLAS is 1.8-2x faster on All-CNN-C's 96 and 192 channels (its
+    products of long reductions reach ~15 TFLOP/s, Triton's float32 FMA tiles ~10)."""
+    key = (tuple(x.shape), tuple(kernels), tuple(dilations), groups, precision, str(x.device))
+    candidates = [first] + [m for m in ("triton", "gemm") if m != first]
+    return _LAG_METHOD_CHOICE.choose(
+        key, candidates, lambda m: _lag_products(x, kernels, dilations, groups, m, precision), x.device)
 
 
 def _lag_products(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, method: str,
@@ -588,8 +607,9 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
       are transposes; module docstring);
     - ``"triton"``: the same half of the lags in one Triton launch that reads ``x`` in place
       (:mod:`curvlib.kernels.lag_products`; CUDA, float32);
-    - ``"auto"`` (default): for float32 on CUDA ``"triton"`` for groups of at most 64 channels (when
-      Triton is there) and ``"gemm"`` for wider ones; ``"gemm"`` for other float32, ``"conv"`` otherwise
+    - ``"auto"`` (default): for float32 on CUDA (with Triton) ``"triton"`` or ``"gemm"``, whichever runs
+      faster for this input shape (timed on the first call, cached; without autotuning
+      ``"triton"`` for groups of at most 64 channels, ``"gemm"`` for wider ones); ``"gemm"`` for other float32, ``"conv"`` otherwise
       (:func:`resolve_lag_method`).
 
     ``precision`` (``"ieee"``, ``"tf32"``, ``"tf32x3"``, ``"bf16"``) is the mode of the ``"triton"``
@@ -628,6 +648,8 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
     # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
     kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
+    if lag_method == "auto" and method in ("triton", "gemm") and x.is_cuda and triton_usable(x.dtype, x.device, x.numel()):
+        method = _measured_lag_method(x, kernels, dilations, groups, precision, first=method)
     lag_term = _lag_products(x, kernels, dilations, groups, method, precision)
     lag_term = lag_term.view(groups, ci, ci, *(p.lags for p in plans))
     terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
