@@ -336,8 +336,9 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
                 calls.clear()
                 result = kfc_by_lags(x, geometry, lag_method=method, precision=precision)
                 assert result.dtype == torch.float32
-                narrow = channels // groups <= lag_gram.TRITON_MAX_CHANNELS
-                assert set(calls) == {("triton" if narrow else "gemm") if method == "auto" else method}, (method, calls)
+                # auto: the faster of the two, timed on the first call of a shape (both run then)
+                allowed = {"triton", "gemm"} if method == "auto" else {method}
+                assert calls and set(calls) <= allowed, (method, calls)
                 errors[(str(geometry), method)] = ((result.double() - expected).norm() / expected.norm()).item()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
@@ -346,8 +347,7 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_gemm_and_triton(seed, monkeypatch):
-    """float32 on CUDA: ``"auto"`` runs the Triton lag products for groups of at most 64 channels, the
-    GEMM form (cuBLAS) otherwise; both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
+    """float32 on CUDA: ``"auto"`` runs the faster of the Triton lag products and the GEMM form (cuBLAS); both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
     Winograd weight gradient, ``"conv"``: ~2e-4)."""
     from curvlib import kernels
 
