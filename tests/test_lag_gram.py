@@ -347,8 +347,9 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_gemm_and_triton(seed, monkeypatch):
-    """float32 on CUDA: ``"auto"`` runs the faster of the Triton lag products and the GEMM form (cuBLAS); both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's
-    Winograd weight gradient, ``"conv"``: ~2e-4)."""
+    """float32 on CUDA: ``"auto"`` runs the faster of the Triton lag products and the GEMM form (cuBLAS);
+    both are within 2e-5 relative (Frobenius) of float64 with TF32 off (cuDNN's Winograd weight
+    gradient, ``"conv"``: ~2e-4)."""
     from curvlib import kernels
 
     methods = ("gemm", "triton", "auto") if kernels.available() else ("gemm",)
