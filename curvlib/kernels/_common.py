@@ -19,6 +19,15 @@ _HAS_INPUT_PRECISION = tl.constexpr(HAS_INPUT_PRECISION)
 
 
 @triton.jit
+def unravel3(index, I1, I2):
+    """``(i0, i1, i2)`` of flat row-major indices ``index`` into a ``[*, I1, I2]`` box."""
+    i0 = index // (I1 * I2)
+    rest = index - i0 * (I1 * I2)
+    i1 = rest // I2
+    return i0, i1, rest - i1 * I2
+
+
+@triton.jit
 def kernel_offsets(k, K1, K2, DL0, DL1, DL2):
     """Spatial offsets ``a_j = k_j·DIL_j`` of flat kernel entries ``k = (k0, k1, k2)`` (row-major)."""
     k0 = k // (K1 * K2)

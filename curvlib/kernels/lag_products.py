@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import mma, store_tile
+from ._common import mma, store_tile, unravel3
 from ._host import cdiv, multiprocessors
 from ._launch import Launcher
 from .autotune import ConfigCache
@@ -74,11 +74,7 @@ def _lag_region(table_ptr, lag, N):
 def _positions(r, OV1, OV2, OV, start, sxn, I12, I2):
     """Flat addresses (without the channel) of reduction indices ``r = (n, o)`` of the overlap region."""
     n = r // OV
-    o = r - n * OV
-    o0 = o // (OV1 * OV2)
-    rest = o - o0 * (OV1 * OV2)
-    o1 = rest // OV2
-    o2 = rest - o1 * OV2
+    o0, o1, o2 = unravel3(r - n * OV, OV1, OV2)
     return n * sxn + start + o0 * I12 + o1 * I2 + o2
 
 
@@ -145,10 +141,7 @@ def _lag_narrow_kernel(
         valid_r = r < r_end
         n = r // (I0 * I12)
         q = r - n * (I0 * I12)
-        q0 = q // I12
-        rest = q - q0 * I12
-        q1 = rest // I2
-        q2 = rest - q1 * I2
+        q0, q1, q2 = unravel3(q, I1, I2)
         col = n * sxn + q
         a = tl.load(x_ptr + row_a[:, None] + col[None, :], mask=pair_valid[:, None] & valid_r[None, :], other=0.0)
         a = a.to(tl.float32)

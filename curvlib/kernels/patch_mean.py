@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import kernel_offsets
+from ._common import kernel_offsets, unravel3
 from ._geometry import KernelGeometry, trivial_geometry
 from ._host import cdiv, finish, multiprocessors, next_power_of_2
 from ._launch import Launcher
@@ -78,10 +78,7 @@ def _patch_mean_kernel(
     for i_base in range(i_start, i_end, BLOCK_I):
         i = i_base + tl.arange(0, BLOCK_I)
         valid_i = i < i_end
-        i0 = i // (I1 * I2)
-        rest_i = i - i0 * (I1 * I2)
-        i1 = rest_i // I2
-        i2 = rest_i - i1 * I2
+        i0, i1, i2 = unravel3(i, I1, I2)
         hit = valid_i[:, None] & valid_k[None, :]
         # dims of size 1 with kernel 1 (the embedding of 1-d/2-d convolutions) always hit
         if ACTIVE & 1:
