@@ -50,7 +50,7 @@ from .autotune import ConfigCache
 #: chain, like the GEMM form's row blocks (``lag_gram._ROW_BLOCK``); longer reductions are split
 MAX_SLICE = 16384
 
-#: narrower groups than this take the broadcast path (``tl.dot`` needs tiles of at least 16)
+#: narrower groups than this take the narrow path (``tl.dot`` needs tiles of at least 16)
 DOT_MIN_CHANNELS = 16
 
 _INT_ARGS = ["N", "CI", "G", "sxn", "sxc", "I12", "I2", "r_per_split", "use_atomic"]
