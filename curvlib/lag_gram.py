@@ -140,6 +140,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .cuda_graphs import GraphCache
 from .hyperparams import ConvGeometry
 from .kernels.autotune import ConfigCache
 
@@ -365,128 +366,137 @@ def _lag_products_conv(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
     )[1]
 
 
-def _stack_factor(device: torch.device) -> int:
-    """Lags whose regions have the same shape are stacked into one batched product in chunks that keep
-    each stacked operand below this multiple of ``x``'s size; 0: one product per lag, no stacking.
+#: positions per slice of the GEMM form's reduction, candidates (best guess first): a lag's product is
+#: the sum of batched ``[C/G, m] @ [m, C/G]`` products over slices of ``m`` positions. The slices are
+#: the GPU's parallelism (the output, ``(C/G)²``, is small against the reduction) and bound the float32
+#: accumulation chain: a BLAS may accumulate a reduction in one sequence, with an error that grows with
+#: its length (measured on CPUs, MKL, float32, ≤ 8 columns: 3e-6 at 32k rows, 2.6e-5 at 524k, against
+#: 1e-6 at 4k). On CUDA the fastest is taken per shape (timed once, :class:`ConfigCache`; measured on an
+#: H100: 512-1200 positions on All-CNN-C's and ResNet-18's 3x3 layers); elsewhere the first.
+_SLICE_CANDIDATES = {"cuda": (1024, 512, 2048), "cpu": (4096,)}
 
-    CPUs: 0. Measured there (2 threads, float32): stacking makes the GEMM form 1.0-1.4x slower (1.0-2.6x
-    without the chunks of samples: a fresh large buffer per stack costs page faults, the per-lag copies
-    reuse freed blocks of the same size), and launches are cheap. CUDA: 2, not measured (the caching
-    allocator recycles the stacks; the launches, copy and product, drop by up to ``2^(d-1)``: half in
-    2-d, a quarter in 3-d)."""
-    return 0 if device.type == "cpu" else 2
-
-
-#: rows per matrix product of the GEMM form, at most (when the partial products stay small): a longer
-#: reduction is split into blocks of rows (an explicit split-K) whose partial products are summed by
-#: torch.sum (cascaded on CPUs, a tree on CUDA). Why: a BLAS may accumulate a long reduction in one
-#: sequence; measured on CPUs (MKL, float32) for [C, rows] @ [rows, C] with C ≤ 8 the error grows
-#: linearly with the rows: 3e-6 at 32k rows, 2.6e-5 at 524k (C = 3), against 1e-6 for C ≥ 16. On GPUs
-#: a lag's output (C/G)² is small against its reduction: the blocks are also its parallelism.
-_ROW_BLOCK = 4096
+_SLICE_CHOICE = ConfigCache("lag_gemm_slice")
 
 
-def _row_blocks(dims: Sequence[int], columns: int) -> int:
-    """Into how many blocks the rows ``∏ dims`` (``(N, *overlap)``, C order) of a lag product are split:
-    the product of the fewest leading dims that brings a block to ``_ROW_BLOCK`` rows or fewer, unless a
-    block would then be shorter than ``columns`` (the partial products, ``columns²`` per block, would
-    outgrow the operands, ``columns`` per row)."""
-    rows, blocks = math.prod(dims), 1
-    for size in dims[:-1]:
-        if rows // blocks <= _ROW_BLOCK or rows // (blocks * size) < columns:
-            break
-        blocks *= size
-    return blocks
-
-
-class _GemmPlan(NamedTuple):
-    """The lags :func:`_lag_products_gemm` computes, grouped by the shape of their overlap region."""
-
-    by_shape: Tuple[Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]], ...]  # (overlap shape, lags δ)
-
-    @property
-    def order(self) -> Tuple[Tuple[int, ...], ...]:
-        """The lags in the order of ``by_shape`` (``δ = 0`` first)."""
-        return tuple(delta for _, deltas in self.by_shape for delta in deltas)
+def _slice_candidates(device: torch.device, channels_per_group: int) -> Tuple[int, ...]:
+    """:data:`_SLICE_CANDIDATES` of the device type, none shorter than the channels (the partial products,
+    ``(C/G)²`` per slice, would outgrow the operands, ``C/G`` per position)."""
+    candidates = _SLICE_CANDIDATES["cuda" if device.type == "cuda" else "cpu"]
+    return tuple(dict.fromkeys(max(m, channels_per_group) for m in candidates))
 
 
 @functools.lru_cache(maxsize=1024)
-def _gemm_plan(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple[int, ...]) -> _GemmPlan:
-    """Half the lags: ``δ = 0`` and those whose first non-zero component is positive (``L[-δ]`` is ``L[δ]``
-    transposed per group), without the lags whose regions do not overlap (``dil·|δ_t| ≥ I_t``: zero)."""
+def _gemm_plan(size: Tuple[int, ...], kernels: Tuple[int, ...], dilations: Tuple[int, ...]) -> Tuple[Tuple[int, ...], ...]:
+    """Half the lags ``δ``: ``δ = 0`` (first) and those whose first non-zero component is positive (``L[-δ]``
+    is ``L[δ]`` transposed per group), without the lags whose regions do not overlap (``dil·|δ_t| ≥ I_t``:
+    zero)."""
     d = len(kernels)
-    by_shape: Dict[Tuple[int, ...], List[Tuple[int, ...]]] = {tuple(size): [(0,) * d]}  # δ = 0: alone, first
+    order = [(0,) * d]
     for delta in itertools.product(*(range(-(k - 1), k) for k in kernels)):
-        shape = tuple(i - dl * abs(dt) for i, dl, dt in zip(size, dilations, delta))
-        if delta > (0,) * d and min(shape) > 0:
-            by_shape.setdefault(shape, []).append(delta)
-    return _GemmPlan(tuple((shape, tuple(deltas)) for shape, deltas in by_shape.items()))
+        if delta > (0,) * d and all(dl * abs(dt) < i for i, dl, dt in zip(size, dilations, delta)):
+            order.append(delta)
+    return tuple(order)
+
+
+class _FlatLayout(NamedTuple):
+    """A zero-padded channel-major copy of ``x`` in which every lag is one column offset (:func:`_flat_layout`)."""
+
+    data: Tensor  # [C, total + max(offsets) + tail], zeros outside the copy of x
+    offsets: Tuple[int, ...]  # per shift, its flat column offset (≥ 0)
+    total: int  # columns holding the padded samples, N·∏(I + p)
+
+
+def _flat_layout(x: Tensor, shifts: Sequence[Tuple[int, ...]], tail: int) -> _FlatLayout:
+    """``x`` ``[N, C, *I]`` copied to ``data[c, (n, *q)]`` of the padded box ``I_t + p_t`` per dim, ``p_t`` the
+    largest ``|s_t|`` of ``shifts``, zeros in the padding and in ``tail`` + ``max(offsets)`` columns after it.
+
+    Then for a shift ``s`` whose first non-zero component is positive (so its flat offset
+    ``o = Σ_t s_t·stride_t`` is positive), column ``q + o`` holds ``x[n, c, q + s]`` wherever ``q`` and
+    ``q + s`` are inside the input, and a zero wherever ``q`` is and ``q + s`` is not: coordinates beyond
+    the input land in the padding of their dim (``I_t + s_t < I_t + p_t``: no carry into the next dim),
+    and the innermost negative one ``q_t + s_t ≥ -p_t`` borrows into the padding of the row before
+    (``I_t + p_t + q_t + s_t ≥ I_t``). Hence ``Σ_{q < total} data[i, q]·data[j, q + o]`` is the lag product
+    over the overlap region: one contiguous matrix product per lag, at a column offset, no slices."""
+    n, c, *size = x.shape
+    d = len(size)
+    pads = [max(abs(s[t]) for s in shifts) for t in range(d)]
+    padded = [i + p for i, p in zip(size, pads)]
+    strides = [math.prod(padded[t + 1:]) for t in range(d)]
+    offsets = tuple(sum(s * st for s, st in zip(shift, strides)) for shift in shifts)
+    if min(offsets) < 0:
+        raise ValueError(f"_flat_layout needs shifts whose first non-zero component is positive, got {shifts}")
+    total = n * math.prod(padded)
+    data = x.new_zeros(c, total + max(offsets) + tail)
+    inside = data[:, :total].view(c, n, *padded)[(slice(None), slice(None), *(slice(0, i) for i in size))]
+    inside.copy_(x.transpose(0, 1))
+    return _FlatLayout(data, offsets, total)
+
+
+def _flat_products(layout: _FlatLayout, groups: int, m: int, products: Tensor, accumulate: bool) -> None:
+    """Per offset ``l`` and group, ``Σ_{q < total} data[i, q]·data[j, q + offsets[l]]`` (``i, j`` of the group)
+    into ``products`` ``[lags, G, C/G, C/G]`` (added if ``accumulate``), in slices of ``m`` positions.
+
+    Operands are strided views of ``data`` (no copies): one group, a ``[slices, C/G, m] @ [slices, m, C/G]``
+    batched product per lag summed over the slices; several, a ``[G, C/G, m] @ [G, m, C/G]`` product per
+    slice added in place (``baddbmm_``); depthwise (``C/G = 1``), the products are dot products: an
+    elementwise product of the two ``[C, total]`` views and a sum. ``data`` needs ``m`` columns of tail
+    (the last slice runs past ``total`` into zeros)."""
+    data, offsets, total = layout
+    c, length = data.shape
+    ci = c // groups
+    slices = -(-total // m)
+    m = -(-total // slices)  # the same number of slices, evened out: the last one wastes fewer zeros
+    base = data.storage_offset()
+    for lag, offset in enumerate(offsets):
+        target = products[lag]
+        if ci == 1:
+            dots = (data[:, :total] * data[:, offset:offset + total]).sum(1).view(groups, 1, 1)
+            target.add_(dots) if accumulate else target.copy_(dots)
+        elif groups == 1:
+            a = data.as_strided((slices, ci, m), (m, length, 1), base)
+            b = data.as_strided((slices, m, ci), (m, 1, length), base + offset)
+            partial = torch.bmm(a, b).sum(0)
+            target[0].add_(partial) if accumulate else target[0].copy_(partial)
+        else:
+            if not accumulate:
+                target.zero_()
+            for start in range(0, total, m):
+                a = data.as_strided((groups, ci, m), (ci * length, length, 1), base + start)
+                b = data.as_strided((groups, m, ci), (ci * length, 1, length), base + start + offset)
+                target.baddbmm_(a, b)
 
 
 def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
     """:func:`_lag_products` by matrix products only (exact float32 FMAs in cuBLAS unless the caller
     allowed TF32 in ``torch.backends.cuda.matmul``; this function sets no flag).
 
-    Half the lags (:func:`_gemm_plan`); the others are their transposes. Lag ``δ`` sums over the overlap
-    region ``q ∈ Π_t [max(0, -s_t), I_t - max(0, s_t))``, ``s = dil·δ``, against ``q + s``: two slices of one
-    copy of ``x`` laid out ``[G, N, *I, C/G]`` (channels last, groups first, made once; on CPUs once per
-    chunk of samples, whose products are accumulated). Each slice is reshaped to ``[G·m, rows/m, C/G]``
-    (a copy unless contiguous, as for ``δ = 0``; ``m`` blocks of rows, :func:`_row_blocks`) and one
-    batched product ``[C/G, rows/m] @ [rows/m, C/G]`` per group and block, summed over the blocks, gives
-    the lag. Lags whose regions have the same shape (``|δ|`` equal per dim: up to ``2^(d-1)`` of the
-    computed half) may be stacked into one product: the same copies, fewer launches (:func:`_stack_factor`:
-    on CUDA, not on CPUs). Depthwise (``C/G = 1``) the products degenerate to dot products: there an
-    elementwise multiply of the two slices, read in place (no copy), and a sum over the rows, one lag at
-    a time (stacking would copy both slices and, in 2-d, save no launch). Lags without overlap
-    (``dil·|δ_t| ≥ I_t``) are zero and not computed. Temporaries: the layout copy, per lag the two
-    slices (each at most ``x``) or a stack (at most ``2x`` each), and the small products."""
+    Half the lags (:func:`_gemm_plan`); the others are their transposes. All of them from one zero-padded
+    channel-major copy of ``x`` (:func:`_flat_layout`: lag ``δ`` is a column offset, the padding makes
+    the product over all columns the product over the lag's overlap region) by batched products of
+    strided views of it (:func:`_flat_products`, slices of the reduction: :data:`_SLICE_CANDIDATES`). On
+    CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies; their products are added).
+    Temporaries: the copy (``x`` padded by the largest shift per dim) and the small partial products.
+    The padding costs products of zeros: ``∏(I + dil·(K-1))`` positions per lag instead of its overlap
+    (:func:`lag_flops`), 1.13x ``∏ I`` for 3x3 kernels on 32x32 inputs, 1.65x on 7x7; in exchange no
+    slice is copied (the slice copies of an earlier form took longer than the products)."""
     n, c, *size = x.shape
-    d = len(kernels)
     ci = c // groups
-
-    def region(layout, delta, operand):  # [G, N, *overlap, ci]; operand 0: q (rows i), 1: q + dil·δ (columns j)
-        slices = []
-        for i, dl, dt in zip(size, dilations, delta):
-            s = dl * dt
-            lo = max(0, -s) + (s if operand else 0)
-            slices.append(slice(lo, lo + i - abs(s)))
-        return layout[(slice(None), slice(None), *slices)]
-
-    plan = _gemm_plan(tuple(size), tuple(kernels), tuple(dilations))
-    products = x.new_zeros(len(plan.order), groups, ci, ci)  # per computed lag, in the plan's order
-    factor = _stack_factor(x.device)
-    # CPUs: chunks of samples of _CPU_CHUNK_BYTES, their products accumulated: the region copies stay small
-    # (measured, 2 threads: 2-9x faster for inputs of 25-100 MB, the same for small ones)
+    order = _gemm_plan(tuple(size), tuple(kernels), tuple(dilations))
+    shifts = [tuple(dl * dt for dl, dt in zip(dilations, delta)) for delta in order]
+    products = x.new_empty(len(order), groups, ci, ci)
+    candidates = _slice_candidates(x.device, ci)
     sample_bytes = math.prod(x.shape[1:]) * x.element_size()
     samples = n if x.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // max(1, sample_bytes))
     for n0 in range(0, n, samples):
-        part_x = x[n0:n0 + samples]
-        part_n = part_x.shape[0]
-        # [G, N, *I, ci]: a region of one group is a block of rows of C/G columns; groups are the batch
-        layout = part_x.unflatten(1, (groups, ci)).permute(1, 0, *range(3, 3 + d), 2).contiguous()
-        done = 0
-        for shape, deltas in plan.by_shape:
-            rows = part_n * math.prod(shape)
-            # depthwise: one lag at a time (see the docstring); otherwise chunks of stacked lags (_stack_factor)
-            chunk = 1 if ci == 1 else max(1, factor * layout.numel() // (rows * c))
-            for k0 in range(0, len(deltas), chunk):
-                lag_part = deltas[k0:k0 + chunk]
-                k = len(lag_part)
-                target = products[done:done + k]
-                done += k
-                if ci == 1:
-                    dots = region(layout, lag_part[0], 0) * region(layout, lag_part[0], 1)
-                    target.view(groups, 1).add_(dots.sum(dim=tuple(range(1, 2 + d))))
-                    continue
-                # one lag: the slices (reshape copies unless contiguous); several: stacked (one copy each).
-                # The rows split into m blocks of leading dims (N, ...): batch (lag, group, block), summed
-                m = _row_blocks((part_n, *shape), ci)
-                a, b = ((region(layout, lag_part[0], o) if k == 1
-                         else torch.stack([region(layout, dt, o) for dt in lag_part]))
-                        .reshape(k * groups * m, rows // m, ci) for o in (0, 1))
-                product = torch.bmm(a.transpose(1, 2), b)
-                target.view(k * groups, ci, ci).add_(product if m == 1 else product.view(k * groups, m, ci, ci).sum(1))
-    return _all_lags(products, kernels, plan.order, c)
+        layout = _flat_layout(x[n0:n0 + samples], shifts, max(candidates))
+        if x.is_cuda:
+            key = (tuple(layout.data.shape), layout.total, groups, x.dtype, str(x.device))
+            m = _SLICE_CHOICE.choose(key, candidates,
+                                     lambda m: _flat_products(layout, groups, m, products, False), x.device)
+        else:
+            m = candidates[0]
+        _flat_products(layout, groups, m, products, accumulate=n0 > 0)
+    return _all_lags(products, kernels, order, c)
 
 
 def _all_lags(products: Tensor, kernels: Sequence[int], order: Sequence[Tuple[int, ...]], channels: int) -> Tensor:
@@ -521,7 +531,7 @@ def _lag_products_triton(x: Tensor, kernels: Sequence[int], dilations: Sequence[
     the products' mode (``"ieee"``: exact float32 FMAs)."""
     from .kernels.lag_products import lag_products  # needs Triton: imported only when this method runs
 
-    order = _gemm_plan(tuple(x.shape[2:]), tuple(kernels), tuple(dilations)).order
+    order = _gemm_plan(tuple(x.shape[2:]), tuple(kernels), tuple(dilations))
     shifts = [tuple(dl * dt for dl, dt in zip(dilations, delta)) for delta in order]
     products = lag_products(x, shifts, groups, precision=precision)
     return _all_lags(products.to(x.dtype), kernels, order, x.shape[1])
@@ -637,6 +647,19 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
             "kfc_by_lags needs an ordinary convolution with stride 1 and at most 3 spatial dims, got "
             f"stride={geometry.stride}, transposed={geometry.transposed}, {geometry.num_dims} spatial dims"
         )
+    if lag_method == "auto" and method in ("triton", "gemm") and x.is_cuda and triton_usable(x.dtype, x.device, x.numel()):
+        method = _measured_lag_method(x, geometry.kernel_size, geometry.dilation, geometry.groups, precision,
+                                      first=method)
+    # 30-70 small kernels per call: on CUDA, repeated calls replay them as one graph (their host time
+    # otherwise exceeds their device time on small layers; curvlib.cuda_graphs)
+    return _GRAPHS((geometry, method, precision), lambda t: _kfc_from_lags(t, geometry, method, precision), x)
+
+
+_GRAPHS = GraphCache("kfc_by_lags")
+
+
+def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: str) -> Tensor:
+    """:func:`kfc_by_lags` after its checks, with the lag method resolved."""
     n, c = x.shape[:2]
     d = geometry.num_dims
     groups = geometry.groups
@@ -648,8 +671,6 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
     # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
     kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
-    if lag_method == "auto" and method in ("triton", "gemm") and x.is_cuda and triton_usable(x.dtype, x.device, x.numel()):
-        method = _measured_lag_method(x, kernels, dilations, groups, precision, first=method)
     lag_term = _lag_products(x, kernels, dilations, groups, method, precision)
     lag_term = lag_term.view(groups, ci, ci, *(p.lags for p in plans))
     terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
@@ -738,11 +759,16 @@ def unfold_flops(geometry: ConvGeometry, batch: int) -> float:
 def _lag_positions(sizes: Sequence[int], kernels: Sequence[int], dilations: Sequence[int], method: str) -> float:
     """Per sample and channel pair, the multiply-adds of :func:`_lag_products` by ``method``: the weight
     gradient ``∏(2K-1)·∏I`` (every tap over the whole input, as counted for the convolution; the zeros
-    of its padding included), the GEMM form the overlap regions of half the lags,
-    ``(∏_t S_t + ∏ I)/2`` with ``S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)`` (all lags' overlaps; ``δ = 0``
-    once, the others' mirror images not computed)."""
+    of its padding included); the GEMM form every computed lag (half, :func:`_gemm_plan`) over the padded
+    box ``∏(I_t + p_t)`` of its flat layout (:func:`_flat_layout`, ``p_t`` the largest shift); Triton the
+    overlap regions of the same lags, ``(∏_t S_t + ∏ I)/2`` with ``S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)``
+    (all lags' overlaps; ``δ = 0`` once, the others' mirror images not computed)."""
     if method == "conv":
         return float(math.prod(2 * k - 1 for k in kernels) * math.prod(sizes))
+    if method == "gemm":
+        order = _gemm_plan(tuple(sizes), tuple(kernels), tuple(dilations))
+        pads = [max(dl * abs(delta[t]) for delta in order) for t, dl in enumerate(dilations)]
+        return float(len(order) * math.prod(i + p for i, p in zip(sizes, pads)))
     overlap = math.prod(sum(max(0, i - dl * abs(dt)) for dt in range(-(k - 1), k))
                         for i, k, dl in zip(sizes, kernels, dilations))
     return (overlap + math.prod(sizes)) / 2
@@ -750,7 +776,7 @@ def _lag_positions(sizes: Sequence[int], kernels: Sequence[int], dilations: Sequ
 
 def lag_flops(geometry: ConvGeometry, batch: int, lag_method: str = "conv") -> float:
     """Multiply-adds of :func:`kfc_by_lags` with ``lag_method`` ``"conv"``, ``"gemm"`` or ``"triton"``
-    (the same products as ``"gemm"``; ``"auto"``
+    (the lags of ``"gemm"`` over their overlap regions only, not the padded box; ``"auto"``
     depends on the input's dtype and device: resolve it first, :func:`resolve_lag_method`): the lag
     products (:func:`_lag_positions`), one product per border term (in 3-d those with two lag dims by
     the lag method) and the products mapping the terms to ``(a, b)`` (gathers, copies, the transposes of

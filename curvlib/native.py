@@ -167,12 +167,48 @@ def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
     return windows.permute(order).reshape(n, g, (c // g) * math.prod(geometry.kernel_size), -1)
 
 
+#: Grams ``u uᵀ`` of at least this many rows are computed by :func:`gram` in blocks (upper triangle only);
+#: smaller ones by one product (the blocks' extra launches and copies would cost more than they save)
+GRAM_BLOCK_MIN_ROWS = 512
+
+#: blocks of rows of :func:`gram` (products ``(b + 1)/(2b)`` of the full one: 2/3 for 3). Measured on an H200
+#: (``benchmarks/diagnostics/gram_blocks.py``, float32): 3 blocks take 0.70-0.90x the time of one product
+#: on the unfolded inputs of All-CNN-C and ResNet-18 (D = 576-4608), 2 and 4 blocks 0.79-1.01x
+GRAM_BLOCKS = 3
+
+
+def gram(u: Tensor, blocks: int = None) -> Tensor:
+    """``u uᵀ`` ``[G, D, D]`` of ``u`` ``[G, D, M]``.
+
+    From :data:`GRAM_BLOCK_MIN_ROWS` rows on, by ``blocks`` (default :data:`GRAM_BLOCKS`) blocks of rows:
+    block ``i`` times the columns from its diagonal block on, mirrored into the lower triangle — the
+    products of the upper triangle of blocks only (``(b + 1)/(2b)`` of the full product), like a BLAS
+    ``syrk``, which PyTorch does not expose. ``blocks=1``: one product.
+
+    >>> u = torch.randn(2, 600, 50, dtype=torch.float64)
+    >>> torch.allclose(gram(u), u @ u.transpose(1, 2))
+    True
+    """
+    g, d, m = u.shape
+    blocks = GRAM_BLOCKS if blocks is None else blocks
+    if blocks <= 1 or d < max(GRAM_BLOCK_MIN_ROWS, blocks):
+        return torch.bmm(u, u.transpose(1, 2))
+    out = u.new_empty(g, d, d)
+    step = -(-d // blocks)
+    for r0 in range(0, d, step):
+        r1 = min(d, r0 + step)
+        part = torch.bmm(u[:, r0:r1], u[:, r0:].transpose(1, 2))  # [G, rows, D - r0]
+        out[:, r0:r1, r0:] = part
+        out[:, r1:, r0:r1] = part[:, :, r1 - r0:].transpose(1, 2)
+    return out
+
+
 def kfc(x: Tensor, geometry: ConvGeometry) -> Tensor:
-    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]``: unfold, one batched matrix product."""
+    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]``: unfold, one symmetric product (:func:`gram`)."""
     u = unfold_input(x, geometry)
     n, g, d, o = u.shape
     u = u.permute(1, 2, 0, 3).reshape(g, d, n * o)
-    return torch.bmm(u, u.transpose(1, 2)).div_(n)
+    return gram(u).div_(n)
 
 
 def kfac_reduce(x: Tensor, geometry: ConvGeometry) -> Tensor:

@@ -27,7 +27,8 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "matmul_allows_tf32", "effective_precision", "fp32_precision"]
+__all__ = ["PRECISIONS", "check_precision", "matmul_allows_tf32", "effective_precision", "fp32_precision",
+           "backend_flags"]
 
 #: values of ``precision=``: ``None`` follows PyTorch's global flags
 PRECISIONS = (None, "ieee", "tf32")
@@ -52,6 +53,15 @@ def matmul_allows_tf32() -> bool:
             value = getattr(torch.backends, "fp32_precision", "ieee")
         return value == "tf32"
     return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def backend_flags() -> tuple:
+    """The float32 precision flags of cuBLAS and cuDNN as they stand (hashable): which kernels the
+    libraries pick depends on them (a key of :class:`curvlib.cuda_graphs.GraphCache`)."""
+    if _NEW_API:
+        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                getattr(torch.backends, "fp32_precision", None))
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # pragma: no cover
 
 
 def effective_precision(precision: Optional[str]) -> str:

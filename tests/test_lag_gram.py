@@ -174,29 +174,49 @@ def test_float32_non_contiguous_and_grad(seed):
 
 
 @pytest.mark.parametrize("size,kernel,dilation,groups", [
-    ((9, 8), 3, 1, 1), ((7, 9), 3, 2, 2), ((6, 5, 7), 3, 1, 1), ((5, 6, 4), (3, 1, 2), (1, 1, 2), 2), ((11,), 5, 1, 1)])
+    ((9, 8), 3, 1, 1), ((7, 9), 3, 2, 2), ((6, 5, 7), 3, 1, 1), ((5, 6, 4), (3, 1, 2), (1, 1, 2), 2), ((11,), 5, 1, 1),
+    ((6, 7), 3, 1, 4)])
 def test_gemm_variants(size, kernel, dilation, groups, seed, monkeypatch):
-    """The GEMM form's device-dependent paths, forced on tiny tensors: lags of one overlap shape stacked
-    into one product (as on CUDA; a large factor stacks them all), chunks of samples (as on CPUs; here one
-    sample each), rows split into blocks (here down to a few rows)."""
+    """The GEMM form's paths, forced on tiny tensors: chunks of samples (as on CPUs; here one sample each)
+    and slices of the reduction down to a few positions (many slices, the last running into the tail),
+    for one group (batched over slices), several (a product per slice) and depthwise (dot products)."""
     geometry = geometry_for(4, size, kernel, 1, dilation, groups)
     x = torch.randn(3, 4, *size, dtype=DTYPE)
-    for factor, chunk_bytes, row_block in [(2, 2**22, 4096), (100, 2**22, 4096), (0, 1, 4096), (100, 1, 3),
-                                           (0, 2**22, 5)]:
-        monkeypatch.setattr(lag_gram, "_stack_factor", lambda device, factor=factor: factor)
+    for chunk_bytes, slice_length in [(2**22, 4096), (1, 4096), (1, 3), (2**22, 5), (2**22, 1)]:
         monkeypatch.setattr(lag_gram, "_CPU_CHUNK_BYTES", chunk_bytes)
-        monkeypatch.setattr(lag_gram, "_ROW_BLOCK", row_block)
+        monkeypatch.setitem(lag_gram._SLICE_CANDIDATES, "cpu", (slice_length,))
         check(x, geometry, methods=("gemm",))
 
 
-@pytest.mark.parametrize("dims,row_block,columns,blocks", [
-    ((32, 56, 56), 4096, 64, 32), ((32, 7, 7), 4096, 512, 1), ((32, 14, 14), 4096, 256, 1),
-    ((128, 32, 32), 4096, 3, 128), ((2, 3), 1, 1, 2), ((5, 4, 3, 2), 10, 2, 20), ((4, 1000), 100, 512, 4),
-    ((4, 300), 100, 512, 1)])
-def test_row_blocks(dims, row_block, columns, blocks, monkeypatch):
-    """Blocks of leading dims, until a block has at most _ROW_BLOCK rows, none shorter than the columns."""
-    monkeypatch.setattr(lag_gram, "_ROW_BLOCK", row_block)
-    assert lag_gram._row_blocks(dims, columns) == blocks
+@pytest.mark.parametrize("size,shifts", [
+    ((5, 6), [(0, 0), (0, 2), (1, -2), (2, 1), (1, 0)]), ((7,), [(0,), (3,), (6,)]),
+    ((3, 4, 5), [(0, 0, 0), (0, 1, -4), (1, -3, 2), (2, 3, 4), (0, 0, 1)])])
+def test_flat_layout_addresses_every_shift(size, shifts, seed):
+    """Column ``q + offset`` of the flat layout holds x at ``q + s`` where that is inside the input and zero
+    where it is not, for every ``q`` inside the input; zeros everywhere outside the copy."""
+    n, c = 2, 3
+    x = torch.rand(n, c, *size, dtype=DTYPE) + 0.5  # never zero: a zero read is padding
+    tail = 4
+    data, offsets, total = lag_gram._flat_layout(x, shifts, tail)
+    assert data.shape[1] == total + max(offsets) + tail
+    d = len(size)
+    pads = [max(abs(s[t]) for s in shifts) for t in range(d)]
+    padded = [i + p for i, p in zip(size, pads)]
+    assert total == n * math.prod(padded)
+    inside = torch.zeros(data.shape[1], dtype=torch.bool)
+    for sample in range(n):
+        for q in itertools.product(*(range(i) for i in size)):
+            column = sample * math.prod(padded) + sum(qt * math.prod(padded[t + 1:]) for t, qt in enumerate(q))
+            inside[column] = True
+            torch.testing.assert_close(data[:, column], x[(sample, slice(None), *q)], rtol=0, atol=0)
+            for shift, offset in zip(shifts, offsets):
+                partner = tuple(qt + st for qt, st in zip(q, shift))
+                expected = (x[(sample, slice(None), *partner)] if all(0 <= p < i for p, i in zip(partner, size))
+                            else torch.zeros(c, dtype=DTYPE))
+                torch.testing.assert_close(data[:, column + offset], expected, rtol=0, atol=0)
+    assert not data[:, ~inside].any()
+    with pytest.raises(ValueError, match="positive"):
+        lag_gram._flat_layout(x, [(0,) * d, (0,) * (d - 1) + (-1,)], tail)
 
 
 def test_gemm_lag_products_equal_conv(seed):
@@ -392,8 +412,11 @@ def test_lag_flops():
     assert 64 * 64 * 25 * 8 * 32 * 32 <= lags < unfold / 2.5
     depthwise = make_geometry(96, 96, (56, 56), kernel_size=7, padding=3, groups=96)
     assert lag_flops(depthwise, 8) < unfold_flops(depthwise, 8) / 10
-    # the GEMM form: half the lags, each over its overlap region only
-    assert lag_flops(geometry, 8, "gemm") < lags - 64 * 64 * 25 * 8 * 32 * 32 / 2 + 1
+    # Triton: half the lags, each over its overlap region only; the GEMM form: the same lags over the
+    # padded box (34x34 here)
+    assert lag_flops(geometry, 8, "triton") < lags - 64 * 64 * 25 * 8 * 32 * 32 / 2 + 1
+    assert lag_flops(geometry, 8, "gemm") - lag_flops(geometry, 8, "triton") == 64 * 64 * 8 * (
+        13 * 34 * 34 - ((32 + 2 * 31 + 2 * 30) ** 2 + 32 * 32) // 2)
     assert lag_flops(depthwise, 8, "gemm") < lag_flops(depthwise, 8, "conv")
 
 
@@ -404,12 +427,15 @@ def test_lag_flops_gemm_counts_what_runs(size, kernel, dilation):
     d = len(size)
     kernels = (kernel,) * d if isinstance(kernel, int) else kernel
     dilations = (dilation,) * d if isinstance(dilation, int) else dilation
-    plan = lag_gram._gemm_plan(size, kernels, dilations)
-    counted = sum(math.prod(shape) * len(deltas) for shape, deltas in plan.by_shape)
-    assert lag_gram._lag_positions(size, kernels, dilations, "gemm") == counted
+    order = lag_gram._gemm_plan(size, kernels, dilations)
+    counted = sum(math.prod(i - dl * abs(dt) for i, dl, dt in zip(size, dilations, delta)) for delta in order)
+    assert lag_gram._lag_positions(size, kernels, dilations, "triton") == counted
+    pads = [max(dl * abs(delta[t]) for delta in order) for t, dl in enumerate(dilations)]
+    padded = len(order) * math.prod(i + p for i, p in zip(size, pads))
+    assert lag_gram._lag_positions(size, kernels, dilations, "gemm") == padded >= counted
     # 1-d and 2-d: the only product run by the lag method is the lag term
     if d < 3:
         pads = tuple((dl * (k - 1), 1) for k, dl in zip(kernels, dilations))
         geometry = geometry_for(4, size, kernels, pads, dilations, 2)
-        difference = lag_flops(geometry, 3, "conv") - lag_flops(geometry, 3, "gemm")
+        difference = lag_flops(geometry, 3, "conv") - lag_flops(geometry, 3, "triton")
         assert difference == 4 * 2 * 3 * (math.prod(2 * k - 1 for k in kernels) * math.prod(size) - counted)

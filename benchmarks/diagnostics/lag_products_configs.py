@@ -57,8 +57,7 @@ def main() -> None:
     for name, n, c, size, k, pad, groups in LAYERS:
         x = torch.randn(n, c, size, size, device="cuda")
         ci = c // groups
-        plan = lag_gram._gemm_plan((size, size), (k, k), (1, 1))
-        shifts = [delta for _, deltas in plan.by_shape for delta in deltas]
+        shifts = list(lag_gram._gemm_plan((size, size), (k, k), (1, 1)))
         flops = 2 * c * ci * n * sum(math.prod(size - abs(s) for s in delta) for delta in shifts)
         total = n * size * size
         print(f"\n== {name} N={n}: {len(shifts)} lags, {flops / 1e9:.2f} GFLOP")

@@ -1,0 +1,103 @@
+"""curvlib.cuda_graphs: eager on CPUs and when off; on CUDA, replays that see new data at a captured
+address, a graph per address up to the limit, and kfc_by_lags through it against the unfolded Gram."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvlib import cuda_graphs, lag_gram, native
+from curvlib.cuda_graphs import GraphCache
+from curvlib.hyperparams import make_geometry
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def several_ops(t: torch.Tensor) -> torch.Tensor:
+    """A few dependent kernels with temporaries, like the functions the cache wraps."""
+    u = torch.tanh(t) * t
+    return (u @ u.transpose(-1, -2)).sum(0) + t.mean()
+
+
+def test_cpu_and_off_run_eagerly(seed, monkeypatch):
+    cache = GraphCache("test-cpu")
+    calls = []
+
+    def fn(t):
+        calls.append(1)
+        return several_ops(t)
+
+    x = torch.randn(3, 4, 5)
+    for _ in range(3):
+        torch.testing.assert_close(cache(("k",), fn, x), several_ops(x))
+    assert len(calls) == 3 and cache.replays == 0
+    monkeypatch.setenv("CURVLIB_CUDA_GRAPHS", "0")
+    assert not cuda_graphs.enabled()
+
+
+@cuda
+def test_replay_reads_new_data_at_the_address(seed):
+    cache = GraphCache("test-replay")
+    x = torch.randn(4, 8, 16, device="cuda")
+    first = cache(("k",), several_ops, x)  # eager
+    assert cache.replays == 0
+    torch.testing.assert_close(first, several_ops(x))
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))  # new data, same address
+        expected = several_ops(x.clone())
+        result = cache(("k",), several_ops, x)
+        torch.testing.assert_close(result, expected)
+    assert cache.replays == 3
+    held = result.clone()
+    cache(("k",), several_ops, x)  # the next replay must not overwrite a returned result
+    torch.testing.assert_close(result, held)
+
+
+@cuda
+def test_graph_per_address_up_to_the_limit(seed):
+    cache = GraphCache("test-addresses")
+    tensors = [torch.randn(4, 8, 16, device="cuda") for _ in range(cuda_graphs.ADDRESSES_PER_KEY + 1)]
+    cache(("k",), several_ops, tensors[0])  # eager, first sight of the key
+    for x in tensors:
+        torch.testing.assert_close(cache(("k",), several_ops, x), several_ops(x))
+    assert cache.replays == cuda_graphs.ADDRESSES_PER_KEY  # the last address ran eagerly
+    # another key, another shape: eager first again
+    y = torch.randn(2, 8, 16, device="cuda")
+    torch.testing.assert_close(cache(("k",), several_ops, y), several_ops(y))
+    assert cache.replays == cuda_graphs.ADDRESSES_PER_KEY
+
+
+@cuda
+@pytest.mark.parametrize("method", ["gemm", "triton", "auto"])
+def test_kfc_by_lags_replayed_matches_unfold(method, seed):
+    if method != "gemm" and not lag_gram.triton_usable(torch.float32, "cuda"):
+        pytest.skip("needs Triton")
+    geometry = make_geometry(24, 8, (12, 10), kernel_size=3, padding=1, dilation=(1, 2))
+    x = torch.randn(6, 24, 12, 10, device="cuda")
+    before = lag_gram._GRAPHS.replays
+    for step in range(4):
+        x.copy_(torch.randn_like(x))
+        expected = native.kfc(x.double(), geometry)
+        result = lag_gram.kfc_by_lags(x, geometry, lag_method=method)
+        error = ((result.double() - expected).norm() / expected.norm()).item()
+        assert error < 2e-5, (step, error)
+    assert lag_gram._GRAPHS.replays - before >= 3  # more if another test captured this key first
+
+
+@cuda
+@pytest.mark.parametrize("name", ["kfc", "kfac_reduce"])
+def test_fused_factors_replayed_match_native(name, seed):
+    from curvlib import kernels
+
+    if not kernels.available():
+        pytest.skip("needs Triton")
+    geometry = make_geometry(6, 8, (11, 9), kernel_size=3, padding=1, stride=2)
+    x = torch.randn(5, 6, 11, 9, device="cuda")
+    before = kernels._GRAPHS.replays
+    for step in range(4):
+        x.copy_(torch.randn_like(x))
+        expected = getattr(native, name)(x.double(), geometry)
+        result = getattr(kernels, name)(x, geometry)
+        error = ((result.double() - expected).norm() / expected.norm()).item()
+        assert error < 2e-5, (step, error)
+    assert kernels._GRAPHS.replays - before >= 3
