@@ -93,7 +93,7 @@ def flop_efficiency(op: str, pathway: str) -> float:
 #: Python time a call spends before its kernels run, per pathway (measured on CPU for small layers:
 #: the tensor networks are built, simplified and looked up in the plan cache on every call)
 PYTHON_OVERHEAD_S = {"native": 2e-5, "fused": 3e-5, "tn": 1.5e-4, "tn+simplify": 3e-4, "unfold": 3e-4,
-                     "lags": 6e-4}  # lags: ~0.3 ms on a CPU, up to ~1 ms of launches on a GPU (about 60 kernels)
+                     "lags": 3e-4}  # lags: ~0.3 ms on a CPU; its 30-70 kernels replay as a CUDA graph on a GPU
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,11 @@ def operation_cost(
         from .lag_gram import lag_flops  # here: lag_gram imports native, which imports this module's users
 
         x_bytes = z["N"] * z["Ci"] * z["I"] * element_size
-        # a channels-last copy of x and the border slabs; products read x a few times
+        # a zero-padded copy of x (the GEMM form's flat layout) and the thin border slabs; the products
+        # read the copy twice per lag, mostly from L2
         method = "gemm" if element_size == 4 else "conv"  # what kfc_by_lags' "auto" runs
-        return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, x_bytes, min_bytes + 4 * x_bytes, 2 * x_bytes,
-                    overhead, flop_efficiency=flop_efficiency(op, pathway))
+        return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, 1.25 * x_bytes, min_bytes + 4 * x_bytes,
+                    1.25 * x_bytes, overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
         return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway not in ("native", "unfold"):

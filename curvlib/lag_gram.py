@@ -63,19 +63,19 @@ border terms that keep two lag dims: those are lag products of the slabs):
   (seen for the 5x5 lags of 3x3 layers on an H100 and an H200, TF32 off): about 2e-4 relative error
   (Frobenius) instead of about 1e-6, and no cuDNN flag avoids it. It also follows
   ``torch.backends.cudnn.allow_tf32`` (on by default).
-- ``"gemm"``: matrix products only (cuBLAS / the CPU BLAS: plain float32 FMAs unless the caller allowed
-  TF32 in ``torch.backends.cuda.matmul``; nothing here sets a flag). Per group ``L[-δ] = L[δ]ᵀ`` (swap
-  ``i`` and ``j``), so only ``δ = 0`` and the lags whose first non-zero component is positive are
-  computed, ``((2K-1)^d + 1)/2``, and the others filled by transposition. Lag ``δ`` is
-  ``Σ_{n,q} A[n,q,i]·B[n,q,j]`` over its overlap region (``q`` and ``q + dil·δ`` both in the input): two
-  slices of one channels-last copy of ``x`` (``[G, N, *I, C/G]``), each reshaped to ``[rows, C/G]`` (a
-  copy unless contiguous) and one batched product over the groups. Long reductions are split into
-  blocks of rows whose partial products are summed (``_ROW_BLOCK``): a BLAS may accumulate a reduction
-  in one sequence, with an error that grows with its length (measured on CPUs, MKL, float32, ≤ 8
-  columns: 3e-6 at 32k rows, 2.6e-5 at 524k).
-  Depthwise (``C/G = 1``) the products are dot products: an elementwise multiply of the two slices
-  (read in place) and a sum. On CUDA, lags with overlap regions of one shape are stacked into one
-  product (fewer launches), on CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies).
+- ``"gemm"``: matrix products only (cuBLAS / the CPU BLAS: plain float32 FMAs unless the caller
+  allowed TF32 in ``torch.backends.cuda.matmul``; nothing here sets a flag). Per group ``L[-δ] = L[δ]ᵀ``
+  (swap ``i`` and ``j``), so only ``δ = 0`` and the lags whose first non-zero component is positive are
+  computed, ``((2K-1)^d + 1)/2``, and the others filled by transposition. All of them come from ONE
+  zero-padded channel-major copy of ``x`` (``[C, (n, *q)]``, each dim padded by its largest shift), in
+  which lag ``δ`` is a column offset: the padding turns the sum over the lag's overlap region into a
+  sum over all columns, so each lag is one contiguous matrix product of two strided views of the copy
+  (no slices copied), batched over slices of the reduction (cuBLAS then splits it over the GPU, and the
+  float32 accumulation chains stay short: a BLAS may accumulate a long reduction in one sequence,
+  measured on CPUs, MKL, ≤ 8 columns: 3e-6 at 32k rows, 2.6e-5 at 524k). The price is the products of
+  the padding zeros (``∏(I + dil·(K-1))`` positions per lag: 1.13x for 3x3 kernels on 32x32 inputs).
+  Depthwise (``C/G = 1``) the products are dot products (an elementwise product and a sum). On CPUs
+  the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies).
 - ``"triton"``: the GEMM form's half of the lags in ONE launch (:mod:`curvlib.kernels.lag_products`,
   CUDA, float32): a lag's two operands are ``x`` at ``q`` and at ``q + dil·δ``, a constant address
   offset apart, so every program loads its tiles straight from ``x`` (no slices, no copies) while
@@ -95,12 +95,18 @@ result): cuDNN (``"conv"``, CUDA, H100/H200): ~2e-4 (Frobenius). CPU (oneDNN ``"
 6e-7 everywhere (at batch 128 too), like the unfolded Gram. The GEMM form on CUDA is not measured here:
 ``tests/test_lag_gram.py::test_cuda_float32_gemm`` asserts < 2e-5 (Frobenius). Time on that CPU
 (whole :func:`kfc_by_lags`, batch 32): ``"gemm"`` 0.74-1.9x the time of ``"conv"`` (0.74-1.08x on
-ConvNeXt's depthwise 7x7, 1.0-1.5x on the 3x3 layers, 1.9x on the 3-channel first one: 1.3 ms).
+ConvNeXt's depthwise 7x7, 1.0-1.5x on the 3x3 layers, 1.9x on the 3-channel first one: 1.3 ms) — in an
+earlier form that copied two slices per lag; the flat layout takes 0.5-1.16x its time there.
+
+On CUDA, repeated calls with one input shape replay a captured CUDA graph of the whole computation
+(:mod:`curvlib.cuda_graphs`): its 30-70 small kernels cost 1-2.6 ms of host time per eager call,
+more than their device time on many layers (measured on an H200).
 
 Cost (multiply-adds), per layer with ``C = C_in``, ``I' = ∏ I``::
 
     lags "conv"  C·C/G · (2K-1)^d · N · I'
-    lags "gemm"  C·C/G · N · (∏_t S_t + I') / 2,   S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)  (≈ half)
+    lags "gemm"  C·C/G · N · ((∏_t (2K_t-1) + 1)/2) · ∏_t (I_t + dil_t·(K_t-1))   (half the lags, padded box)
+    lags "triton" C·C/G · N · (∏_t S_t + I') / 2,   S_t = Σ_{|δ|<K_t} max(0, I_t - dil_t·|δ|)  (overlaps only)
     border T     sides_T·C·C/G · w^{2|T|} · (2K-1)^{d-|T|} · N · ∏_{t∉T} I_t     (w ≤ B: slab width;
                  two dims not in T (3-d): their lag products by the lag method, counted as above)
     unfold       (C/G · K^d)² · G · N · O
@@ -613,8 +619,8 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     lag dims) are computed:
 
     - ``"conv"``: one convolution weight gradient (ATen: oneDNN on CPUs, cuDNN on CUDA);
-    - ``"gemm"``: matrix products of slices of a channels-last copy of ``x``, half the lags (the others
-      are transposes; module docstring);
+    - ``"gemm"``: half the lags (the others are transposes), each one matrix product of two strided views
+      of one zero-padded channel-major copy of ``x`` (module docstring);
     - ``"triton"``: the same half of the lags in one Triton launch that reads ``x`` in place
       (:mod:`curvlib.kernels.lag_products`; CUDA, float32);
     - ``"auto"`` (default): for float32 on CUDA (with Triton) ``"triton"`` or ``"gemm"``, whichever runs
