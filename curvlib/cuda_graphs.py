@@ -11,14 +11,14 @@ with one launch.
 shape, strides, dtype and device and on a key the caller gives (the hyper-parameters; no data-dependent
 control flow, no host synchronisation — except on the first call, which may autotune):
 
-- the first call with a key runs eagerly (it warms up: autotuning, compilation, device-side caches);
-- the second captures the call into a graph that reads ``x`` at its address and writes its result to
-  a buffer owned by the graph, then replays it;
-- later calls whose ``x`` is at a captured address (training loops usually get the same blocks from the
-  caching allocator every step) replay that graph: one launch, plus a copy of the result (the next
+- a call whose ``x`` is at an address not seen before for the key runs eagerly (the very first warms
+  up: autotuning, compilation, device-side caches);
+- a call at an address seen before (training loops usually get the same blocks from the caching
+  allocator every step) captures the call into a graph that reads ``x`` at that address and writes its
+  result to a buffer owned by the graph, up to :data:`ADDRESSES_PER_KEY` graphs per key;
+- later calls at a captured address replay that graph: one launch, plus a copy of the result (the next
   replay overwrites the graph's buffer). The graph reads whatever ``x`` holds now, so new data at the
-  same address is correct by construction; a call at a new address captures another graph, up to
-  :data:`ADDRESSES_PER_KEY` per key, then runs eagerly.
+  same address is correct by construction.
 
 Memory: the graphs' temporaries live in one private pool per device, shared by all graphs (they run
 one at a time, on the caller's stream, and no graph reads another's temporaries): it stays reserved, as
@@ -44,6 +44,9 @@ __all__ = ["GraphCache", "enabled", "clear"]
 #: graphs per key (input addresses) before further addresses run eagerly
 ADDRESSES_PER_KEY = 4
 
+#: addresses remembered per key (a graph is captured for an address seen before)
+SEEN_PER_KEY = 16
+
 #: keys kept per cache (least recently used dropped, with their graphs)
 MAX_KEYS = 128
 
@@ -62,17 +65,43 @@ def _pool(device: torch.device):
     return _POOLS[device]
 
 
+_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
+
+
 class _Captured:
-    """One captured call: its graph and the buffer the graph writes the result to."""
+    """One captured call: its graph and the buffer the graph writes the result to.
+
+    Captured on a side stream (capture is not allowed on the default stream) with the graph's low-level
+    calls: ``torch.cuda.graph`` would also synchronise the device and empty the allocator's cache, which
+    in the middle of a training step costs more than the capture."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor):
+        device = x.device
+        stream = _STREAMS.get(device)
+        if stream is None:
+            stream = _STREAMS[device] = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_pool(x.device), capture_error_mode="thread_local"):
-            self.result = fn(x)
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+            try:
+                self.result = fn(x)
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(stream)
 
     def __call__(self) -> Tensor:
         self.graph.replay()
         return self.result.clone()
+
+
+class _Entry:
+    """Per key: the graphs by input address, and the addresses seen (insertion-ordered, bounded)."""
+
+    def __init__(self):
+        self.graphs: Dict[int, _Captured] = {}
+        self.seen: Dict[int, None] = {}
 
 
 class GraphCache:
@@ -91,7 +120,7 @@ class GraphCache:
 
     def __init__(self, name: str):
         self.name = name
-        self._entries: "OrderedDict[Hashable, Dict[int, _Captured]]" = OrderedDict()
+        self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()
         self.replays = 0  # for tests and reports
         GraphCache._all.append(self)
 
@@ -99,19 +128,23 @@ class GraphCache:
         if not (x.is_cuda and enabled()) or torch.cuda.is_current_stream_capturing():
             return fn(x)
         full_key = (key, tuple(x.shape), x.stride(), x.dtype, x.device, backend_flags())
-        graphs = self._entries.get(full_key)
-        if graphs is None:  # first call: eager (autotuning, compilation, device-side caches)
-            self._entries[full_key] = {}
+        entry = self._entries.get(full_key)
+        if entry is None:
+            entry = self._entries[full_key] = _Entry()
             while len(self._entries) > MAX_KEYS:
                 self._entries.popitem(last=False)
-            return fn(x)
         self._entries.move_to_end(full_key)
         address = x.data_ptr()
-        captured = graphs.get(address)
+        captured = entry.graphs.get(address)
         if captured is None:
-            if len(graphs) >= ADDRESSES_PER_KEY:
+            if address not in entry.seen or len(entry.graphs) >= ADDRESSES_PER_KEY:
+                # first sight of this address (the first call of a key warms up: autotuning, compilation):
+                # eager; an address seen before is likely to come back (a loop), so the next call captures
+                entry.seen[address] = None
+                while len(entry.seen) > SEEN_PER_KEY:
+                    entry.seen.pop(next(iter(entry.seen)))
                 return fn(x)
-            captured = graphs[address] = _Captured(fn, x)
+            captured = entry.graphs[address] = _Captured(fn, x)
         self.replays += 1
         return captured()
 

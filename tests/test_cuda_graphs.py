@@ -54,17 +54,21 @@ def test_replay_reads_new_data_at_the_address(seed):
 
 
 @cuda
-def test_graph_per_address_up_to_the_limit(seed):
+def test_graph_per_address_seen_twice_up_to_the_limit(seed):
     cache = GraphCache("test-addresses")
     tensors = [torch.randn(4, 8, 16, device="cuda") for _ in range(cuda_graphs.ADDRESSES_PER_KEY + 1)]
-    cache(("k",), several_ops, tensors[0])  # eager, first sight of the key
-    for x in tensors:
+    for x in tensors:  # first sight of every address: eager
         torch.testing.assert_close(cache(("k",), several_ops, x), several_ops(x))
-    assert cache.replays == cuda_graphs.ADDRESSES_PER_KEY  # the last address ran eagerly
-    # another key, another shape: eager first again
+    assert cache.replays == 0
+    for sweep in (1, 2):  # seen before: captured (then replayed), except beyond the limit
+        for x in tensors:
+            x.copy_(torch.randn_like(x))
+            torch.testing.assert_close(cache(("k",), several_ops, x), several_ops(x))
+        assert cache.replays == sweep * cuda_graphs.ADDRESSES_PER_KEY
+    # another shape is another key: eager at first sight again
     y = torch.randn(2, 8, 16, device="cuda")
     torch.testing.assert_close(cache(("k",), several_ops, y), several_ops(y))
-    assert cache.replays == cuda_graphs.ADDRESSES_PER_KEY
+    assert cache.replays == 2 * cuda_graphs.ADDRESSES_PER_KEY
 
 
 @cuda
