@@ -171,10 +171,11 @@ def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
 #: smaller ones by one product (the blocks' extra launches and copies would cost more than they save)
 GRAM_BLOCK_MIN_ROWS = 512
 
-#: blocks of rows of :func:`gram` (products ``(b + 1)/(2b)`` of the full one: 2/3 for 3). Measured on an H200
-#: (``benchmarks/diagnostics/gram_blocks.py``, float32): 3 blocks take 0.70-0.90x the time of one product
-#: on the unfolded inputs of All-CNN-C and ResNet-18 (D = 576-4608), 2 and 4 blocks 0.79-1.01x
-GRAM_BLOCKS = 3
+#: blocks of rows of :func:`gram` (products ``(b + 1)/(2b)`` of the full one: 3/4 for 2). Measured
+#: (``benchmarks/diagnostics/gram_blocks.py``, float32, the unfolded inputs of All-CNN-C and ResNet-18,
+#: D = 576-4608): 2 blocks 0.79-1.04x the time of one product on an H100 and an H200; 3 blocks
+#: 0.70-0.91x on both but 3.1x on one H100 for D = 1728, M = 8192 (a cuBLAS kernel choice), so 2
+GRAM_BLOCKS = 2
 
 
 def gram(u: Tensor, blocks: int = None) -> Tensor:
