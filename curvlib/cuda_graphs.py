@@ -22,7 +22,8 @@ control flow, no host synchronisation — except on the first call, which may au
 
 Memory: the graphs' temporaries live in one private pool per device, shared by all graphs (they run
 one at a time, on the caller's stream, and no graph reads another's temporaries): it stays reserved, as
-large as the largest call's temporaries, plus each graph's result buffer. :func:`clear` releases them.
+large as the largest call's temporaries, plus each graph's result buffer (at most :data:`MAX_HELD_BYTES`
+per cache). :func:`clear` releases them.
 
 Off with ``CURVLIB_CUDA_GRAPHS=0``; CPU tensors always run eagerly, and so does a call made while the
 caller captures a graph of its own (the call's kernels then become part of that graph).
@@ -42,7 +43,11 @@ from .precision import backend_flags
 __all__ = ["GraphCache", "enabled", "clear"]
 
 #: graphs per key (input addresses) before further addresses run eagerly
-ADDRESSES_PER_KEY = 4
+ADDRESSES_PER_KEY = 2
+
+#: bytes of result buffers the graphs of one cache hold at most (a KFC factor of a 512-channel 3x3
+#: layer is 85 MB): beyond it, new addresses run eagerly
+MAX_HELD_BYTES = 2**30
 
 #: addresses remembered per key (a graph is captured for an address seen before)
 SEEN_PER_KEY = 16
@@ -102,6 +107,7 @@ class _Entry:
     def __init__(self):
         self.graphs: Dict[int, _Captured] = {}
         self.seen: Dict[int, None] = {}
+        self.result_bytes = 0  # of an eager call's result: what a graph of this key will hold
 
 
 class GraphCache:
@@ -122,6 +128,7 @@ class GraphCache:
         self.name = name
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()
         self.replays = 0  # for tests and reports
+        self.held_bytes = 0  # result buffers of the graphs
         GraphCache._all.append(self)
 
     def __call__(self, key: Hashable, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -132,25 +139,31 @@ class GraphCache:
         if entry is None:
             entry = self._entries[full_key] = _Entry()
             while len(self._entries) > MAX_KEYS:
-                self._entries.popitem(last=False)
+                _, dropped = self._entries.popitem(last=False)
+                self.held_bytes -= sum(g.result.numel() * g.result.element_size() for g in dropped.graphs.values())
         self._entries.move_to_end(full_key)
         address = x.data_ptr()
         captured = entry.graphs.get(address)
         if captured is None:
-            if address not in entry.seen or len(entry.graphs) >= ADDRESSES_PER_KEY:
+            if (address not in entry.seen or len(entry.graphs) >= ADDRESSES_PER_KEY
+                    or self.held_bytes + entry.result_bytes > MAX_HELD_BYTES):
                 # first sight of this address (the first call of a key warms up: autotuning, compilation):
                 # eager; an address seen before is likely to come back (a loop), so the next call captures
                 entry.seen[address] = None
                 while len(entry.seen) > SEEN_PER_KEY:
                     entry.seen.pop(next(iter(entry.seen)))
-                return fn(x)
+                result = fn(x)
+                entry.result_bytes = result.numel() * result.element_size()
+                return result
             captured = entry.graphs[address] = _Captured(fn, x)
+            self.held_bytes += captured.result.numel() * captured.result.element_size()
         self.replays += 1
         return captured()
 
     def clear(self) -> None:
         self._entries.clear()
         self.replays = 0
+        self.held_bytes = 0
 
 
 def clear() -> None:

@@ -72,6 +72,18 @@ def test_graph_per_address_seen_twice_up_to_the_limit(seed):
 
 
 @cuda
+def test_result_bytes_cap(seed, monkeypatch):
+    """Graphs hold their result buffers: beyond MAX_HELD_BYTES per cache, new addresses run eagerly."""
+    monkeypatch.setattr(cuda_graphs, "MAX_HELD_BYTES", 300)  # several_ops' result: [8, 8] float32, 256 bytes
+    cache = GraphCache("test-cap")
+    a, b = (torch.randn(4, 8, 16, device="cuda") for _ in range(2))
+    for sweep in range(3):
+        for x in (a, b):
+            torch.testing.assert_close(cache(("k",), several_ops, x), several_ops(x))
+    assert cache.held_bytes == 256 and cache.replays == 2  # a captured at its second sight; b never
+
+
+@cuda
 @pytest.mark.parametrize("method", ["gemm", "triton", "auto"])
 def test_kfc_by_lags_replayed_matches_unfold(method, seed):
     if method != "gemm" and not lag_gram.triton_usable(torch.float32, "cuda"):

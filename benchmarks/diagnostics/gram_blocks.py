@@ -6,6 +6,8 @@ shapes of KFC layers (``[G, D, N·O]``): median CUDA-event time per block count.
 
 import torch
 
+from _timing import cuda_median_ms
+
 from curvlib.native import gram
 
 SHAPES = [  # name, G, D, M
@@ -20,26 +22,12 @@ SHAPES = [  # name, G, D, M
 ]
 
 
-def median_ms(fn, repeats=9):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}: native.gram, ms per block count (1 = one product)")
     for name, g, d, m in SHAPES:
         u = torch.randn(g, d, m, device="cuda")
-        row = {b: median_ms(lambda: gram(u, b)) for b in (1, 2, 3, 4, 6, 8)}
+        row = {b: cuda_median_ms(lambda: gram(u, b), repeats=9, warmups=1) for b in (1, 2, 3, 4, 6, 8)}
         full = row[1]
         print(f"{name:28s} D={d:5d} M={m:6d}  " + "  ".join(f"{b}: {t:6.3f} ({t / full:4.2f})" for b, t in row.items()))
 

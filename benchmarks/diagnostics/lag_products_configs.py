@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import statistics
 
 import torch
+
+from _timing import cuda_median_ms
 
 from curvlib import lag_gram
 from curvlib.hyperparams import make_geometry
@@ -33,19 +34,7 @@ LAYERS = [  # name, batch, channels, size, kernel, padding, groups
 ]
 
 
-def timed(fn, repeats=10, warmups=3) -> float:
-    for _ in range(warmups):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+timed = cuda_median_ms
 
 
 def main() -> None:
