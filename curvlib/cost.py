@@ -24,9 +24,11 @@ planned contraction path reports for the tensor-network pathways (:func:`network
 
 >>> from curvlib.hyperparams import make_geometry
 >>> g = make_geometry(3, 8, (32, 32), 3, padding=1)
->>> c = operation_cost("kfc", "native", g, batch=16, element_size=4)
->>> c.flops == 2 * 16 * 32 * 32 * 27 * 27, c.largest_intermediate_bytes == 16 * 27 * 1024 * 4
+>>> c = operation_cost("kfac_reduce", "native", g, batch=16, element_size=4)
+>>> c.flops == 16 * 1024 * 27 + 2 * 16 * 27 * 27, c.largest_intermediate_bytes == 16 * 27 * 1024 * 4
 (True, True)
+>>> operation_cost("kfc", "native", g, batch=16).extra_bytes == 4 * (27 * 1024 + 3 * 34 * 34) * 4  # 4 samples
+True
 """
 
 from __future__ import annotations
@@ -209,7 +211,12 @@ def operation_cost(
     largest = unfold_bytes
     extra = unfold_bytes
     moved = min_bytes + 2 * unfold_bytes
-    if op == "kfc":  # the unfolded input is permuted into a second copy before the batched product
+    if op == "kfc" and pathway == "native":  # unfolded in chunks of samples straight into the product's layout
+        from .native import kfc_chunk_bytes, kfc_extra_bytes  # here: native imports this module's users
+
+        extra = kfc_extra_bytes(geometry, z["N"], element_size, kfc_chunk_bytes(geometry, z["N"], element_size))
+        largest = extra
+    elif op == "kfc":  # the unfolded input is permuted into a second copy before the batched product
         extra, moved = 2 * unfold_bytes, min_bytes + 4 * unfold_bytes
     elif op in ("ggn_diag", "ggn_gram", "ggn", "ggn_mini_block"):
         gradients = z["C"] * z["N"] * z["G"] * z["E"] * z["D"] * element_size

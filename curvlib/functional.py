@@ -685,7 +685,8 @@ def kfc(
     return _dispatch(
         "kfc", pathway, simplify, geometry, (x,),
         network=lambda: kfac.kfc(x, geometry),
-        native=_native("kfc", geometry, lambda: _native_module.kfc(x, geometry)),
+        native=_native("kfc", geometry, lambda: _native_module.kfc(
+            x, geometry, chunk_bytes=_native_module.kfc_chunk_bytes(geometry, x.shape[0], x.element_size()))),
         fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry, precision=_kernel_precision())),
         lags=(lambda: _kfc_by_lags(x, geometry)) if _lag_gram.supports_lags(
             geometry) else None,

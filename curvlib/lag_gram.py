@@ -322,29 +322,29 @@ _LAG_METHOD_CHOICE = ConfigCache("lag_method")
 
 
 def _measured_lag_method(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, precision: str,
-                         first: str) -> str:
+                         first: str, chunk_bytes: Optional[float] = None) -> str:
     """``"triton"`` or ``"gemm"`` for the lag products of this input shape on CUDA, whichever ran faster
     (timed once per shape on the first call, then cached; :class:`curvlib.kernels.autotune.ConfigCache`,
     off with ``CURVLIB_KERNEL_AUTOTUNE=0``, when ``first`` — the static choice — is taken). Neither
     wins everywhere: on an H100, at batch 32, Triton is 1.4-1.6x faster on ResNet-18's 3x3 layers of 64
     to 512 channels; at batch 128, cuBLAS is 1.8-2x faster on All-CNN-C's 96 and 192 channels (its
     products of long reductions reach ~15 TFLOP/s, Triton's float32 FMA tiles ~10)."""
-    key = (tuple(x.shape), tuple(kernels), tuple(dilations), groups, precision, str(x.device))
+    key = (tuple(x.shape), tuple(kernels), tuple(dilations), groups, precision, str(x.device), chunk_bytes)
     candidates = [first] + [m for m in ("triton", "gemm") if m != first]
     return _LAG_METHOD_CHOICE.choose(
-        key, candidates, lambda m: _lag_products(x, kernels, dilations, groups, m, precision), x.device)
+        key, candidates, lambda m: _lag_products(x, kernels, dilations, groups, m, precision, chunk_bytes), x.device)
 
 
 def _lag_products(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int, method: str,
-                  precision: str = "ieee") -> Tensor:
+                  precision: str = "ieee", chunk_bytes: Optional[float] = None) -> Tensor:
     """``L[i, j, δ] = Σ_n Σ_q x[n,i,q]·x[n,j,q + dil·δ]`` ``[C, C/G, *(2K-1)]`` (``j`` within the group of
     ``i``, tap ``δ + K - 1``) over the full range of every lag, by ``method`` (``"conv"``, ``"gemm"`` or
-    ``"triton"``, which alone reads ``precision``).
+    ``"triton"``, which alone reads ``precision``; ``"gemm"`` alone reads ``chunk_bytes``, the bound of its copy).
 
     ``x`` ``[N, C, *I]``: the layer's input for the lag term, a border term's slabs (:func:`_border_products`)
     otherwise. The functions are looked up here, at call time (the tests replace them to see which runs)."""
     if method == "gemm":
-        return _lag_products_gemm(x, kernels, dilations, groups)
+        return _lag_products_gemm(x, kernels, dilations, groups, chunk_bytes)
     if method == "triton":
         return _lag_products_triton(x, kernels, dilations, groups, precision)
     return _lag_products_conv(x, kernels, dilations, groups)
@@ -472,7 +472,8 @@ def _flat_products(layout: _FlatLayout, groups: int, m: int, products: Tensor, a
                 target.baddbmm_(a, b)
 
 
-def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int) -> Tensor:
+def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[int], groups: int,
+                       chunk_bytes: Optional[float] = None) -> Tensor:
     """:func:`_lag_products` by matrix products only (exact float32 FMAs in cuBLAS unless the caller
     allowed TF32 in ``torch.backends.cuda.matmul``; this function sets no flag).
 
@@ -480,7 +481,8 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
     channel-major copy of ``x`` (:func:`_flat_layout`: lag ``δ`` is a column offset, the padding makes
     the product over all columns the product over the lag's overlap region) by batched products of
     strided views of it (:func:`_flat_products`, slices of the reduction: :data:`_SLICE_CANDIDATES`). On
-    CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies; their products are added).
+    CPUs the samples go in chunks of ``_CPU_CHUNK_BYTES`` (small copies; their products are added), and
+    everywhere in chunks whose copy takes at most ``chunk_bytes`` (at least one sample) when given.
     Temporaries: the copy (``x`` padded by the largest shift per dim) and the small partial products.
     The padding costs products of zeros: ``∏(I + dil·(K-1))`` positions per lag instead of its overlap
     (:func:`lag_flops`), 1.13x ``∏ I`` for 3x3 kernels on 32x32 inputs, 1.65x on 7x7; in exchange no
@@ -493,6 +495,9 @@ def _lag_products_gemm(x: Tensor, kernels: Sequence[int], dilations: Sequence[in
     candidates = _slice_candidates(x.device, ci)
     sample_bytes = math.prod(x.shape[1:]) * x.element_size()
     samples = n if x.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // max(1, sample_bytes))
+    if chunk_bytes is not None:  # the copy of a sample: its box padded by the largest shift per dim
+        padded = c * math.prod(i + max(abs(s[t]) for s in shifts) for t, i in enumerate(size)) * x.element_size()
+        samples = int(max(1, min(samples, chunk_bytes // padded)))
     for n0 in range(0, n, samples):
         layout = _flat_layout(x[n0:n0 + samples], shifts, max(candidates))
         if x.is_cuda:
@@ -608,7 +613,8 @@ def _border_products(x: Tensor, plans, groups: int, subset: Tuple[int, ...], met
 
 
 @torch.no_grad()  # a curvature statistic; the assembly writes into buffers (out=), which autograd refuses
-def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", precision: str = "ieee") -> Tensor:
+def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", precision: str = "ieee",
+                chunk_bytes: Optional[float] = None) -> Tensor:
     """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]`` (= :func:`curvlib.native.kfc`) from lag products plus
     border corrections (module docstring), without unfolding the input. Needs :func:`supports_lags`.
 
@@ -632,6 +638,9 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     method's products (:mod:`curvlib.kernels`): ``"ieee"`` (default) multiplies float32 exactly, ``"tf32"``
     uses the matrix units (~1e-3). The other methods follow PyTorch's flags instead.
 
+    ``chunk_bytes`` bounds the ``"gemm"`` method's copy of ``x``: the samples go in chunks whose copy takes
+    at most that many bytes (at least one sample), their lag products are added. ``None``: one copy of all.
+
     Precision: float64 agrees with the unfolded Gram to rounding either way. In float32 on CUDA, cuDNN
     may compute the lag weight gradient by Winograd — no cuDNN flag avoids it — (seen for the 5x5 lags of
     3x3 layers on an H100 and an H200, TF32 off): about 2e-4 relative error (Frobenius), against about
@@ -653,18 +662,23 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
             "kfc_by_lags needs an ordinary convolution with stride 1 and at most 3 spatial dims, got "
             f"stride={geometry.stride}, transposed={geometry.transposed}, {geometry.num_dims} spatial dims"
         )
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, float))
+                                    or not chunk_bytes > 0):
+        raise ValueError(f"chunk_bytes must be None or a positive number of bytes, got {chunk_bytes!r}")
     if lag_method == "auto" and method in ("triton", "gemm") and x.is_cuda and triton_usable(x.dtype, x.device, x.numel()):
         method = _measured_lag_method(x, geometry.kernel_size, geometry.dilation, geometry.groups, precision,
-                                      first=method)
+                                      first=method, chunk_bytes=chunk_bytes)
     # 30-70 small kernels per call: on CUDA, repeated calls replay them as one graph (their host time
     # otherwise exceeds their device time on small layers; curvlib.cuda_graphs)
-    return _GRAPHS((geometry, method, precision), lambda t: _kfc_from_lags(t, geometry, method, precision), x)
+    return _GRAPHS((geometry, method, precision, chunk_bytes),
+                   lambda t: _kfc_from_lags(t, geometry, method, precision, chunk_bytes), x)
 
 
 _GRAPHS = GraphCache("kfc_by_lags")
 
 
-def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: str) -> Tensor:
+def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: str,
+                   chunk_bytes: Optional[float] = None) -> Tensor:
     """:func:`kfc_by_lags` after its checks, with the lag method resolved."""
     n, c = x.shape[:2]
     d = geometry.num_dims
@@ -677,7 +691,7 @@ def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: st
     # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
     # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
     kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
-    lag_term = _lag_products(x, kernels, dilations, groups, method, precision)
+    lag_term = _lag_products(x, kernels, dilations, groups, method, precision, chunk_bytes)
     lag_term = lag_term.view(groups, ci, ci, *(p.lags for p in plans))
     terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
     for subset in _subsets(plans):

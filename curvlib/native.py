@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cuda_graphs import GraphCache
 from .hyperparams import ConvGeometry
 
 #: operations with a native implementation for ordinary layers; the first five also for transposed layers
@@ -146,6 +147,17 @@ def _covered_outputs(sizes, geometry: ConvGeometry, padding):
 # unfold-based operations (ordinary layers)
 
 
+def _windows(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The overlapping windows of ``x`` as a strided view ``[N, C, *O, *K]`` (no copy)."""
+    k = geometry.num_dims
+    windows = _pad(x, geometry.padding)
+    for axis in range(k):
+        span = geometry.dilation[axis] * (geometry.kernel_size[axis] - 1) + 1
+        windows = windows.unfold(2 + axis, span, geometry.stride[axis])[..., :: geometry.dilation[axis]]
+    # trailing pixels no window reaches are already dropped by unfold
+    return windows[(slice(None), slice(None), *(slice(0, o) for o in geometry.output_size))]
+
+
 def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
     """The unfolded input ``[N, G, D, O]`` (``D = C_in // G · ∏K`` ordered like ``weight.flatten(1)``,
     ``O = ∏ output_size``), materialised: the memory PyTorch's unfold pathway pays.
@@ -156,15 +168,27 @@ def unfold_input(x: Tensor, geometry: ConvGeometry) -> Tensor:
     (``benchmarks/diagnostics/unfold_variants.py``)."""
     n, c = x.shape[:2]
     k = geometry.num_dims
-    g = geometry.groups
-    windows = _pad(x, geometry.padding)
-    for axis in range(k):
-        span = geometry.dilation[axis] * (geometry.kernel_size[axis] - 1) + 1
-        windows = windows.unfold(2 + axis, span, geometry.stride[axis])[..., :: geometry.dilation[axis]]
-    # windows: [N, C, *O(+trailing), *K]; trailing pixels no window reaches are already dropped by unfold
-    windows = windows[(slice(None), slice(None), *(slice(0, o) for o in geometry.output_size))]
     order = [0, 1, *range(2 + k, 2 + 2 * k), *range(2, 2 + k)]
-    return windows.permute(order).reshape(n, g, (c // g) * math.prod(geometry.kernel_size), -1)
+    windows = _windows(x, geometry).permute(order)
+    return windows.reshape(n, geometry.groups, (c // geometry.groups) * math.prod(geometry.kernel_size), -1)
+
+
+def unfold_columns(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The unfolded input with the samples among the columns, ``[G, D, N·O]`` (column ``n·O + o``):
+    the operand of the KFC Gram, made by one copy (:func:`unfold_input` followed by a permutation
+    would copy twice).
+
+    >>> from curvlib.hyperparams import make_geometry
+    >>> g = make_geometry(4, 6, (6, 6), kernel_size=3, stride=2, padding=1, groups=2)
+    >>> x = torch.randn(2, 4, 6, 6)
+    >>> torch.equal(unfold_columns(x, g), unfold_input(x, g).permute(1, 2, 0, 3).flatten(2))
+    True
+    """
+    n, c = x.shape[:2]
+    k = geometry.num_dims
+    order = [1, *range(2 + k, 2 + 2 * k), 0, *range(2, 2 + k)]  # [C, *K, N, *O]
+    windows = _windows(x, geometry).permute(order)
+    return windows.reshape(geometry.groups, (c // geometry.groups) * math.prod(geometry.kernel_size), -1)
 
 
 #: Grams ``u uᵀ`` of at least this many rows are computed by :func:`gram` in blocks (upper triangle only);
@@ -176,6 +200,32 @@ GRAM_BLOCK_MIN_ROWS = 512
 #: D = 576-4608): 2 blocks 0.79-1.04x the time of one product on an H100 and an H200; 3 blocks
 #: 0.70-0.91x on both but 3.1x on one H100 for D = 1728, M = 8192 (a cuBLAS kernel choice), so 2
 GRAM_BLOCKS = 2
+
+
+def _row_blocks(rows: int, blocks: Optional[int]):
+    """``(r0, r1)`` row ranges of :func:`gram`'s blocks (one range: a single product)."""
+    blocks = GRAM_BLOCKS if blocks is None else blocks
+    if blocks <= 1 or rows < max(GRAM_BLOCK_MIN_ROWS, blocks):
+        return [(0, rows)]
+    step = -(-rows // blocks)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def gram_upper(u: Tensor, out: Tensor, blocks: int = None, accumulate: bool = False) -> None:
+    """The upper triangle of blocks of ``u uᵀ`` (:func:`gram`) written into ``out`` ``[G, D, D]``, or added
+    to it (``accumulate``); the blocks below the diagonal are left as they are (:func:`mirror_upper`).
+    Each block row is one batched product into a view of ``out`` (cuBLAS writes it in place)."""
+    for r0, r1 in _row_blocks(u.shape[1], blocks):
+        left, right = u[:, r0:r1], u[:, r0:].transpose(1, 2)
+        target = out[:, r0:r1, r0:]
+        target.baddbmm_(left, right) if accumulate else torch.bmm(left, right, out=target)
+
+
+def mirror_upper(out: Tensor, blocks: int = None) -> Tensor:
+    """Copies the blocks above the diagonal (:func:`gram_upper`) into those below: ``out`` symmetric."""
+    for r0, r1 in _row_blocks(out.shape[1], blocks)[:-1]:
+        out[:, r1:, r0:r1] = out[:, r0:r1, r1:].transpose(1, 2)
+    return out
 
 
 def gram(u: Tensor, blocks: int = None) -> Tensor:
@@ -190,26 +240,89 @@ def gram(u: Tensor, blocks: int = None) -> Tensor:
     >>> torch.allclose(gram(u), u @ u.transpose(1, 2))
     True
     """
-    g, d, m = u.shape
-    blocks = GRAM_BLOCKS if blocks is None else blocks
-    if blocks <= 1 or d < max(GRAM_BLOCK_MIN_ROWS, blocks):
-        return torch.bmm(u, u.transpose(1, 2))
-    out = u.new_empty(g, d, d)
-    step = -(-d // blocks)
-    for r0 in range(0, d, step):
-        r1 = min(d, r0 + step)
-        part = torch.bmm(u[:, r0:r1], u[:, r0:].transpose(1, 2))  # [G, rows, D - r0]
-        out[:, r0:r1, r0:] = part
-        out[:, r1:, r0:r1] = part[:, :, r1 - r0:].transpose(1, 2)
-    return out
+    out = u.new_empty(u.shape[0], u.shape[1], u.shape[1])
+    gram_upper(u, out, blocks)
+    return mirror_upper(out, blocks)
 
 
-def kfc(x: Tensor, geometry: ConvGeometry) -> Tensor:
-    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]``: unfold, one symmetric product (:func:`gram`)."""
-    u = unfold_input(x, geometry)
-    n, g, d, o = u.shape
-    u = u.permute(1, 2, 0, 3).reshape(g, d, n * o)
-    return gram(u).div_(n)
+def unfolded_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> int:
+    """Bytes of the unfolded input of ``batch`` samples (:func:`unfold_input`)."""
+    return batch * geometry.in_channels * math.prod(geometry.kernel_size) * math.prod(geometry.output_size) * element_size
+
+
+#: without a memory budget, the KFC pathway of :mod:`curvlib.functional` unfolds at most this fraction of
+#: the unfolded input at once (:func:`kfc_chunk_bytes`): an eighth of what PyTorch's unfold pathway holds
+#: (the unfolded input and its permuted copy). Measured over the 66 Table E3 layers on an H200 (CUDA
+#: graphs on; ``benchmarks/diagnostics/kfc_chunks.py``): 0.60x PyTorch's time in geometric mean,
+#: against 0.62x all at once and 0.75x for a tenth (more, smaller products)
+KFC_CHUNK_FRACTION = 0.25
+
+
+def _padded_sample_bytes(geometry: ConvGeometry, element_size: int) -> int:
+    """Bytes of one sample of ``x`` zero-padded (:func:`_pad` copies it when there is padding), else 0."""
+    if not any(left or right for left, right in geometry.padding):
+        return 0
+    return geometry.in_channels * math.prod(
+        i + left + right for i, (left, right) in zip(geometry.input_size, geometry.padding)) * element_size
+
+
+def kfc_chunk_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> float:
+    """The ``chunk_bytes`` :func:`kfc` runs with in :func:`curvlib.functional.kfc`: :data:`KFC_CHUNK_FRACTION`
+    of the unfolded input or, under a memory budget (``curvlib.pathways.configure(memory_budget=...)``),
+    the unfolded share of the budget if less (one chunk of padded input samples comes with it)."""
+    from .pathways import settings  # here: pathways imports nothing of this module
+
+    per_sample = unfolded_bytes(geometry, 1, element_size)
+    chunk = KFC_CHUNK_FRACTION * per_sample * batch
+    budget = settings().memory_budget
+    if budget is not None:
+        chunk = min(chunk, budget * per_sample / (per_sample + _padded_sample_bytes(geometry, element_size)))
+    return chunk
+
+
+def kfc_extra_bytes(geometry: ConvGeometry, batch: int, element_size: int, chunk_bytes: Optional[float]) -> float:
+    """Extra memory of :func:`kfc` with ``chunk_bytes``: one chunk of unfolded samples (at least one) and,
+    with padding, the chunk of padded input it is cut from."""
+    per_sample = unfolded_bytes(geometry, 1, element_size)
+    samples = batch if chunk_bytes is None else max(1, min(batch, int(chunk_bytes // max(per_sample, 1))))
+    return samples * (per_sample + _padded_sample_bytes(geometry, element_size))
+
+
+def kfc(x: Tensor, geometry: ConvGeometry, chunk_bytes: Optional[float] = None) -> Tensor:
+    """``1/N Σ_{n,o} u uᵀ`` per group ``[G, D, D]``: unfold (:func:`unfold_columns`), one symmetric product
+    (:func:`gram`).
+
+    ``chunk_bytes``: unfold at most this many bytes at once (at least one sample). The samples then go
+    in chunks whose products are added into the result (:func:`gram_upper`): the extra memory is one
+    chunk's unfolded input instead of all of it, for more, smaller products. ``None``: all at once.
+    Chunked calls on CUDA replay a captured graph when repeated at the same input address
+    (:class:`curvlib.cuda_graphs.GraphCache`: 4-6 small operations per chunk, host-bound otherwise);
+    the graph's temporaries are one chunk's.
+
+    >>> from curvlib.hyperparams import make_geometry
+    >>> x = torch.randn(8, 3, 10, 10, dtype=torch.float64)
+    >>> g = make_geometry(3, 4, (10, 10), kernel_size=3, padding=1)
+    >>> torch.allclose(kfc(x, g, chunk_bytes=3 * unfolded_bytes(g, 1, 8)), kfc(x, g))
+    True
+    """
+    n = x.shape[0]
+    per_sample = max(1, unfolded_bytes(geometry, 1, x.element_size()))
+    samples = n if chunk_bytes is None else int(max(1, min(n, chunk_bytes // per_sample)))
+    if samples >= n:
+        return gram(unfold_columns(x, geometry)).div_(n)
+    return _KFC_GRAPHS((geometry, samples), lambda t: _kfc_in_chunks(t, geometry, samples), x)
+
+
+def _kfc_in_chunks(x: Tensor, geometry: ConvGeometry, samples: int) -> Tensor:
+    n = x.shape[0]
+    rows = x.shape[1] // geometry.groups * math.prod(geometry.kernel_size)
+    out = x.new_empty(geometry.groups, rows, rows)
+    for n0 in range(0, n, samples):
+        gram_upper(unfold_columns(x[n0:n0 + samples], geometry), out, accumulate=n0 > 0)
+    return mirror_upper(out).div_(n)
+
+
+_KFC_GRAPHS = GraphCache("native_kfc")
 
 
 def kfac_reduce(x: Tensor, geometry: ConvGeometry) -> Tensor:

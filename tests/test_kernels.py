@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as tf
 
 from conftest import Layer
 
@@ -220,6 +221,30 @@ def test_errors_name_the_argument(seed):
         kernels.hesscale_weight_diag(x, s, geometry)
     with pytest.raises(ValueError, match=r"d must have shape \(3, 6, 5, 7\)"):
         kernels.hesscale_weight_diag(x, s[0, :, :, :4], geometry)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+@pytest.mark.parametrize("size, stride, padding", [
+    ((9, 8), 1, 0), ((9, 8), 2, 0), ((10, 7), (3, 2), 1), ((7,), 2, 3), ((5, 6, 4), (2, 1, 3), (1, 0, 2)), ((4, 4), 1, 2),
+])
+def test_pointwise_means_equal_a_depthwise_convolution(size, stride, padding, seed):
+    """KFAC-reduce's patch means of a kernel-size-1 layer (a strided view of x, summed in float32) against a
+    depthwise convolution with ones, averaged over its outputs (float64), for strides, padding (also larger
+    than the stride: outputs entirely in the padding) and 1-3 spatial dims."""
+    from curvlib.kernels import _geometry, patch_mean
+
+    d = len(size)
+    x = torch.randn(3, 5, *size, dtype=torch.float64)
+    geometry = make_geometry(5, 5, size, 1, stride=stride, padding=padding)
+    conv = {1: tf.conv1d, 2: tf.conv2d, 3: tf.conv3d}[d]
+    ones = torch.ones(5, 1, *(1,) * d, dtype=torch.float64)
+    expected = conv(x, ones, stride=geometry.stride, padding=[p for p, _ in geometry.padding], groups=5).mean(
+        tuple(range(2, 2 + d)))
+    means = patch_mean.patch_means(x.float(), _geometry.kernel_geometry(geometry), "ieee")
+    assert means.dtype == torch.float32 and means.shape == (3, 5)
+    torch.testing.assert_close(means.double(), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel size 1"):
+        patch_mean.pointwise_means(x, _geometry.kernel_geometry(make_geometry(5, 5, size, 2)))
 
 
 def test_autotune_cache_chooses_once():

@@ -188,6 +188,24 @@ def test_gemm_variants(size, kernel, dilation, groups, seed, monkeypatch):
         check(x, geometry, methods=("gemm",))
 
 
+@pytest.mark.parametrize("samples", [1, 2, 4])
+def test_gemm_chunk_bytes_bounds_the_copy_and_keeps_the_result(samples, seed, monkeypatch):
+    """``chunk_bytes``: the GEMM form copies at most that many bytes of samples at once (at least one)
+    and adds their products; the result equals the unfolded Gram (5 samples: an uneven last chunk)."""
+    geometry = geometry_for(4, (7, 6), 3, 1, 1, 2)
+    x = torch.randn(5, 4, 7, 6, dtype=DTYPE)
+    copies = []
+    layout = lag_gram._flat_layout
+    monkeypatch.setattr(lag_gram, "_flat_layout", lambda t, *a: copies.append(t.shape[0]) or layout(t, *a))
+    padded_sample = 4 * (7 + 2) * (6 + 2) * x.element_size()  # the box padded by the largest shift, 2
+    result = kfc_by_lags(x, geometry, lag_method="gemm", chunk_bytes=samples * padded_sample + 1)
+    assert copies == [samples] * (5 // samples) + ([5 % samples] if 5 % samples else [])
+    torch.testing.assert_close(result, reference_kfc(x, (3, 3), ((1, 1), (1, 1)), (1, 1), 2), rtol=1e-11, atol=1e-11)
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="chunk_bytes must be None or a positive number"):
+            kfc_by_lags(x, geometry, lag_method="gemm", chunk_bytes=bad)
+
+
 @pytest.mark.parametrize("size,shifts", [
     ((5, 6), [(0, 0), (0, 2), (1, -2), (2, 1), (1, 0)]), ((7,), [(0,), (3,), (6,)]),
     ((3, 4, 5), [(0, 0, 0), (0, 1, -4), (1, -3, 2), (2, 3, 4), (0, 0, 1)])])

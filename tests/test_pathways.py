@@ -191,7 +191,10 @@ def test_cost_model_counts(seed):
     assert cost.minimum("weight_vjp", g, n)[0] == 2 * n * o * 2 * e * d
     assert cost.minimum("ggn_diag", g, n, columns=c)[0] == c * 2 * n * o * 2 * e * d + 2 * c * n * 2 * e * d
     native = cost.operation_cost("kfc", "native", g, n)
-    assert native.largest_intermediate_bytes == n * 2 * d * o * 4
+    # unfolded in chunks of a quarter of the samples (one here), each cut from the padded input (12x11)
+    assert native.largest_intermediate_bytes == native.extra_bytes == (2 * d * o + 6 * 12 * 11) * 4
+    with pathways.options(memory_budget=3 * (2 * d * o + 6 * 12 * 11) * 4):  # the budget bounds the chunk
+        assert cost.operation_cost("kfc", "native", g, 16).extra_bytes == 3 * (2 * d * o + 6 * 12 * 11) * 4
     fused = cost.operation_cost("kfc", "fused", g, n)
     assert fused.extra_bytes == 0 and fused.flops == native.flops
     roof = cost.ceilings("cpu")
@@ -316,3 +319,49 @@ def test_native_gram_by_blocks_equals_the_product(rows, blocks, seed):
     torch.testing.assert_close(result, torch.einsum("gdm,gem->gde", u, u))
     # the default takes the blocks from GRAM_BLOCK_MIN_ROWS rows on and one product below
     torch.testing.assert_close(native.gram(u), u @ u.transpose(1, 2))
+
+
+def _kfc_by_torch_unfold(x, kernel_size, stride, padding, dilation, groups):
+    """Reference KFC of a 2-d layer (float64): ``torch.nn.functional.unfold``, per group ``1/N Σ u uᵀ``."""
+    n, c = x.shape[:2]
+    u = tf.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # [N, C·K, O]
+    u = u.view(n, groups, -1, u.shape[-1])
+    return torch.einsum("ngdo,ngeo->gde", u, u) / n
+
+
+@pytest.mark.parametrize("shape, hyper, samples", [
+    ((7, 3, 12, 10), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=1, groups=1), 3),
+    ((5, 6, 9, 9), dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(2, 1), groups=3), 2),
+    ((4, 8, 1, 17), dict(kernel_size=(1, 5), stride=(1, 3), padding=(0, 2), dilation=1, groups=2), 1),
+    ((3, 4, 8, 8), dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=1, groups=1), 5),
+])
+def test_native_kfc_in_chunks_of_samples_equals_the_unfold_gram(shape, hyper, samples, seed):
+    """native.kfc with ``chunk_bytes`` (the samples in chunks, products added, uneven last chunk) and
+    unfold_columns against torch.nn.functional.unfold, float64; NaN-free (every entry written)."""
+    from curvlib import native
+    from curvlib.hyperparams import make_geometry
+
+    x = torch.randn(shape, dtype=torch.float64)
+    geometry = make_geometry(shape[1], 2 * hyper["groups"], shape[2:], **hyper)
+    expected = _kfc_by_torch_unfold(x, **hyper)
+    per_sample = native.unfolded_bytes(geometry, 1, x.element_size())
+    for chunk_bytes in (samples * per_sample, samples * per_sample + per_sample // 2, 1, None):
+        result = native.kfc(x, geometry, chunk_bytes=chunk_bytes)
+        assert not result.isnan().any()
+        torch.testing.assert_close(result, expected)
+    u = tf.unfold(x, hyper["kernel_size"], dilation=hyper["dilation"], padding=hyper["padding"], stride=hyper["stride"])
+    columns = u.view(shape[0], hyper["groups"], -1, u.shape[-1]).permute(1, 2, 0, 3).flatten(2)
+    assert torch.equal(native.unfold_columns(x, geometry), columns)
+
+
+def test_native_gram_upper_accumulates_into_the_upper_blocks(seed):
+    """gram_upper(accumulate=True) adds the upper blocks of u uᵀ; mirror_upper then fills the lower ones."""
+    from curvlib import native
+
+    u, v = torch.randn(2, 2, 700, 19, dtype=torch.float64)
+    out = torch.full((2, 700, 700), float("nan"), dtype=torch.float64)
+    native.gram_upper(u, out, blocks=3)
+    native.gram_upper(v, out, blocks=3, accumulate=True)
+    native.mirror_upper(out, blocks=3)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, u @ u.transpose(1, 2) + v @ v.transpose(1, 2))

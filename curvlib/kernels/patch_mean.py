@@ -7,6 +7,11 @@ location ``i`` is the ``k``-th entry of some window), so ``ū = X W / O`` is one
 arithmetic (per spatial dim: ``i + P − k·DIL`` is a multiple of ``S`` in ``[0, (O−1)·S]``). Large inputs
 are split along ``∏I`` over several programs that add into ``ū`` atomically.
 
+Kernel size 1 (pointwise and strided down-sampling layers): every window is one input location, ``ū`` is
+the mean over the locations ``o·S − P`` inside the input, a strided view of ``x``: PyTorch's reduction
+reads it at about the copy bandwidth, where the kernel above pads ``W`` to 16 columns of which one is
+used (measured on an H200, 512 channels of 32x32 at batch 32: 34 µs against 94 µs).
+
 Step 2: ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ`` is the Gram kernel of :mod:`.gram` applied to ``ū`` as a
 kernel-size-1 input (``ū`` has ``N·C_in·∏K`` entries: small).
 
@@ -155,9 +160,34 @@ def candidates(rows: int, locations: int, kernel: int, device: torch.device, mod
     return configs
 
 
+def _visited(size: int, stride: int, pad: int, outputs: int) -> slice:
+    """The input locations ``o·S − P`` (``0 ≤ o < O``) inside ``[0, size)`` along one dim, as a slice."""
+    first = -(-pad // stride)  # the first output whose location is not in the left padding
+    last = min(outputs - 1, (size - 1 + pad) // stride)
+    if last < first:
+        return slice(0, 0)
+    return slice(first * stride - pad, last * stride - pad + 1, stride)
+
+
+def pointwise_means(x: torch.Tensor, geometry: KernelGeometry) -> torch.Tensor:
+    """:func:`patch_means` of a kernel-size-1 geometry: ``[N, C_in]`` float32, the sum of the visited
+    locations (a strided view of ``x``, no copy) over ``∏O`` (the padded locations count as zeros)."""
+    if geometry.kernel_numel != 1:
+        raise ValueError(f"pointwise_means needs kernel size 1, got {geometry.kernel_size}")
+    n, c = x.shape[:2]
+    view = x.reshape(n, c, *geometry.input_size)[(slice(None), slice(None), *(
+        _visited(i, s, p, o) for i, s, p, o in
+        zip(geometry.input_size, geometry.stride, geometry.pad_left, geometry.output_size)))]
+    return view.sum((2, 3, 4), dtype=torch.float32).div_(geometry.output_numel)
+
+
 def patch_means(x: torch.Tensor, geometry: KernelGeometry, precision: str, config: MeanConfig = None,
                 mode: str = None) -> torch.Tensor:
-    """``ū`` as ``[N, C_in · ∏K]`` float32 (rows of one sample ordered ``(g, c, k)`` like the factor)."""
+    """``ū`` as ``[N, C_in · ∏K]`` float32 (rows of one sample ordered ``(g, c, k)`` like the factor).
+
+    Kernel size 1 without a forced ``config`` or ``mode``: :func:`pointwise_means` (PyTorch's reduction)."""
+    if geometry.kernel_numel == 1 and config is None and mode is None:
+        return pointwise_means(x, geometry)
     x = x.contiguous()
     rows, locations, kernel = x.shape[0] * geometry.in_channels, geometry.input_numel, geometry.kernel_numel
     mode = mode or _mode(precision, x.dtype)
