@@ -48,15 +48,19 @@ def _median_time(fn, repeats=7):
 
 
 def test_ceilings_positive_and_consistent_with_timed_copy_and_matmul(seed):
-    c = measure_ceilings("cpu", quick=True, refresh=True)
-    assert c.measured and c.flops_per_s > 0 and c.bytes_per_s > 0 and c.call_overhead_s > 0
-    # an independent copy of the same size, timed here: bandwidth within a factor of 3 (shared cores are noisy)
+    # an independent copy of the same size and a product, timed here: bandwidth and rate within a factor
+    # of 3. Shared cores are noisy (other test workers): up to 3 attempts, each measuring both anew
     src = torch.randn(32 * MIB // 4)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src))
-    assert 1 / 3 < c.bytes_per_s / bandwidth < 3, (c.bytes_per_s, bandwidth)
     a, b = torch.randn(384, 384), torch.randn(384, 384)
-    rate = 2 * 384**3 / _median_time(lambda: a @ b)
+    for _ in range(3):
+        c = measure_ceilings("cpu", quick=True, refresh=True)
+        assert c.measured and c.flops_per_s > 0 and c.bytes_per_s > 0 and c.call_overhead_s > 0
+        bandwidth = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src))
+        rate = 2 * 384**3 / _median_time(lambda: a @ b)
+        if 1 / 3 < c.bytes_per_s / bandwidth < 3 and 1 / 3 < c.flops_per_s / rate < 3:
+            break
+    assert 1 / 3 < c.bytes_per_s / bandwidth < 3, (c.bytes_per_s, bandwidth)
     assert 1 / 3 < c.flops_per_s / rate < 3, (c.flops_per_s, rate)
     # cached per device and sizes; the roofline
     assert measure_ceilings("cpu", quick=True) is c
