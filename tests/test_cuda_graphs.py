@@ -117,3 +117,21 @@ def test_fused_factors_replayed_match_native(name, seed):
         error = ((result.double() - expected).norm() / expected.norm()).item()
         assert error < 2e-5, (step, error)
     assert kernels._GRAPHS.replays - before >= 3
+
+
+@cuda
+def test_native_kfc_in_chunks_replayed_matches_unfold(seed):
+    """native.kfc in chunks of samples on CUDA replays a graph per input address; fresh data each step,
+    against torch.nn.functional.unfold in float64 (stride 2, padding, groups, an uneven last chunk)."""
+    geometry = make_geometry(6, 4, (11, 9), kernel_size=3, padding=1, stride=2, groups=2)
+    x = torch.randn(7, 6, 11, 9, device="cuda")
+    chunk = 2 * native.unfolded_bytes(geometry, 1, 4)
+    before = native._KFC_GRAPHS.replays
+    for step in range(4):
+        x.copy_(torch.randn_like(x))
+        u = torch.nn.functional.unfold(x.double(), 3, padding=1, stride=2).view(7, 2, 27, -1)
+        expected = torch.einsum("ngdo,ngeo->gde", u, u) / 7
+        result = native.kfc(x, geometry, chunk_bytes=chunk)
+        error = ((result.double() - expected).norm() / expected.norm()).item()
+        assert error < 2e-6, (step, error)
+    assert native._KFC_GRAPHS.replays - before >= 2
