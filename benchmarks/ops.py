@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - depends on the machine
         "and carry benchmarks/_vendor along; ops.py puts it on sys.path."
     )
 
+from curvlib import cuda_graphs  # noqa: E402
 from curvlib import functional as CF  # noqa: E402
 from curvlib import pathways  # noqa: E402
 from curvlib.contract import inspect_plans  # noqa: E402
@@ -383,7 +384,8 @@ def measure(fn: Callable, device: torch.device, repeats: int, warmups: int, cap_
 
     Call 1 plans (curvlib caches its contraction paths; recorded: FLOPs and largest intermediate of
     the plans). Call 2 measures the extra memory (GPU), gives the result for the accuracy check and
-    an estimate of one call. Then warm-ups up to ``warmups`` calls in all and ``repeats`` timed
+    an estimate of one call; it runs eagerly (``curvlib.cuda_graphs.eager``): the memory is the call's
+    own, also for the implementations whose later calls replay CUDA graphs. Then warm-ups up to ``warmups`` calls in all and ``repeats`` timed
     calls; when one call is so slow that they would take longer than ``cap_s``, fewer are made (at
     the least, call 2's time is used) and the record says how many. With ``interleaved=True`` the timed
     calls are left to :func:`time_interleaved`: returns ``(stats, result, times so far, calls to make)``.
@@ -401,7 +403,8 @@ def measure(fn: Callable, device: torch.device, repeats: int, warmups: int, cap_
         before = torch.cuda.memory_allocated(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn()
+        with cuda_graphs.eager():  # the call's own temporaries (a replay keeps them in the graphs' pool)
+            out = fn()
         end.record()
         end.synchronize()
         estimate = start.elapsed_time(end) / 1e3
@@ -519,6 +522,8 @@ def parse_args(argv=None):
                    help="after this many seconds record the rest as skipped and write the summary (default 450)")
     p.add_argument("--cost-model", action="store_true", help="curvlib-auto chooses by its cost model, not by measuring")
     p.add_argument("--auto-budget-mib", type=float, default=None, help="memory budget of curvlib-auto (MiB)")
+    p.add_argument("--auto-memory-fraction", type=float, default=None,
+                   help="memory_fraction of curvlib-auto (of the unfold pathway's extra memory, e.g. 0.05)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
     p.add_argument("--summarize", metavar="DIR", default=None, help="only rebuild summary.md/ratios.png of DIR")
     args = p.parse_args(argv)
@@ -541,7 +546,8 @@ def main(argv=None) -> int:
     tf32 = disable_tf32()
     # curvlib-auto: choice by measurement, once per configuration (curvlib.pathways)
     pathways.configure(autotune=not args.cost_model, repeats=3,
-                       memory_budget=None if args.auto_budget_mib is None else args.auto_budget_mib * MIB)
+                       memory_budget=None if args.auto_budget_mib is None else args.auto_budget_mib * MIB,
+                       memory_fraction=args.auto_memory_fraction)
     impls = ["PT"] + [i for i in args.impls if i != "PT"]
     if not HAVE_EINCONV:
         impls = [i for i in impls if not i.startswith("einconv")]

@@ -31,6 +31,7 @@ caller captures a graph of its own (the call's kernels then become part of that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import Callable, Dict, Hashable, List
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from .precision import backend_flags
 
-__all__ = ["GraphCache", "enabled", "clear"]
+__all__ = ["GraphCache", "enabled", "clear", "eager"]
 
 #: graphs per key (input addresses) before further addresses run eagerly
 ADDRESSES_PER_KEY = 2
@@ -56,9 +57,24 @@ SEEN_PER_KEY = 16
 MAX_KEYS = 128
 
 
+_EAGER = [0]  # depth of eager() blocks
+
+
 def enabled() -> bool:
-    """CUDA graphs are used unless ``CURVLIB_CUDA_GRAPHS=0``."""
-    return os.environ.get("CURVLIB_CUDA_GRAPHS", "1") not in ("0", "")
+    """CUDA graphs are used unless ``CURVLIB_CUDA_GRAPHS=0`` or inside :func:`eager`."""
+    return not _EAGER[0] and os.environ.get("CURVLIB_CUDA_GRAPHS", "1") not in ("0", "")
+
+
+@contextlib.contextmanager
+def eager():
+    """Run every call eagerly inside the block: no replay, no capture, no address remembered. For
+    measuring a call's own extra memory (a replay's temporaries live in the graphs' pool, which the
+    allocator's peak of the call does not show; :mod:`curvlib.pathways` measures candidates so)."""
+    _EAGER[0] += 1
+    try:
+        yield
+    finally:
+        _EAGER[0] -= 1
 
 
 _POOLS: Dict[torch.device, object] = {}

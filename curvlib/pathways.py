@@ -17,11 +17,14 @@ Every operation of :mod:`curvlib.functional` has up to five implementations (*ca
 ``simplify=`` choosing between ``tn`` and ``tn+simplify``), ``"unfold"``, ``"fused"`` or ``"lags"``.
 
 ``"auto"`` chooses, per configuration (operation, shapes, hyper-parameters, options, dtype, device),
-the fastest candidate whose extra memory fits the memory budget, and caches the choice:
+the fastest candidate whose extra memory fits the memory limits — ``memory_budget`` (bytes) and
+``memory_fraction`` (of what the unfold pathway needs for the call; e.g. ``0.05`` keeps every choice
+within 5 % of PyTorch's unfold memory) — and caches the choice:
 
 - **measured** (``configure(autotune=True)`` or ``CURVLIB_AUTOTUNE=1``): the first call of a
   configuration runs every candidate (one warm-up, then the median of ``repeats`` timed calls;
-  extra peak memory from the CUDA allocator on GPUs, from the analytic cost on CPUs) and keeps the
+  extra peak memory of the warm-up, run without CUDA-graph replay, from the CUDA allocator on GPUs,
+  from the analytic cost on CPUs) and keeps the
   winner. Decisions can persist in a JSON file (``configure(cache_file=...)`` or
   ``CURVLIB_PATHWAY_CACHE``), so later processes skip the measurement.
 - **cost model** (the default, no measuring): the analytic roofline estimate of :mod:`curvlib.cost`
@@ -52,6 +55,7 @@ import torch
 from torch import Tensor
 
 from . import cost as _cost
+from . import cuda_graphs as _cuda_graphs
 from . import precision as _precision
 
 #: values of ``pathway=`` in :mod:`curvlib.functional`
@@ -68,6 +72,7 @@ class Settings:
 
     autotune: bool = os.environ.get("CURVLIB_AUTOTUNE", "0") not in ("", "0")
     memory_budget: Optional[int] = None
+    memory_fraction: Optional[float] = None
     cache_file: Optional[str] = os.environ.get("CURVLIB_PATHWAY_CACHE") or None
     repeats: int = 5
     exclude: tuple = ()
@@ -99,7 +104,7 @@ class Decision:
                 "measurements": self.measurements}
 
 
-def _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision=...) -> None:
+def _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision=..., memory_fraction=...) -> None:
     if precision is not ...:
         _precision.check_precision(precision)
     if autotune is not None and not isinstance(autotune, bool):
@@ -109,6 +114,11 @@ def _check_settings(autotune, memory_budget, cache_file, repeats, exclude, preci
         or not math.isfinite(memory_budget) or memory_budget < 0
     ):
         raise ValueError(f"memory_budget must be None or a non-negative number of bytes, got {memory_budget!r}")
+    if memory_fraction is not None and memory_fraction is not ... and (
+        isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float))
+        or not math.isfinite(memory_fraction) or memory_fraction < 0
+    ):
+        raise ValueError(f"memory_fraction must be None or a non-negative number, got {memory_fraction!r}")
     if cache_file is not None and cache_file is not ... and not isinstance(cache_file, (str, os.PathLike)):
         raise TypeError(f"cache_file must be None or a path, got {cache_file!r}")
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
@@ -120,13 +130,17 @@ def _check_settings(autotune, memory_budget, cache_file, repeats, exclude, preci
 
 
 def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=..., repeats: Optional[int] = None,
-              exclude: Optional[Sequence[str]] = None, precision=...) -> Settings:
+              exclude: Optional[Sequence[str]] = None, precision=..., memory_fraction=...) -> Settings:
     """Change the settings of ``pathway="auto"``; arguments left out keep their value. Returns the new settings.
 
     Args:
         autotune: measure candidates (``True``) or use the cost model (``False``).
         memory_budget: bytes of extra memory a candidate may need; ``None``: no limit. When no
             candidate fits, the leanest one is taken.
+        memory_fraction: extra memory a candidate may need as a fraction of what the unfold pathway
+            (PyTorch's way: the unfolded input, for the KFC also its permuted copy; :mod:`curvlib.cost`)
+            needs for the same call, e.g. ``0.05``; ``None``: no limit. With ``memory_budget`` too, the
+            smaller limit holds.
         cache_file: JSON file that stores measured decisions across processes; ``None``: memory only.
         repeats: timed calls per candidate when measuring.
         exclude: candidates never chosen automatically (e.g. ``("fused",)``).
@@ -134,13 +148,15 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
             (exact), ``"tf32"`` (matrix units, relative errors about ``1e-3``) or ``None`` (follow
             PyTorch's global flags; the default, also settable with ``CURVLIB_PRECISION``).
     """
-    _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision)
+    _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision, memory_fraction)
     global _SETTINGS
     changes = {}
     if autotune is not None:
         changes["autotune"] = autotune
     if memory_budget is not ...:
         changes["memory_budget"] = memory_budget
+    if memory_fraction is not ...:
+        changes["memory_fraction"] = memory_fraction
     if cache_file is not ...:
         changes["cache_file"] = None if cache_file is None else os.path.expanduser(os.fspath(cache_file))
     if repeats is not None:
@@ -244,14 +260,14 @@ def run(call: Call, pathway: str = "auto", simplify: bool = True) -> Tensor:
 def cached_choice(key: tuple) -> Optional[str]:
     """The choice already taken for configuration ``key`` under the current settings, or ``None``."""
     s = _SETTINGS
-    decision = _DECISIONS.get((key, s.memory_budget, s.exclude, s.autotune))
+    decision = _DECISIONS.get((key, _limits(s), s.exclude, s.autotune))
     return None if decision is None else decision.choice
 
 
 def choose(call: Call) -> str:
     """The automatic choice for ``call`` (cached per configuration and settings)."""
     s = _SETTINGS
-    key = (call.key, s.memory_budget, s.exclude, s.autotune)
+    key = (call.key, _limits(s), s.exclude, s.autotune)
     decision = _DECISIONS.get(key)
     if decision is not None:
         return decision.choice
@@ -268,8 +284,30 @@ def choose(call: Call) -> str:
     return decision.choice
 
 
+def _limits(s: Settings):
+    """The memory settings a decision depends on (the budget alone when no fraction is set: the cache
+    files of earlier versions keep their keys)."""
+    return s.memory_budget if s.memory_fraction is None else (s.memory_budget, s.memory_fraction)
+
+
 def _text_key(key: tuple, s: Settings) -> str:
-    return repr((key, s.memory_budget, s.exclude))
+    return repr((key, _limits(s), s.exclude))
+
+
+def _budget(call: Call) -> Optional[float]:
+    """Bytes of extra memory a candidate of ``call`` may need: ``memory_budget`` and ``memory_fraction``
+    times the unfold pathway's (analytic) extra memory, whichever is smaller; ``None``: no limit."""
+    s = _SETTINGS
+    budget = s.memory_budget
+    if s.memory_fraction is not None:
+        try:
+            reference = call.analytic("unfold").extra_bytes
+        except Exception:  # an operation without an unfold form (transposed layers): no relative limit
+            reference = None
+        if reference is not None:
+            limit = s.memory_fraction * reference
+            budget = limit if budget is None else min(budget, limit)
+    return budget
 
 
 def _fits(extra_bytes: Optional[float], budget: Optional[float]) -> bool:
@@ -317,7 +355,7 @@ def _cost_model(call: Call, candidates: Sequence[str], text_key: str) -> Decisio
             continue
         entries[name] = {"time_s": c.estimated_time(call.device.type), "extra_bytes": c.extra_bytes,
                          "flops": c.flops}
-    return Decision(call.op, text_key, _pick(entries, _SETTINGS.memory_budget), "cost model", entries)
+    return Decision(call.op, text_key, _pick(entries, _budget(call)), "cost model", entries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +374,8 @@ def _measure_one(call: Call, name: str, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    out = runner()  # warm-up (plans, autotunes kernels); its peak memory counts
+    with _cuda_graphs.eager():  # a replayed graph's temporaries would not show in the peak
+        out = runner()  # warm-up (plans, autotunes kernels); its peak memory counts
     _sync(device)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
@@ -371,7 +410,7 @@ def _measure(call: Call, candidates: Sequence[str], text_key: str) -> Decision:
         torch.cuda.empty_cache()
     if not any("time_s" in e for e in entries.values()):
         raise RuntimeError(f"every pathway failed for {call.op}: {entries}")
-    decision = Decision(call.op, text_key, _pick(entries, _SETTINGS.memory_budget), "measured", entries)
+    decision = Decision(call.op, text_key, _pick(entries, _budget(call)), "measured", entries)
     _to_disk(decision)
     return decision
 

@@ -3,6 +3,8 @@ address, a graph per address up to the limit, and kfc_by_lags through it against
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -135,3 +137,22 @@ def test_native_kfc_in_chunks_replayed_matches_unfold(seed):
         error = ((result.double() - expected).norm() / expected.norm()).item()
         assert error < 2e-6, (step, error)
     assert native._KFC_GRAPHS.replays - before >= 2
+
+
+def test_eager_block_runs_without_graphs(seed, monkeypatch):
+    """Inside ``eager()`` nothing is replayed or captured (also nested), and ``enabled()`` says so."""
+    assert cuda_graphs.enabled() or os.environ.get("CURVLIB_CUDA_GRAPHS") == "0"
+    with cuda_graphs.eager():
+        assert not cuda_graphs.enabled()
+        with cuda_graphs.eager():
+            assert not cuda_graphs.enabled()
+        assert not cuda_graphs.enabled()
+    monkeypatch.setenv("CURVLIB_CUDA_GRAPHS", "1")
+    assert cuda_graphs.enabled()
+    if torch.cuda.is_available():
+        cache = cuda_graphs.GraphCache("test-eager")
+        x = torch.randn(5, device="cuda")
+        with cuda_graphs.eager():
+            for _ in range(3):
+                torch.testing.assert_close(cache(("twice",), lambda t: 2 * t, x), 2 * x)
+        assert cache.replays == 0 and not cache._entries

@@ -132,6 +132,34 @@ def test_memory_budget_excludes_candidates_that_do_not_fit(fresh_decisions, seed
     assert decision.choice == min(fitting, key=fitting.get)
 
 
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 2.0])
+def test_memory_fraction_limits_candidates_relative_to_the_unfold_pathway(fresh_decisions, fraction, seed):
+    """``memory_fraction``: the fastest candidate within that fraction of the unfold pathway's analytic
+    extra memory (the unfolded input and its permuted copy for the KFC), the leanest if none fits; the
+    smaller of it and ``memory_budget`` holds; decisions are cached per fraction."""
+    x = _kfc_inputs(seed)
+    geometry = make_geometry(x.shape[1], 5, x.shape[2:], 3, padding=1)
+    unfolded = x.shape[0] * x.shape[1] * 9 * x.shape[2] * x.shape[3] * x.element_size()
+    reference = cost.operation_cost("kfc", "unfold", geometry, x.shape[0], element_size=x.element_size())
+    assert reference.extra_bytes == 2 * unfolded
+    for budget in (None, 0.5 * fraction * reference.extra_bytes):
+        pathways.clear()
+        with pathways.options(autotune=False, memory_fraction=fraction, memory_budget=budget):
+            F.kfc(x, 3, padding=1)
+        (decision,) = pathways.decisions()
+        limit = fraction * reference.extra_bytes if budget is None else budget
+        extra = {name: m["extra_bytes"] for name, m in decision.measurements.items()}
+        fitting = {n: m["time_s"] for n, m in decision.measurements.items() if m["extra_bytes"] <= limit}
+        expected = min(fitting, key=fitting.get) if fitting else min(extra, key=extra.get)
+        assert decision.choice == expected, (fraction, budget, decision.measurements)
+    pathways.clear()
+    with pathways.options(memory_fraction=fraction):
+        F.kfc(x, 3, padding=1)
+    with pathways.options(memory_fraction=fraction / 2):
+        F.kfc(x, 3, padding=1)
+    assert len({d.key for d in pathways.decisions()}) == 2  # the fraction is part of the key
+
+
 def test_exclude_and_settings_are_part_of_the_cache_key(fresh_decisions, seed):
     x = _kfc_inputs(seed)
     with pathways.options(exclude=("native", "unfold", "tn+simplify")):
@@ -170,6 +198,9 @@ def test_damaged_cache_file_is_ignored(fresh_decisions, tmp_path, seed):
     (dict(autotune="yes"), TypeError, "autotune"),
     (dict(memory_budget=-1), ValueError, "memory_budget"),
     (dict(memory_budget=float("nan")), ValueError, "memory_budget"),
+    (dict(memory_fraction=-0.1), ValueError, "memory_fraction"),
+    (dict(memory_fraction="5%"), ValueError, "memory_fraction must be None or a non-negative number, got '5%'"),
+    (dict(memory_fraction=True), ValueError, "memory_fraction"),
     (dict(repeats=0), ValueError, "repeats"),
     (dict(exclude=("fast",)), ValueError, "exclude"),
     (dict(exclude="native"), ValueError, "exclude"),
