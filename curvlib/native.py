@@ -268,13 +268,18 @@ def _padded_sample_bytes(geometry: ConvGeometry, element_size: int) -> int:
 
 def kfc_chunk_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> float:
     """The ``chunk_bytes`` :func:`kfc` runs with in :func:`curvlib.functional.kfc`: :data:`KFC_CHUNK_FRACTION`
-    of the unfolded input or, under a memory budget (``curvlib.pathways.configure(memory_budget=...)``),
-    the unfolded share of the budget if less (one chunk of padded input samples comes with it)."""
+    of the unfolded input or, under memory limits (``curvlib.pathways.configure(memory_budget=...,
+    memory_fraction=...)``; the fraction is of the unfold pathway's memory, twice the unfolded input),
+    the unfolded share of the smaller limit if less (one chunk of padded input samples comes with it)."""
     from .pathways import settings  # here: pathways imports nothing of this module
 
     per_sample = unfolded_bytes(geometry, 1, element_size)
     chunk = KFC_CHUNK_FRACTION * per_sample * batch
-    budget = settings().memory_budget
+    limits = settings()
+    budget = limits.memory_budget
+    if limits.memory_fraction is not None:
+        relative = limits.memory_fraction * 2 * per_sample * batch
+        budget = relative if budget is None else min(budget, relative)
     if budget is not None:
         chunk = min(chunk, budget * per_sample / (per_sample + _padded_sample_bytes(geometry, element_size)))
     return chunk

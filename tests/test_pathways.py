@@ -226,6 +226,9 @@ def test_cost_model_counts(seed):
     assert native.largest_intermediate_bytes == native.extra_bytes == (2 * d * o + 6 * 12 * 11) * 4
     with pathways.options(memory_budget=3 * (2 * d * o + 6 * 12 * 11) * 4):  # the budget bounds the chunk
         assert cost.operation_cost("kfc", "native", g, 16).extra_bytes == 3 * (2 * d * o + 6 * 12 * 11) * 4
+    # and so does a fraction of the unfold pathway's memory (2 unfolded inputs: 2·16 samples' worth)
+    with pathways.options(memory_fraction=2 * (2 * d * o + 6 * 12 * 11) / (2 * 16 * 2 * d * o) + 1e-9):
+        assert cost.operation_cost("kfc", "native", g, 16).extra_bytes == 2 * (2 * d * o + 6 * 12 * 11) * 4
     fused = cost.operation_cost("kfc", "fused", g, n)
     assert fused.extra_bytes == 0 and fused.flops == native.flops
     roof = cost.ceilings("cpu")
