@@ -196,17 +196,15 @@ def operation_cost(
     if pathway == "lags":
         if op != "kfc":
             raise ValueError(f"pathway 'lags' computes only op='kfc', got {op!r}")
-        from .lag_gram import lag_flops  # here: lag_gram imports native, which imports this module's users
+        from .lag_gram import kfc_chunk_bytes, kfc_extra_bytes, lag_flops  # here: lag_gram imports native
 
         x_bytes = z["N"] * z["Ci"] * z["I"] * element_size
         # a zero-padded copy of x (the GEMM form's flat layout) and the thin border slabs; the products
         # read the copy twice per lag, mostly from L2
         method = "gemm" if element_size == 4 else "conv"  # what kfc_by_lags' "auto" runs
-        # plus the lag products [C, C/G, ∏(2K-1)] and the assembly's buffers, together ~4.5 times their
-        # size (measured on an H100: 116 MiB for 512 channels 3x3 on 7x7, 65 MiB for 384 on 13x13)
-        lags = z["Ci"] * (z["Ci"] // z["G"]) * math.prod(2 * k - 1 for k in geometry.kernel_size) * element_size
-        extra = 1.25 * x_bytes + 4.5 * lags
-        return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, max(1.25 * x_bytes, lags),
+        # the terms, the copy, the slabs and the assembly's buffers, in chunks under memory limits
+        extra = kfc_extra_bytes(geometry, z["N"], element_size, kfc_chunk_bytes(geometry, z["N"], element_size))
+        return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, extra,
                     min_bytes + 4 * x_bytes, extra, overhead, flop_efficiency=flop_efficiency(op, pathway))
     if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
         return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead, flop_efficiency=flop_efficiency(op, pathway))

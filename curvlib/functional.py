@@ -194,11 +194,14 @@ def _in_precision(run, precision: str, device: torch.device):
 def _kfc_by_lags(x: Tensor, geometry) -> Tensor:
     """The lags pathway in the precision the setting implies (the Triton lag products take it as an
     argument, cuBLAS runs under the flags ``_dispatch`` sets); under TF32 on CUDA without Triton the
-    convolution (cuDNN's Winograd error, ~2e-4, is below TF32's ~1e-3; 2x faster than the GEMM form)."""
+    convolution (cuDNN's Winograd error, ~2e-4, is below TF32's ~1e-3; 2x faster than the GEMM form).
+    Under memory limits its temporaries go in chunks (:func:`curvlib.lag_gram.kfc_chunk_bytes`)."""
     precision = _precision.effective_precision(_pathways.settings().precision)
+    chunk_bytes = _lag_gram.kfc_chunk_bytes(geometry, x.shape[0], x.element_size())
     if x.is_cuda and precision == "tf32" and not _lag_gram.triton_usable(x.dtype, x.device, x.numel()):
-        return _lag_gram.kfc_by_lags(x, geometry, lag_method="conv")
-    return _lag_gram.kfc_by_lags(x, geometry, lag_method="auto", precision=precision if x.is_cuda else "ieee")
+        return _lag_gram.kfc_by_lags(x, geometry, lag_method="conv", chunk_bytes=chunk_bytes)
+    return _lag_gram.kfc_by_lags(x, geometry, lag_method="auto", precision=precision if x.is_cuda else "ieee",
+                                 chunk_bytes=chunk_bytes)
 
 
 def _kernel_precision() -> str:

@@ -151,7 +151,7 @@ from .hyperparams import ConvGeometry
 from .kernels.autotune import ConfigCache
 
 __all__ = ["kfc_by_lags", "supports_lags", "lag_flops", "unfold_flops", "resolve_lag_method", "triton_usable",
-           "LAG_METHODS", "TRITON_PRECISIONS"]
+           "kfc_extra_bytes", "kfc_chunk_bytes", "LAG_METHODS", "TRITON_PRECISIONS"]
 
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default  # the overload: no packet dispatch
 
@@ -638,8 +638,13 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
     method's products (:mod:`curvlib.kernels`): ``"ieee"`` (default) multiplies float32 exactly, ``"tf32"``
     uses the matrix units (~1e-3). The other methods follow PyTorch's flags instead.
 
-    ``chunk_bytes`` bounds the ``"gemm"`` method's copy of ``x``: the samples go in chunks whose copy takes
-    at most that many bytes (at least one sample), their lag products are added. ``None``: one copy of all.
+    ``chunk_bytes`` bounds the temporaries that grow with the batch or the channels: the ``"gemm"``
+    method's copy of ``x`` (with its partial products: the samples go in chunks whose copy takes at most
+    half of it, their lag products added), the border terms' slabs (chunks of samples, their products
+    added) and the assembly's buffers (chunks of rows). Each chunk is at least one sample or row. What
+    stays is the terms themselves, ``C·C/G`` times the lag and slab axes (:func:`kfc_extra_bytes` counts
+    the whole peak; :func:`kfc_chunk_bytes` picks ``chunk_bytes`` under the pathways' memory limits).
+    ``None``: every sample and row at once.
 
     Precision: float64 agrees with the unfolded Gram to rounding either way. In float32 on CUDA, cuDNN
     may compute the lag weight gradient by Winograd — no cuDNN flag avoids it — (seen for the 5x5 lags of
@@ -691,12 +696,20 @@ def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: st
     # The products, each viewed [ii, X_0, ..., X_{d-1}, jj, g] (rows ii first, (jj, g) last) with per dim
     # X_t either the lag axis (2K-1) or a border term's (side, q, q') axes.
     kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
-    lag_term = _lag_products(x, kernels, dilations, groups, method, precision, chunk_bytes)
+    # chunk_bytes: the GEMM form's copy and its partial products take a half each (kfc_extra_bytes)
+    lag_term = _lag_products(x, kernels, dilations, groups, method, precision,
+                             None if chunk_bytes is None else chunk_bytes / 2)
     lag_term = lag_term.view(groups, ci, ci, *(p.lags for p in plans))
     terms = {(False,) * d: lag_term.permute(1, *range(3, 3 + d), 2, 0)}
     for subset in _subsets(plans):
         m = len(subset)
-        prod = _border_products(x, plans, groups, subset, method, precision)  # [*sides, g, ii, *q, jj, *q', *lags_rest]
+        samples = n
+        if chunk_bytes is not None:  # a chunk of samples' slabs at a time, their products added
+            per_sample = _border_sample_elements(plans, subset, c, method) * x.element_size()
+            samples = max(1, min(n, int(chunk_bytes // per_sample)))
+        prod = _border_products(x[:samples], plans, groups, subset, method, precision)
+        for n0 in range(samples, n, samples):  # [*sides, g, ii, *q, jj, *q', *lags_rest]
+            prod += _border_products(x[n0:n0 + samples], plans, groups, subset, method, precision)
         axes, rest = [], 3 * m + 3
         for t in range(d):
             if t in subset:
@@ -707,11 +720,36 @@ def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: st
                 rest += 1
         terms[tuple(t in subset for t in range(d))] = prod.permute(m + 1, *axes, 2 * m + 2, m)
 
-    # Assembly. Mapping dim t to (a_t, b_t) is a product from the left with the dim's [K², X_t] matrix
-    # (batched over everything before X_t), no transposition. The terms that differ only in dim t are
-    # written next to each other along X_t (lag part first) and mapped by one product; the count of
-    # tensors halves per dim. Rows ii are independent: on CPUs they go in chunks, so that the
-    # temporaries stay small (see _CPU_CHUNK_BYTES) and only the result is a large allocation.
+    # Rows ii are independent: on CPUs they go in chunks, so that the temporaries stay small (see
+    # _CPU_CHUNK_BYTES) and only the result is a large allocation; with chunk_bytes, everywhere in
+    # chunks whose buffers take at most that (_assembly_row_elements).
+    result = x.new_empty(groups, ci, *geometry.kernel_size, ci, *geometry.kernel_size)
+    # the result seen in the order the assembly produces: [ii, (a_0, b_0), ..., (a_{d-1}, b_{d-1}), jj, g]
+    produced = result.permute(1, *(a for t in range(d) for a in (2 + t, 3 + d + t)), 2 + d, 0)
+    per_row = math.prod(p.kernel ** 2 for p in plans) * c * x.element_size()
+    chunk = ci if x.device.type != "cpu" else max(1, min(ci, _CPU_CHUNK_BYTES // per_row))
+    if chunk_bytes is not None:
+        chunk = max(1, min(chunk, int(chunk_bytes // (_assembly_row_elements(plans, c) * x.element_size()))))
+    for i0 in range(0, ci, chunk):
+        _assemble_rows(terms, plans, tensors, slice(i0, min(ci, i0 + chunk)), 1.0 / n, produced)
+    size_d = ci * math.prod(geometry.kernel_size)
+    return result.view(groups, size_d, size_d)
+
+
+def _assemble_rows(terms: Dict[Tuple[bool, ...], Tensor], plans, tensors, rows: slice, scale: float,
+                   produced: Tensor) -> None:
+    """The assembly of rows ``ii`` in ``rows`` into ``produced[rows]`` (the result viewed
+    ``[ii, (a_0, b_0), ..., jj, g]``), scaled by ``scale`` (``1/N``, applied while the terms are copied in,
+    not on the result).
+
+    Mapping dim t to (a_t, b_t) is a product from the left with the dim's [K², X_t] matrix (batched over
+    everything before X_t), no transposition. The terms that differ only in dim t are written next to
+    each other along X_t (lag part first) and mapped by one product; the count of tensors halves per dim."""
+    d = len(plans)
+    lag_term = terms[(False,) * d]  # [ii, lags..., jj, g]
+    ci, groups = lag_term.shape[-2], lag_term.shape[-1]
+    c = ci * groups
+    count = rows.stop - rows.start
     kk = [p.kernel ** 2 for p in plans]
 
     def size(t, border):
@@ -721,49 +759,39 @@ def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: st
         return [a for s, f in zip(range(t, d), forms)
                 for a in ((len(plans[s].starts), plans[s].width, plans[s].width) if f else (plans[s].lags,))]
 
-    result = x.new_empty(groups, ci, *geometry.kernel_size, ci, *geometry.kernel_size)
-    # the result seen in the order the assembly produces: [ii, (a_0, b_0), ..., (a_{d-1}, b_{d-1}), jj, g]
-    produced = result.permute(1, *(a for t in range(d) for a in (2 + t, 3 + d + t)), 2 + d, 0)
-    per_row = math.prod(kk) * c * x.element_size()
-    chunk = ci if x.device.type != "cpu" else max(1, min(ci, _CPU_CHUNK_BYTES // per_row))
-    scale = 1.0 / n  # applied while the products are copied in, not on the [G, D, D] result
-    for i0 in range(0, ci, chunk):
-        rows = min(chunk, ci - i0)
-        # step 0's inputs: per forms of dims 1.. a buffer [rows, X_0 (lag | border), rest]
-        sources: Dict[Tuple[bool, ...], Tensor] = {}
-        for forms, term in terms.items():
-            if forms[1:] not in sources:
-                after = math.prod(size(s, f) for s, f in zip(range(1, d), forms[1:]))
-                sources[forms[1:]] = x.new_empty(rows, plans[0].lags + plans[0].border_size, after * c)
-            lo = plans[0].lags if forms[0] else 0
-            target = sources[forms[1:]][:, lo:lo + size(0, forms[0])]
-            torch.mul(term[i0:i0 + rows], scale, out=target.view(rows, *split(0, forms), ci, groups))
-        for t in range(d):
-            lag_index, map_t = tensors[t]
-            targets: Dict[Tuple[bool, ...], Tensor] = {}
-            for forms_after, source in sources.items():  # source [batch, X_t total, rest]
-                batch = source.shape[0]
-                if t == d - 1:
-                    target = x.new_empty(batch, kk[t], c)
-                    targets[()] = target
-                else:
-                    key_next = forms_after[1:]
-                    if key_next not in targets:
-                        after = math.prod(size(s, f) for s, f in zip(range(t + 2, d), key_next))
-                        targets[key_next] = x.new_empty(batch * kk[t], plans[t + 1].lags + plans[t + 1].border_size,
-                                                        after * c)
-                    lo = plans[t + 1].lags if forms_after[0] else 0
-                    # a view (errors rather than copying): splits the leading dim, merges the contiguous rest
-                    target = targets[key_next][:, lo:lo + size(t + 1, forms_after[0])].view(batch, kk[t], -1)
-                if map_t is None:  # no border in this dim: a gather of lag b - a
-                    target.copy_(source.index_select(1, lag_index))
-                else:
-                    torch.matmul(map_t, source, out=target)
-            sources = targets
-        (gram,) = sources.values()
-        produced[i0:i0 + rows].copy_(gram.view(rows, *(k for k in geometry.kernel_size for _ in range(2)), ci, groups))
-    size_d = ci * math.prod(geometry.kernel_size)
-    return result.view(groups, size_d, size_d)
+    # step 0's inputs: per forms of dims 1.. a buffer [rows, X_0 (lag | border), rest]
+    sources: Dict[Tuple[bool, ...], Tensor] = {}
+    for forms, term in terms.items():
+        if forms[1:] not in sources:
+            after = math.prod(size(s, f) for s, f in zip(range(1, d), forms[1:]))
+            sources[forms[1:]] = lag_term.new_empty(count, plans[0].lags + plans[0].border_size, after * c)
+        lo = plans[0].lags if forms[0] else 0
+        target = sources[forms[1:]][:, lo:lo + size(0, forms[0])]
+        torch.mul(term[rows], scale, out=target.view(count, *split(0, forms), ci, groups))
+    for t in range(d):
+        lag_index, map_t = tensors[t]
+        targets: Dict[Tuple[bool, ...], Tensor] = {}
+        for forms_after, source in sources.items():  # source [batch, X_t total, rest]
+            batch = source.shape[0]
+            if t == d - 1:
+                target = lag_term.new_empty(batch, kk[t], c)
+                targets[()] = target
+            else:
+                key_next = forms_after[1:]
+                if key_next not in targets:
+                    after = math.prod(size(s, f) for s, f in zip(range(t + 2, d), key_next))
+                    targets[key_next] = lag_term.new_empty(batch * kk[t], plans[t + 1].lags + plans[t + 1].border_size,
+                                                           after * c)
+                lo = plans[t + 1].lags if forms_after[0] else 0
+                # a view (errors rather than copying): splits the leading dim, merges the contiguous rest
+                target = targets[key_next][:, lo:lo + size(t + 1, forms_after[0])].view(batch, kk[t], -1)
+            if map_t is None:  # no border in this dim: a gather of lag b - a
+                target.copy_(source.index_select(1, lag_index))
+            else:
+                torch.matmul(map_t, source, out=target)
+        sources = targets
+    (gram,) = sources.values()
+    produced[rows].copy_(gram.view(count, *(p.kernel for p in plans for _ in range(2)), ci, groups))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,3 +860,126 @@ def lag_flops(geometry: ConvGeometry, batch: int, lag_method: str = "conv") -> f
                 rest = math.prod(plans[s].border_size if f else plans[s].lags for s, f in zip(range(t + 1, d), forms))
                 total += prev * plans[t].kernel ** 2 * (plans[t].lags + plans[t].border_size) * rest * g * ci * ci
     return total
+
+
+# ----------------------------------------------------------------------------------------------
+# memory model and chunks (elements per term, per sample of the border temporaries, per row of the
+# assembly; :func:`kfc_extra_bytes`, :func:`kfc_chunk_bytes`)
+
+
+def _all_forms(plans) -> List[Tuple[bool, ...]]:
+    """Per term, per dim whether it is a border form (the lag term: all ``False``)."""
+    return [forms for forms in itertools.product((False, True), repeat=len(plans))
+            if all(plan.width > 0 or not f for plan, f in zip(plans, forms))]
+
+
+def _form_size(plan: _DimPlan, border: bool) -> int:
+    return plan.border_size if border else plan.lags
+
+
+def _term_elements(plans, forms: Tuple[bool, ...], channels: int, per_group: int) -> int:
+    """Elements of one term: ``C·C/G`` times, per dim, the lag axis or the border's ``(side, q, q')``."""
+    return channels * per_group * math.prod(_form_size(p, f) for p, f in zip(plans, forms))
+
+
+def _border_sample_elements(plans, subset: Tuple[int, ...], channels: int, method: str) -> int:
+    """Per sample, an upper bound on the temporaries of :func:`_border_products` for ``subset``: the
+    slabs cut dim by dim (each stack, and the padded windows it is stacked from), the product's left
+    operand (a permuted copy of the slabs) and its right one (with one other dim: the slabs padded and
+    unfolded along it, ``2K-1`` times their size; with two: the lag method's copy of the slabs)."""
+    cut = 1
+    stages = []
+    for t in subset:
+        cut *= len(plans[t].starts) * plans[t].width
+        stages.append(cut * channels * math.prod(plans[s].size for s in range(len(plans))
+                                                 if s not in subset[:len(stages) + 1]))
+    slabs = stages[-1]
+    rest = [plans[t] for t in range(len(plans)) if t not in subset]
+    if len(rest) == 1:
+        right = slabs // rest[0].size * (rest[0].size + 2 * rest[0].dilation * (rest[0].kernel - 1)
+                                         + rest[0].lags * rest[0].size)
+    elif rest and method != "triton":  # the GEMM form's padded copy (a weight gradient's workspace: alike)
+        right = slabs // math.prod(p.size for p in rest) * math.prod(p.size + p.dilation * (p.kernel - 1) for p in rest)
+    else:
+        right = slabs
+    return sum(stages) + 2 * slabs + right
+
+
+def _assembly_row_elements(plans, channels: int) -> int:
+    """Per row ``ii``, the largest set of the assembly's buffers alive at once (:func:`_kfc_from_lags`):
+    a step's sources and targets, and the gathered copy of a dim without border."""
+    d = len(plans)
+    forms = _all_forms(plans)
+
+    def buffers(t):  # step t's inputs, per group of terms: [kk_<t, 2K-1 + border_t, rest after t, C]
+        if t == d:
+            return [math.prod(p.kernel ** 2 for p in plans) * channels]
+        done = math.prod(p.kernel ** 2 for p in plans[:t])
+        keys = {f[t + 1:] for f in forms}
+        return [done * (plans[t].lags + plans[t].border_size) * channels
+                * math.prod(_form_size(p, f) for p, f in zip(plans[t + 1:], key)) for key in keys]
+
+    return max(sum(buffers(t)) + 2 * sum(buffers(t + 1)) for t in range(d))
+
+
+def _lag_method_for_memory(element_size: int, method: Optional[str]) -> str:
+    return method or ("gemm" if element_size == 4 else "conv")  # what "auto" runs, counting a copy
+
+
+def kfc_extra_bytes(geometry: ConvGeometry, batch: int, element_size: int, chunk_bytes: Optional[float] = None,
+                    lag_method: Optional[str] = None) -> float:
+    """Peak extra memory of :func:`kfc_by_lags` (without its ``[G, D, D]`` result), an upper bound: the
+    terms (the lag products and the border terms, ``C·C/G`` times their lag and slab axes), plus the
+    largest of the phases' temporaries — the lag products' (their computed half; the GEMM form's copy of
+    ``x``, in chunks of ``chunk_bytes / 2``), the border products' (one term and a chunk of samples'
+    slabs) and the assembly's (a chunk of rows). ``chunk_bytes=None``: all samples and rows at once.
+    ``lag_method``: ``"gemm"``, ``"triton"`` or ``"conv"``; ``None``: the GEMM form for float32 (which
+    copies; Triton does not), the weight gradient otherwise (its workspace counted like the copy)."""
+    method = _lag_method_for_memory(element_size, lag_method)
+    plans = _dim_plans(_plan_key(geometry))
+    c, g = geometry.in_channels, geometry.groups
+    ci = c // g
+    forms = _all_forms(plans)
+    terms = sum(_term_elements(plans, f, c, ci) for f in forms)
+    lag_term = _term_elements(plans, (False,) * len(plans), c, ci)
+    sizes = [p.size for p in plans]
+    kernels, dilations = [p.kernel for p in plans], [p.dilation for p in plans]
+    order = _gemm_plan(tuple(sizes), tuple(kernels), tuple(dilations))
+    lag_temps = len(order) * c * ci
+    if method != "triton":
+        sample = c * math.prod(i + max(dl * abs(delta[t]) for delta in order)
+                               for t, (i, dl) in enumerate(zip(sizes, dilations)))
+        samples = batch if chunk_bytes is None else max(1, min(batch, int(chunk_bytes / 2 // (sample * element_size))))
+        lag_temps += 2 * samples * sample
+    border_temps = 0
+    for subset in _subsets(plans):
+        per_sample = _border_sample_elements(plans, subset, c, method)
+        samples = batch if chunk_bytes is None else max(1, min(batch, int(chunk_bytes // (per_sample * element_size))))
+        term = _term_elements(plans, tuple(t in subset for t in range(len(plans))), c, ci)
+        border_temps = max(border_temps, term + samples * per_sample)
+    per_row = _assembly_row_elements(plans, c)
+    rows = ci if chunk_bytes is None else max(1, min(ci, int(chunk_bytes // (per_row * element_size))))
+    peak = max(lag_term + lag_temps, terms + border_temps, terms + rows * per_row)
+    return float(peak * element_size)
+
+
+#: the smallest chunk :func:`kfc_chunk_bytes` asks for: below it, the many small chunks cost more time
+#: than they save memory
+MIN_CHUNK_BYTES = 2**20
+
+
+def kfc_chunk_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> Optional[float]:
+    """The ``chunk_bytes`` :func:`kfc_by_lags` runs with in :func:`curvlib.functional.kfc`: ``None`` (all
+    at once) without memory limits; under them (:func:`curvlib.native.kfc_memory_limit`) what the limit
+    leaves beside the terms (:func:`kfc_extra_bytes`), at least :data:`MIN_CHUNK_BYTES`."""
+    from .native import kfc_memory_limit  # here: native's users import this module
+
+    limit = kfc_memory_limit(geometry, batch, element_size)
+    if limit is None:
+        return None
+    plans = _dim_plans(_plan_key(geometry))
+    c, ci = geometry.in_channels, geometry.in_channels // geometry.groups
+    forms = _all_forms(plans)
+    largest = max(_term_elements(plans, f, c, ci) for f in forms)
+    fixed = (sum(_term_elements(plans, f, c, ci) for f in forms) + largest) * element_size
+    return float(max(limit - fixed, MIN_CHUNK_BYTES))

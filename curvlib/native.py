@@ -266,20 +266,27 @@ def _padded_sample_bytes(geometry: ConvGeometry, element_size: int) -> int:
         i + left + right for i, (left, right) in zip(geometry.input_size, geometry.padding)) * element_size
 
 
-def kfc_chunk_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> float:
-    """The ``chunk_bytes`` :func:`kfc` runs with in :func:`curvlib.functional.kfc`: :data:`KFC_CHUNK_FRACTION`
-    of the unfolded input or, under memory limits (``curvlib.pathways.configure(memory_budget=...,
-    memory_fraction=...)``; the fraction is of the unfold pathway's memory, twice the unfolded input),
-    the unfolded share of the smaller limit if less (one chunk of padded input samples comes with it)."""
+def kfc_memory_limit(geometry: ConvGeometry, batch: int, element_size: int) -> Optional[float]:
+    """Bytes of extra memory a KFC pathway may take under the current memory limits
+    (``curvlib.pathways.configure(memory_budget=..., memory_fraction=...)``, the smaller of the two; the
+    fraction is of the unfold pathway's memory, twice the unfolded input); ``None`` without limits."""
     from .pathways import settings  # here: pathways imports nothing of this module
 
-    per_sample = unfolded_bytes(geometry, 1, element_size)
-    chunk = KFC_CHUNK_FRACTION * per_sample * batch
     limits = settings()
     budget = limits.memory_budget
     if limits.memory_fraction is not None:
-        relative = limits.memory_fraction * 2 * per_sample * batch
+        relative = limits.memory_fraction * 2 * unfolded_bytes(geometry, batch, element_size)
         budget = relative if budget is None else min(budget, relative)
+    return budget
+
+
+def kfc_chunk_bytes(geometry: ConvGeometry, batch: int, element_size: int) -> float:
+    """The ``chunk_bytes`` :func:`kfc` runs with in :func:`curvlib.functional.kfc`: :data:`KFC_CHUNK_FRACTION`
+    of the unfolded input or, under memory limits (:func:`kfc_memory_limit`), the unfolded share of the
+    limit if less (one chunk of padded input samples comes with it)."""
+    per_sample = unfolded_bytes(geometry, 1, element_size)
+    chunk = KFC_CHUNK_FRACTION * per_sample * batch
+    budget = kfc_memory_limit(geometry, batch, element_size)
     if budget is not None:
         chunk = min(chunk, budget * per_sample / (per_sample + _padded_sample_bytes(geometry, element_size)))
     return chunk

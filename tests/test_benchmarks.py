@@ -151,7 +151,9 @@ def test_quick_run(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Median ratio to PT per operation and convolution type" in summary and "## Targets" in summary
     auto = [r for r in records if r["impl"] == "curvlib-auto"]
-    assert all(r["auto_choice"] in ("native", "tn", "tn+simplify", "unfold") for r in auto)
+    # on the CPU no fused kernels; the lags pathway (KFC, stride 1) wins where measured faster
+    assert all(r["auto_choice"] in ("native", "tn", "tn+simplify", "unfold") + (("lags",) if r["op"] == "kfc" else ())
+               for r in auto), [(r["layer"], r["op"], r["auto_choice"]) for r in auto]
     assert all(op in summary for op in ops.OPS)
     assert math.isfinite(max(r["time_s"] for r in records if r["status"] == "ok"))
     # the summary can be rebuilt from ops.jsonl alone

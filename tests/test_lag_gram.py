@@ -190,7 +190,7 @@ def test_gemm_variants(size, kernel, dilation, groups, seed, monkeypatch):
 
 @pytest.mark.parametrize("samples", [1, 2, 4])
 def test_gemm_chunk_bytes_bounds_the_copy_and_keeps_the_result(samples, seed, monkeypatch):
-    """``chunk_bytes``: the GEMM form copies at most that many bytes of samples at once (at least one)
+    """``chunk_bytes``: the GEMM form copies at most half that many bytes of samples at once (at least one)
     and adds their products; the result equals the unfolded Gram (5 samples: an uneven last chunk)."""
     geometry = geometry_for(4, (7, 6), 3, 1, 1, 2)
     x = torch.randn(5, 4, 7, 6, dtype=DTYPE)
@@ -198,12 +198,80 @@ def test_gemm_chunk_bytes_bounds_the_copy_and_keeps_the_result(samples, seed, mo
     layout = lag_gram._flat_layout
     monkeypatch.setattr(lag_gram, "_flat_layout", lambda t, *a: copies.append(t.shape[0]) or layout(t, *a))
     padded_sample = 4 * (7 + 2) * (6 + 2) * x.element_size()  # the box padded by the largest shift, 2
-    result = kfc_by_lags(x, geometry, lag_method="gemm", chunk_bytes=samples * padded_sample + 1)
+    # the copy takes half of chunk_bytes (its partial products the other half)
+    result = kfc_by_lags(x, geometry, lag_method="gemm", chunk_bytes=2 * (samples * padded_sample + 1))
     assert copies == [samples] * (5 // samples) + ([5 % samples] if 5 % samples else [])
     torch.testing.assert_close(result, reference_kfc(x, (3, 3), ((1, 1), (1, 1)), (1, 1), 2), rtol=1e-11, atol=1e-11)
     for bad in (0, -1.0, True, "1"):
         with pytest.raises(ValueError, match="chunk_bytes must be None or a positive number"):
             kfc_by_lags(x, geometry, lag_method="gemm", chunk_bytes=bad)
+
+
+CHUNK_CASES = [  # (size, kernel, padding, dilation, groups, batch): 1-3 dims, borders on both sides, one side, groups
+    ((9,), 3, 1, 1, 2, 5), ((8, 7), 3, 1, 1, 1, 5), ((7, 9), (3, 2), ((2, 0), (1, 1)), (1, 2), 2, 4),
+    ((5, 6, 4), 3, 1, 1, 2, 3), ((6, 4, 5), (2, 3, 1), ((1, 0), (2, 1), (0, 0)), 1, 1, 3),
+]
+
+
+@pytest.mark.parametrize("size,kernel,padding,dilation,groups,batch", CHUNK_CASES)
+@pytest.mark.parametrize("method", ["conv", "gemm"])
+def test_chunk_bytes_chunks_the_border_slabs_and_the_rows(size, kernel, padding, dilation, groups, batch, method,
+                                                          seed, monkeypatch):
+    """``chunk_bytes`` also bounds the border terms' slabs (chunks of samples, products added) and the
+    assembly (chunks of rows): the chunks are what the per-sample / per-row counts allow, at least one,
+    uneven last chunks included, and the result is the unfolded Gram whatever the chunks."""
+    geometry = geometry_for(4, size, kernel, padding, dilation, groups)
+    x = torch.randn(batch, 4, *size, dtype=DTYPE)
+    expected = reference_kfc(x, geometry.kernel_size, geometry.padding, geometry.dilation, groups)
+    plans = lag_gram._dim_plans(lag_gram._plan_key(geometry))
+    assert lag_gram._subsets(plans), "no border term: the case does not test the slabs"
+    ci = 4 // groups
+    per_row = lag_gram._assembly_row_elements(plans, 4) * x.element_size()
+    border_calls, row_calls = [], []
+    border, assemble = lag_gram._border_products, lag_gram._assemble_rows
+    monkeypatch.setattr(lag_gram, "_border_products",
+                        lambda z, plans, groups, subset, *a: border_calls.append((subset, z.shape[0]))
+                        or border(z, plans, groups, subset, *a))
+    monkeypatch.setattr(lag_gram, "_assemble_rows",
+                        lambda terms, plans, tensors, rows, *a: row_calls.append(rows.stop - rows.start)
+                        or assemble(terms, plans, tensors, rows, *a))
+    slabs = min(lag_gram._border_sample_elements(plans, t, 4, method) for t in lag_gram._subsets(plans)) * 8
+    for chunk_bytes in (per_row + 1, 3 * per_row + 1, 2 * slabs + 1):  # chunks of rows, then of samples
+        border_calls.clear(), row_calls.clear()
+        result = kfc_by_lags(x, geometry, lag_method=method, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(result, expected, rtol=1e-11, atol=1e-11 * expected.abs().max())
+        rows = max(1, int(chunk_bytes // per_row))
+        assert row_calls == [min(rows, ci - i) for i in range(0, ci, rows)]
+        for subset in lag_gram._subsets(plans):
+            per_sample = lag_gram._border_sample_elements(plans, subset, 4, method) * x.element_size()
+            samples = max(1, min(batch, int(chunk_bytes // per_sample)))
+            assert [n for t, n in border_calls if t == subset] == [min(samples, batch - i) for i in range(0, batch, samples)]
+    assert any(n < batch for _, n in border_calls), "no chunk of samples: the case does not test the slab chunks"
+
+
+def test_extra_bytes_shrink_with_the_chunk_and_chunk_bytes_follow_the_limits(seed):
+    """:func:`kfc_extra_bytes` grows with ``chunk_bytes`` up to the unchunked peak and never below the terms;
+    :func:`kfc_chunk_bytes` is ``None`` without limits, what a limit leaves beside the terms under one
+    (at least ``MIN_CHUNK_BYTES``), and the smaller of ``memory_budget`` and ``memory_fraction``."""
+    from curvlib import pathways
+
+    geometry = make_geometry(64, 64, (28, 28), kernel_size=3, padding=1)
+    plans = lag_gram._dim_plans(lag_gram._plan_key(geometry))
+    terms = sum(lag_gram._term_elements(plans, f, 64, 64) for f in lag_gram._all_forms(plans)) * 4
+    whole = lag_gram.kfc_extra_bytes(geometry, 32, 4)
+    sizes = [lag_gram.kfc_extra_bytes(geometry, 32, 4, chunk) for chunk in (1, 2**20, 2**23, 2**26, 2**40)]
+    assert sizes == sorted(sizes) and terms < sizes[0] < sizes[-1] == whole
+    assert lag_gram.kfc_extra_bytes(geometry, 32, 4, lag_method="triton") < whole  # no copy of x
+    assert lag_gram.kfc_chunk_bytes(geometry, 32, 4) is None
+    unfold = 2 * native.unfolded_bytes(geometry, 32, 4)
+    largest = max(lag_gram._term_elements(plans, f, 64, 64) for f in lag_gram._all_forms(plans)) * 4
+    fraction = random.uniform(0.05, 0.2)
+    with pathways.options(memory_fraction=fraction):
+        assert lag_gram.kfc_chunk_bytes(geometry, 32, 4) == pytest.approx(fraction * unfold - terms - largest)
+        with pathways.options(memory_budget=3 * 2**20):
+            assert lag_gram.kfc_chunk_bytes(geometry, 32, 4) == pytest.approx(3 * 2**20 - terms - largest)
+        with pathways.options(memory_budget=1):
+            assert lag_gram.kfc_chunk_bytes(geometry, 32, 4) == lag_gram.MIN_CHUNK_BYTES
 
 
 @pytest.mark.parametrize("size,shifts", [
@@ -381,6 +449,39 @@ def _cuda_float32_errors(methods, calls, precision="ieee"):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     return errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_extra_memory_within_the_model(seed):
+    """The peak extra memory of an eager call (allocator statistics, result excluded) stays within
+    :func:`kfc_extra_bytes` for each lag method and chunk size, and above the terms it must hold; the
+    chunked calls agree with the whole one."""
+    from curvlib import cuda_graphs
+
+    cases = [(64, (28, 28), 3, 1, 1, 16), (96, (16, 12), 3, 1, 1, 8), (64, (14, 14), 7, 3, 64, 8),
+             (32, (20, 20), 5, 2, 4, 8), (16, (8, 6, 7), 3, 1, 1, 4)]
+    methods = ["gemm"] + (["triton"] if lag_gram.triton_usable(torch.float32, "cuda") else [])
+    for c, size, kernel, padding, groups, batch in cases:
+        geometry = make_geometry(c, c, size, kernel_size=kernel, padding=padding, groups=groups)
+        plans = lag_gram._dim_plans(lag_gram._plan_key(geometry))
+        terms = sum(lag_gram._term_elements(plans, f, c, c // groups) for f in lag_gram._all_forms(plans)) * 4
+        x = torch.randn(batch, c, *size, device="cuda")
+        for method in methods:
+            whole = None
+            for chunk_bytes in (None, lag_gram.kfc_extra_bytes(geometry, batch, 4, None, method) / 4, 1):
+                with cuda_graphs.eager():
+                    kfc_by_lags(x, geometry, lag_method=method, chunk_bytes=chunk_bytes)  # workspaces, tuning
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    result = kfc_by_lags(x, geometry, lag_method=method, chunk_bytes=chunk_bytes)
+                    torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - before - result.numel() * 4
+                model = lag_gram.kfc_extra_bytes(geometry, batch, 4, chunk_bytes, method)
+                assert terms <= peak <= model, (geometry, method, chunk_bytes, terms, peak, model)
+                if whole is None:
+                    whole = result
+                torch.testing.assert_close(result, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

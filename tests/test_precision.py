@@ -11,6 +11,7 @@ import torch
 
 import curvlib.functional as F
 from curvlib import pathways, precision
+from curvlib.hyperparams import make_geometry
 
 CUDA = torch.cuda.is_available()
 
@@ -134,17 +135,25 @@ def test_lags_pathway_method_and_precision(monkeypatch):
     seen = []
     original = lag_gram.kfc_by_lags
 
-    def recording(x, g, lag_method="auto", precision="ieee"):
+    chunks = []
+
+    def recording(x, g, lag_method="auto", precision="ieee", chunk_bytes=None):
         seen.append((lag_method, precision))
+        chunks.append(chunk_bytes)
         return original(x, g, lag_method=lag_method) if not isinstance(x, types.SimpleNamespace) else None
 
     monkeypatch.setattr(lag_gram, "kfc_by_lags", recording)
     x = torch.randn(2, 3, 6, 6)
     with pathways.options(precision="tf32"):
         F.kfc(x, 3, padding=1, pathway="lags")  # CPU: no TF32, the method stays automatic
-    assert seen == [("auto", "ieee")]
+    assert seen == [("auto", "ieee")] and chunks == [None]  # no memory limit: no chunks
+    with pathways.options(memory_fraction=0.5):  # under a limit: the chunks lag_gram picks for it
+        F.kfc(x, 3, padding=1, pathway="lags")
+        geometry = make_geometry(3, 3, (6, 6), kernel_size=3, padding=1)
+        assert chunks[-1] == lag_gram.kfc_chunk_bytes(geometry, 2, 4) is not None
+    seen.clear()
     cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"),
-                                      numel=lambda: 10)
+                                      numel=lambda: 10, shape=(2, 3, 6, 6), element_size=lambda: 4)
     for usable, setting, expected in [(True, "tf32", ("auto", "tf32")), (True, "ieee", ("auto", "ieee")),
                                       (False, "tf32", ("conv", "ieee")), (False, "ieee", ("auto", "ieee"))]:
         monkeypatch.setattr(lag_gram, "triton_usable", lambda *args, usable=usable: usable)
