@@ -206,3 +206,37 @@ def test_kfac_options_validation():
             cls(fisher="type-1")
         with pytest.raises(ValueError, match="mc_samples"):
             cls(fisher="mc", mc_samples=0)
+
+
+@pytest.mark.parametrize("groups,length", [(1, 3), (3, 2), (2, 1)])
+def test_summed_outer_in_chunks_equals_the_einsum(groups, length, monkeypatch):
+    """The output factor's ``Σ_b s_b s_bᵀ`` (per-``b`` products summed, in chunks of ``b``) against a plain
+    float64 einsum, in one chunk and in uneven chunks."""
+    from curvlib.engine import layers
+
+    flat = torch.randn(11, groups, 5, length, dtype=DT)
+    expected = torch.einsum("bgel,bgfl->gef", flat, flat)
+    assert_close(layers._summed_outer(flat), expected, rtol=1e-12)
+    monkeypatch.setattr(layers, "OUTER_CHUNK_ELEMENTS", 1)  # chunks of max(numel / (G·E²), 1) samples
+    chunk = max(1, flat.numel() // (groups * 25))
+    assert chunk < 11
+    assert_close(layers._summed_outer(flat), expected, rtol=1e-12)
+
+
+def test_batched_vjp_of_one_vector_is_the_plain_vjp():
+    """One vector takes a plain backward; its result equals the batched one's for the same vector."""
+    from curvlib.engine.layers import batched_vjp
+
+    lin = nn.Linear(4, 3).to(DT)
+    x = torch.randn(5, 4, dtype=DT, requires_grad=True)
+    hidden = torch.tanh(lin(x))
+    out = hidden ** 2
+    vectors = torch.randn(2, 5, 3, dtype=DT)
+    both = batched_vjp(out, [hidden, x], vectors)
+    for j in range(2):
+        one = batched_vjp(out, [hidden, x], vectors[j:j + 1])
+        assert [t.shape for t in one] == [(1, 5, 3), (1, 5, 4)]
+        for single, batched in zip(one, both):
+            assert_close(single[0], batched[j], rtol=1e-12)
+        manual = torch.autograd.grad(out, x, vectors[j], retain_graph=True)[0]
+        assert_close(one[1][0], manual, rtol=1e-12)

@@ -299,9 +299,31 @@ class LayerCall:
         flat = message.reshape(c, n, self.groups, channels // self.groups, -1)
         locations = flat.shape[-1]
         if approx == "expand":
-            return torch.einsum("cngel,cngfl->gef", flat, flat) / locations
+            return _summed_outer(flat.reshape(c * n, *flat.shape[2:])) / locations
         summed = flat.sum(-1)
         return torch.einsum("cnge,cngf->gef", summed, summed)
+
+
+#: elements of the per-(column, sample) products :func:`_summed_outer` holds at once, at least (more
+#: when its input is larger)
+OUTER_CHUNK_ELEMENTS = 2**23
+
+
+def _summed_outer(flat: Tensor) -> Tensor:
+    """``Σ_b flat[b] flat[b]ᵀ`` ``[G, E, E]`` of ``flat`` ``[B, G, E, L]``: per-``b`` batched products summed,
+    in chunks of ``b`` whose products take at most the input's size (or :data:`OUTER_CHUNK_ELEMENTS`).
+
+    The strided operands feed cuBLAS directly; an einsum over ``(b, l)`` would first permute ``flat``
+    into a ``[G, E, B·L]`` copy (All-CNN-C's output factors, batch 128 on an H100: 0.86 ms against
+    1.73 ms for the einsum)."""
+    batch, groups, e, length = flat.shape
+    chunk = max(1, min(batch, max(flat.numel(), OUTER_CHUNK_ELEMENTS) // max(groups * e * e, 1)))
+    total = None
+    for start in range(0, batch, chunk):
+        block = flat[start:start + chunk].reshape(-1, e, length)
+        part = torch.bmm(block, block.transpose(1, 2)).view(-1, groups, e, e).sum(0)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def _square_sum(columns: Tensor, per_sample: bool) -> Tensor:
@@ -365,9 +387,13 @@ def batched_vjp(
     vectors for operations without a batching rule. Inputs not reached give zeros.
     """
     try:
-        grads = torch.autograd.grad(
-            output, inputs, grad_outputs=vectors, retain_graph=True, is_grads_batched=True, allow_unused=True
-        )
+        if vectors.shape[0] == 1:  # one vector (an MC sample): a plain backward, ~15 % faster than a vmapped one
+            grads = [None if g is None else g[None] for g in torch.autograd.grad(
+                output, inputs, grad_outputs=vectors[0], retain_graph=True, allow_unused=True)]
+        else:
+            grads = torch.autograd.grad(
+                output, inputs, grad_outputs=vectors, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
     except (RuntimeError, SystemError):  # some backward kernels (BatchNorm) lack a batching rule
         per_vector = [
             torch.autograd.grad(output, inputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in vectors
