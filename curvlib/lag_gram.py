@@ -679,7 +679,7 @@ def kfc_by_lags(x: Tensor, geometry: ConvGeometry, lag_method: str = "auto", pre
                    lambda t: _kfc_from_lags(t, geometry, method, precision, chunk_bytes), x)
 
 
-_GRAPHS = GraphCache("kfc_by_lags")
+_GRAPHS = GraphCache("kfc_by_lags", copy_moving_inputs=True)  # dozens of kernels per call
 
 
 def _kfc_from_lags(x: Tensor, geometry: ConvGeometry, method: str, precision: str,

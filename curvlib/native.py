@@ -334,7 +334,7 @@ def _kfc_in_chunks(x: Tensor, geometry: ConvGeometry, samples: int) -> Tensor:
     return mirror_upper(out).div_(n)
 
 
-_KFC_GRAPHS = GraphCache("native_kfc")
+_KFC_GRAPHS = GraphCache("native_kfc", copy_moving_inputs=True)  # 4-6 kernels per chunk
 
 
 def kfac_reduce(x: Tensor, geometry: ConvGeometry) -> Tensor:

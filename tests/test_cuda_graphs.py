@@ -14,6 +14,8 @@ from curvlib.hyperparams import make_geometry
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+ADDRESSES = cuda_graphs.ADDRESSES_PER_KEY
+
 
 def several_ops(t: torch.Tensor) -> torch.Tensor:
     """A few dependent kernels with temporaries, like the functions the cache wraps."""
@@ -71,6 +73,38 @@ def test_graph_per_address_seen_twice_up_to_the_limit(seed):
     y = torch.randn(2, 8, 16, device="cuda")
     torch.testing.assert_close(cache(("k",), several_ops, y), several_ops(y))
     assert cache.replays == 2 * cuda_graphs.ADDRESSES_PER_KEY
+
+
+@cuda
+def test_moving_inputs_replay_the_keys_own_buffer(seed):
+    """``copy_moving_inputs``: once a key has seen more addresses than it may capture, calls at addresses
+    without a graph copy ``x`` into the key's own buffer and replay (correct for every new input; the
+    returned results are not overwritten; the buffer and result are held bytes); without it they run
+    eagerly."""
+    moving, plain = GraphCache("test-moving", copy_moving_inputs=True), GraphCache("test-not-moving")
+    results, inputs = [], []
+    for step in range(ADDRESSES + 4):
+        x = torch.randn(4, 8, 16, device="cuda") + step  # a new tensor per step, all kept: addresses move
+        inputs.append(x)
+        for cache in (moving, plain):
+            result = cache(("k",), several_ops, x)
+            torch.testing.assert_close(result, several_ops(x.clone()))
+            if cache is moving:
+                results.append((result, several_ops(x.clone())))
+    assert plain.replays == 0 and moving.replays == 4  # from the third address on (the first captures, then replays)
+    (entry,) = moving._entries.values()
+    assert entry.moving is not None
+    assert moving.held_bytes == sum(g.held_bytes for g in entry.graphs.values()) + 256 + 4 * 8 * 16 * 4
+    for result, expected in results:  # later replays did not overwrite earlier results
+        torch.testing.assert_close(result, expected)
+    channels_last = torch.randn(2, 3, 5, 4, device="cuda").contiguous(memory_format=torch.channels_last)
+    cache = GraphCache("test-moving-strides", copy_moving_inputs=True)
+    for _ in range(ADDRESSES + 3):
+        x = torch.randn_like(channels_last)  # keeps the channels-last strides: the buffer takes them
+        inputs.append(x)
+        torch.testing.assert_close(cache(("k",), several_ops, x), several_ops(x.clone()))
+    (entry,) = cache._entries.values()
+    assert entry.moving is not None and entry.moving.input.stride() == channels_last.stride()
 
 
 @cuda
