@@ -148,6 +148,12 @@ def _bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _dense(t: Tensor) -> bool:
+    """Contiguous in the default or a channels-last layout: a buffer with ``t``'s strides holds exactly it."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.is_contiguous() or (t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()]))
+
+
 class _Entry:
     """Per key: the graphs by input address, the addresses seen (insertion-ordered, bounded) and the
     moving-input graph (``copy_moving_inputs``)."""
@@ -222,7 +228,7 @@ class GraphCache:
         """The key's moving-input graph, captured on first need; ``None`` where it cannot be held (the
         byte cap) or ``x`` is not dense (its buffer could not have ``x``'s strides)."""
         if entry.moving is None:
-            if (not x.is_non_overlapping_and_dense()
+            if (not _dense(x)
                     or self.held_bytes + entry.result_bytes + _bytes(x) > MAX_HELD_BYTES):
                 return None
             entry.moving = _MovingInput(fn, x)
