@@ -186,7 +186,7 @@ class GraphCache:
         self.copy_moving_inputs = copy_moving_inputs
         self._entries: "OrderedDict[Hashable, _Entry]" = OrderedDict()
         self.replays = 0  # for tests and reports
-        self.held_bytes = 0  # result buffers of the graphs
+        self.held_bytes = 0  # result (and moving-input) buffers of the graphs
         GraphCache._all.append(self)
 
     def __call__(self, key: Hashable, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
