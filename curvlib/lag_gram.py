@@ -51,7 +51,8 @@ terms are laid out ``[C/G (rows ii), X_0, ..., X_{d-1}, C/G (jj), G]`` and the d
 another, each by one product from the left (no transposition); the terms that differ only in the dim
 being mapped are written next to each other along it, so their count halves at every dim. The last
 product is permuted into ``[G, D, D]``. On CPUs this runs in chunks of rows ``ii`` so that only the
-result is a large allocation (fresh large allocations cost page faults there).
+result is a large allocation (fresh large allocations cost page faults there); under a memory bound
+(``chunk_bytes``, :func:`kfc_chunk_bytes`) on every device, with the border slabs in chunks of samples.
 
 Lag methods
 -----------
