@@ -165,11 +165,17 @@ def main(argv=None):
     parser.add_argument("--extensions", nargs="+", default=None, metavar="EXT",
                         help="only these extensions (default: all)")
     parser.add_argument("--no-gram", action="store_true", help="leave the GGN Gram / eNTK comparison out")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="curvature(overlap=False): KFAC input factors in order instead of on a side stream")
+    parser.add_argument("--autotune", action="store_true",
+                        help="pathways.configure(autotune=True): curvlib measures its candidates once per layer")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.repeats = 2, 1
     device = torch.device(args.device)
     set_global_precision(args.precision)
+    if args.autotune:
+        curvlib.pathways.configure(autotune=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join("benchmarks", "results", f"{name.replace(' ', '_')}-{datetime.date.today()}")
     os.makedirs(out, exist_ok=True)
@@ -212,7 +218,8 @@ def main(argv=None):
             ext = make()
 
             def step():
-                with curvlib.curvature(model, loss_fn, ext, memory_budget=args.memory_budget):
+                with curvlib.curvature(model, loss_fn, ext, memory_budget=args.memory_budget,
+                                       overlap=not args.no_overlap):
                     model.zero_grad()
                     loss_fn(model(X), y).backward()
 
@@ -270,13 +277,14 @@ def compare_gram(records, device, batch, repeats):
 
 def write_tables(records, out, name, args, relerr):
     meta = dict(device=name, torch=torch.__version__, date=str(datetime.date.today()), batch=args.batch,
-                memory_budget=args.memory_budget, gram_relerr=relerr, precision=args.precision)
+                memory_budget=args.memory_budget, gram_relerr=relerr, precision=args.precision,
+                overlap=not args.no_overlap, autotune=args.autotune)
     with open(os.path.join(out, "end_to_end.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps({**meta, **r}) + "\n")
     with open(os.path.join(out, "end_to_end.md"), "w") as f:
         f.write(f"End to end, batch {args.batch}, {name}, torch {torch.__version__}, {meta['date']}, "
-                f"float32 products: {args.precision}\n\n")
+                f"float32 products: {args.precision}, overlap {not args.no_overlap}, autotune {args.autotune}\n\n")
         f.write("Time: median of the steps (forward + backward with the extension); × plain: multiple of one "
                 "plain gradient step; peak: extra peak memory of one step (GPU allocator). BackPACK rows run "
                 "BackPACK's equivalent extension on an extended copy of the same model and batch.\n\n")

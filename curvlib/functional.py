@@ -130,19 +130,26 @@ def _dispatch(
     """Run ``op`` on the requested pathway (or the automatic choice among those available).
 
     ``network`` builds the tensor network; ``native``/``fused``/``lags`` compute the result natively /
-    with a fused kernel / from lag products (``None``: not available for these arguments); ``options``
-    (hashable) completes the configuration key.
+    with a fused kernel / from lag products (``None``: not available for these arguments; a
+    :class:`_Candidate`: available if its check says so); ``options`` (hashable) completes the
+    configuration key.
     """
     first = tensors[0]
     key = _config_key(op, geometry, tensors, options)
     precision = _pathways.settings().precision
-    if precision is not None and first.is_cuda:  # cuBLAS/cuDNN calls run under the requested precision
+    in_precision = precision is not None and first.is_cuda  # cuBLAS/cuDNN calls run under the requested precision
+    if pathway == "auto":
+        # fast path: a configuration seen before runs its choice directly, without the availability checks
+        # (a choice was only ever made among the candidates available for this key)
+        choice = _pathways.cached_choice(key)
+        direct = {"native": native, "fused": fused, "lags": lags}.get(choice)
+        if direct is not None:
+            run = direct.run if isinstance(direct, _Candidate) else direct
+            return (_in_precision(run, precision, first.device) if in_precision and choice != "fused" else run)()
+    native, fused, lags = _available(native), _available(fused), _available(lags)
+    if in_precision:
         native = _in_precision(native, precision, first.device)
         lags = _in_precision(lags, precision, first.device)
-    if pathway == "auto":  # fast path: a configuration seen before runs its choice directly
-        direct = {"native": native, "fused": fused, "lags": lags}.get(_pathways.cached_choice(key))
-        if direct is not None:
-            return direct()
     runners = {
         "tn": lambda: contract(network()),
         "tn+simplify": lambda: contract(_simplify.simplify(network())),
@@ -242,16 +249,32 @@ def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
     _SHORTCUTS[key] = run
 
 
-def _fused(op: str, x: Tensor, geometry: ConvGeometry, run, **options):
-    """``run`` if a fused kernel handles ``op`` here, else ``None``."""
-    kernels = _kernels()
-    if kernels and kernels.supports(op, x, geometry, **options):
-        return run
-    return None
+class _Candidate:
+    """A pathway's runner and the check whether it applies, made only when needed: the fast path of a
+    cached automatic choice runs the runner without it (the checks of small layers cost as much host
+    time as their kernels)."""
+
+    __slots__ = ("applies", "run")
+
+    def __init__(self, applies, run):
+        self.applies = applies
+        self.run = run
 
 
-def _native(op: str, geometry: ConvGeometry, run, **options):
-    return run if _native_module.supports(op, geometry, **options) else None
+def _available(candidate):
+    """The runner of ``candidate`` if it applies (a plain callable always does), else ``None``."""
+    if isinstance(candidate, _Candidate):
+        return candidate.run if candidate.applies() else None
+    return candidate
+
+
+def _fused(op: str, x: Tensor, geometry: ConvGeometry, run, **options) -> _Candidate:
+    """``run``, applicable if a fused kernel handles ``op`` here."""
+    return _Candidate(lambda: bool(_kernels()) and _kernels().supports(op, x, geometry, **options), run)
+
+
+def _native(op: str, geometry: ConvGeometry, run, **options) -> _Candidate:
+    return _Candidate(lambda: _native_module.supports(op, geometry, **options), run)
 
 
 def _layer_geometry(*args) -> ConvGeometry:

@@ -36,6 +36,10 @@ class _KFAC(Extension):
         self.mc_samples = mc_samples
         self.message = {"type-2": "ggn_exact", "mc": "ggn_mc", "empirical": "empirical"}[fisher]
 
+    @property
+    def input_factor(self) -> str:
+        return self.approx
+
     def check(self, module):
         if layer_kind(module) == "generic":
             raise ValueError(

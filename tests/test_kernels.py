@@ -223,6 +223,28 @@ def test_errors_name_the_argument(seed):
         kernels.hesscale_weight_diag(x, s[0, :, :, :4], geometry)
 
 
+def test_repeated_calls_are_validated_once(seed, monkeypatch):
+    """A configuration checked before skips the checks; another configuration, or bad arguments, are
+    checked (and refused) as before; results follow the new values."""
+    layer = CASES[0]
+    geometry = geometry_of(layer)
+    monkeypatch.setattr(kernels, "_VALIDATED", {})  # other tests may have validated this configuration
+    checks = []
+    original = kernels._check_input
+    monkeypatch.setattr(kernels, "_check_input", lambda *a: checks.append(1) or original(*a))
+    for _ in range(3):
+        x, s, d = random_inputs(layer)
+        expected = references(layer, x, s, d)["kfac_reduce"]
+        assert relative_error(kernels.kfac_reduce(x, geometry), expected) < 1e-12
+    assert len(checks) == 1
+    with pytest.raises(ValueError, match="precision must be one of"):
+        kernels.kfac_reduce(x, geometry, precision="fp8")
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        kernels.kfac_reduce(x[..., :8], geometry)
+    kernels.kfc(x, geometry)  # another operation: its own check
+    assert len(checks) == 3
+
+
 @pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
 @pytest.mark.parametrize("size, stride, padding", [
     ((9, 8), 1, 0), ((9, 8), 2, 0), ((10, 7), (3, 2), 1), ((7,), 2, 3), ((5, 6, 4), (2, 1, 3), (1, 0, 2)), ((4, 4), 1, 2),

@@ -11,6 +11,10 @@ pass starts (a hook on the loss value), the engine
 2. runs HesScale's diagonal backpropagation if requested (:mod:`curvlib.engine.diagonal_backprop`);
 3. lets each extension turn the messages into per-parameter results.
 
+Quantities that need only the layer inputs (the KFAC input factors) start first, on a side CUDA
+stream (``overlap=True``, :mod:`curvlib.engine.side_stream`): their kernels run beside those of the
+backward passes, and the caller's stream waits for them when the backward pass ends.
+
 Extensions that need only the plain gradient w.r.t. layer outputs (``BatchGrad``, empirical KFAC)
 read it from hooks during the ordinary backward pass, at no extra backward cost.
 
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from .extension import Extension
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
+from .side_stream import SideWork
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -54,6 +59,9 @@ class curvature:
         skip: modules whose parameters are skipped silently (e.g. layers an extension refuses).
         generator: ``torch.Generator`` for the Monte-Carlo samples (``DiagGGNMC``, ``fisher="mc"``), or
             a function ``device -> torch.Generator``; ``None``: torch's default generator.
+        overlap: on CUDA, compute the quantities that need only the layer inputs (KFAC input factors)
+            on a side stream while the backward passes run (same results; their temporaries then
+            coexist with the backward passes'). They are complete when ``backward()`` returns.
 
     Example::
 
@@ -72,6 +80,7 @@ class curvature:
         batch_coupled="auto",
         skip: Sequence[nn.Module] = (),
         generator=None,
+        overlap: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,6 +97,10 @@ class curvature:
             raise ValueError(f"memory_budget must be a positive, finite number of bytes or None, got {memory_budget!r}")
         if batch_coupled not in ("auto", True, False):
             raise ValueError(f"batch_coupled must be 'auto', True or False, got {batch_coupled!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        self.overlap = overlap
+        self._side: Optional[SideWork] = None
         self.model = model
         self.loss_fn = loss_fn
         self.extensions = list(extensions)
@@ -128,6 +141,7 @@ class curvature:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._join_side_work()
         for handle in self._handles + self._tensor_handles:
             handle.remove()
         self._handles.clear()
@@ -202,14 +216,35 @@ class curvature:
     def _end_backward(self) -> None:
         """Queued at the first loss hook: runs when autograd has finished the whole backward pass."""
         self._in_backward = False
+        self._join_side_work()
         self._active = None  # release this pass's recorded calls
         self._grad_output_seen = {}
+
+    def _join_side_work(self) -> None:
+        """The stream that launched the side work, and the one current now, wait for it."""
+        side, self._side = self._side, None
+        if side is not None and side.on_stream:
+            side.join(torch.cuda.current_stream(side.device))
+
+    def _start_input_factors(self, loss_call: LossCall, groups: Sequence[ModuleCalls]) -> None:
+        """Start the KFAC input factors the extensions read, on a side stream (``overlap``); the groups
+        keep them for ``finalize``."""
+        approxes = sorted({ext.input_factor for ext in self.extensions if ext.input_factor})
+        if not approxes:
+            return
+        self._side = side = SideWork(loss_call.output.device, enabled=self.overlap)
+        for group in groups:
+            if any(call.kind == "generic" for call in group.calls):
+                continue  # no KFAC (extensions refuse such modules unless skipped)
+            for approx in approxes:
+                side.run(lambda: group.kfac_input(approx), inputs=[call.x for call in group.calls])
 
     def _compute(self, loss_call: LossCall, calls: List[LayerCall]) -> None:
         coupled = self._coupled()
         groups = self._groups(calls, coupled)
         self._active = (loss_call, groups)
         self._grad_output_seen = {}
+        self._start_input_factors(loss_call, groups)
         column_extensions: "OrderedDict[object, List[Extension]]" = OrderedDict()
         for ext in self.extensions:
             if ext.message in ("ggn_exact", "ggn_mc"):

@@ -13,7 +13,11 @@ An extension declares
   group of calls (:class:`~curvlib.engine.layers.ModuleCalls`) to ``state`` (a dict per module,
   kept across chunks; ``messages`` holds one tensor per call);
 - ``finalize(group, state) -> {param_name: result}``: the per-parameter results;
-- optionally ``check(module)`` to refuse modules it does not support with a clear error.
+- optionally ``check(module)`` to refuse modules it does not support with a clear error;
+- optionally ``input_factor``: ``"expand"``/``"reduce"`` if ``finalize`` reads the group's KFAC input
+  factors (:meth:`~curvlib.engine.layers.ModuleCalls.kfac_input`); the engine then starts them when the
+  backward pass starts, on a side CUDA stream (:mod:`curvlib.engine.side_stream`), and ``finalize``
+  gets the same tensors back.
 
 Columns may arrive in chunks (memory budget), so ``accumulate`` must be additive over columns;
 extensions that need all columns at once set ``needs_all_columns = True``.
@@ -35,6 +39,7 @@ class Extension:
     message: Optional[str] = None
     mc_samples: int = 1
     needs_all_columns: bool = False
+    input_factor: Optional[str] = None
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` if ``module`` (a module with parameters) is not supported."""

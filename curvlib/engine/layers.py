@@ -422,6 +422,7 @@ class ModuleCalls:
         self.calls = list(calls)
         self.coupled = coupled
         self.parameters = direct_parameters(module)
+        self._kfac_inputs: Dict[str, Dict[str, Tensor]] = {}
 
     @property
     def by_columns(self) -> bool:
@@ -457,11 +458,15 @@ class ModuleCalls:
         return total
 
     def kfac_input(self, approx: str) -> Dict[str, Tensor]:
-        """Input factors summed over the calls (a shared layer's factors add up)."""
-        total: Dict[str, Tensor] = {}
-        for call in self.calls:
-            for name, value in call.kfac_input(approx).items():
-                total[name] = value if name not in total else total[name] + value
+        """Input factors summed over the calls (a shared layer's factors add up); computed once per
+        ``approx`` (the engine may have started them on a side stream, :mod:`.side_stream`)."""
+        total = self._kfac_inputs.get(approx)
+        if total is None:
+            total = {}
+            for call in self.calls:
+                for name, value in call.kfac_input(approx).items():
+                    total[name] = value if name not in total else total[name] + value
+            self._kfac_inputs[approx] = total
         return total
 
     def kfac_output(self, messages: Sequence[Tensor], approx: str) -> Tensor:

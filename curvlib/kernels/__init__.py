@@ -179,6 +179,31 @@ def _check_per_sample(per_sample) -> bool:
     return per_sample
 
 
+#: single-input calls validated before: ``(op, geometry, shape, dtype, device, precision)`` → the kernel
+#: geometry, or ``None`` where the kernel falls back. Repeated calls skip the checks: on small layers they
+#: cost as much host time as the replayed kernels take on the device.
+_VALIDATED: dict = {}
+_MAX_VALIDATED = 4096
+
+
+def _validated_input_call(op: str, x, geometry, precision):
+    """Check a call of a single-input kernel (once per configuration): its kernel geometry, or ``None``
+    if the kernel does not take it (fall back). Raises on bad arguments, every time."""
+    key = None
+    if isinstance(x, Tensor) and isinstance(geometry, ConvGeometry) and isinstance(precision, str):
+        key = (op, geometry, x.shape, x.dtype, x.device, precision)
+        if key in _VALIDATED:
+            return _VALIDATED[key]
+    precision = _check_precision(precision)
+    _check_input(x, geometry)
+    shape = kernel_geometry(geometry) if supports(op, x, geometry, precision=precision) else None
+    if key is not None:
+        if len(_VALIDATED) >= _MAX_VALIDATED:
+            _VALIDATED.clear()
+        _VALIDATED[key] = shape
+    return shape
+
+
 def _tn(network) -> Tensor:
     """The fallback: the same network ``curvlib.functional`` contracts with ``pathway="tn"``."""
     return contract(_simplify(network))
@@ -205,11 +230,9 @@ def kfc(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -> Tensor
         ``[G, D, D]``, ``D = C_in/G · ∏K``, rows ordered like ``weight.flatten(1)``; ``x.dtype``.
         Like :func:`curvlib.functional.kfc`.
     """
-    precision = _check_precision(precision)
-    _check_input(x, geometry)
-    if not supports("kfc", x, geometry, precision=precision):
+    shape = _validated_input_call("kfc", x, geometry, precision)
+    if shape is None:
         return _tn(_kfac_expr.kfc(x, geometry))
-    shape = kernel_geometry(geometry)
     return _GRAPHS(("kfc", shape, precision),
                    lambda t: _module("gram").kfc_factor(t, shape, precision, 1.0 / t.shape[0]), x)
 
@@ -225,11 +248,9 @@ def kfac_reduce(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -
     Returns:
         ``[G, D, D]`` in ``x.dtype``, like :func:`curvlib.functional.kfac_reduce`.
     """
-    precision = _check_precision(precision)
-    _check_input(x, geometry)
-    if not supports("kfac_reduce", x, geometry, precision=precision):
+    shape = _validated_input_call("kfac_reduce", x, geometry, precision)
+    if shape is None:
         return _tn(_kfac_expr.kfac_reduce(x, geometry))
-    shape = kernel_geometry(geometry)
     return _GRAPHS(("kfac_reduce", shape, precision),
                    lambda t: _module("patch_mean").kfac_reduce_factor(t, shape, precision), x)
 
