@@ -108,7 +108,7 @@ def test_engine_overlap_on_cuda(monkeypatch):
     """The factors are computed on the side stream, equal the in-order ones, and are waited for by the
     caller's stream when ``backward()`` returns."""
     model = _cnn(torch.float32, "cuda")
-    X, y = torch.randn(16, 3, 9, 9, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    X, y = torch.randn(16, 3, 7, 7, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
     streams = _counting(monkeypatch, "kfc")
     _step(model, X, y, KFACExpand(fisher="type-2"), overlap=False)
     in_order = [m.weight.kfac_expand.input.clone() for m in (model[0], model[2], model[5])]
