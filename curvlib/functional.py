@@ -224,11 +224,12 @@ _SHORTCUTS: dict = {}
 
 
 def _shortcut_key(op: str, tensors, *arguments):
+    arguments = tuple(tuple(a) if isinstance(a, list) else a for a in arguments)  # lists act as tuples
     try:
         key = (op, *((None, None, None) if t is None else (t.shape, t.dtype, t.device) for t in tensors), *arguments,
                _pathways.generation())
         hash(key)
-    except TypeError:  # unhashable arguments (lists): no shortcut
+    except (TypeError, AttributeError):  # unhashable arguments, or not tensors: no shortcut (validation reports)
         return None
     return key
 
@@ -240,13 +241,24 @@ def _shortcut(op: str, tensors, *arguments):
 
 
 def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
+    """Store the function a call with shortcut ``key`` resolved to: ``run`` where that is the native
+    pathway, or ``run[choice]`` (a dict of functions of the tensors) for the pathway it took."""
     if _pathways.settings().precision is not None:  # the shortcut calls ATen directly, without the precision
         return
-    if key is None or not (pathway == "native" or (pathway == "auto" and _pathways.cached_choice(config) == "native")):
+    if key is None:
+        return
+    choice = pathway if pathway != "auto" else _pathways.cached_choice(config)
+    run = run.get(choice) if isinstance(run, dict) else (run if choice == "native" else None)
+    if run is None:
         return
     if len(_SHORTCUTS) > 4096:
         _SHORTCUTS.clear()
     _SHORTCUTS[key] = run
+
+
+def _fp32_key(x: Tensor):
+    """What of PyTorch's float32 flags an automatic choice on ``x``'s device depends on (part of a shortcut key)."""
+    return _precision.effective_precision(None) if getattr(x, "is_cuda", False) else None
 
 
 class _Candidate:
@@ -706,17 +718,27 @@ def kfc(
     Returns:
         ``[G, D, D]`` with ``D = C_in // G · ∏K``.
     """
+    hyper = (kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    shortcut, run = _shortcut("kfc", (x,), *hyper, simplify, pathway, _fp32_key(x))
+    if run is not None:
+        return run(x)
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _dispatch(
+    runs = {
+        "native": lambda t: _native_module.kfc(
+            t, geometry, chunk_bytes=_native_module.kfc_chunk_bytes(geometry, t.shape[0], t.element_size())),
+        "fused": lambda t: _kernels().kfc(t, geometry, precision=_kernel_precision()),
+        "lags": lambda t: _kfc_by_lags(t, geometry),
+    }
+    result = _dispatch(
         "kfc", pathway, simplify, geometry, (x,),
         network=lambda: kfac.kfc(x, geometry),
-        native=_native("kfc", geometry, lambda: _native_module.kfc(
-            x, geometry, chunk_bytes=_native_module.kfc_chunk_bytes(geometry, x.shape[0], x.element_size()))),
-        fused=_fused("kfc", x, geometry, lambda: _kernels().kfc(x, geometry, precision=_kernel_precision())),
-        lags=(lambda: _kfc_by_lags(x, geometry)) if _lag_gram.supports_lags(
-            geometry) else None,
+        native=_native("kfc", geometry, lambda: runs["native"](x)),
+        fused=_fused("kfc", x, geometry, lambda: runs["fused"](x)),
+        lags=(lambda: runs["lags"](x)) if _lag_gram.supports_lags(geometry) else None,
     )
+    _remember_shortcut(shortcut, pathway, _config_key("kfc", geometry, (x,)), runs)
+    return result
 
 
 def kfac_reduce(
@@ -737,14 +759,24 @@ def kfac_reduce(
     Returns:
         ``[G, D, D]`` with ``D = C_in // G · ∏K``.
     """
+    hyper = (kernel_size, stride, padding, dilation, groups, transposed, output_padding)
+    shortcut, run = _shortcut("kfac_reduce", (x,), *hyper, simplify, pathway, _fp32_key(x))
+    if run is not None:
+        return run(x)
     check_tensor(x, "x", min_dim=3)
     geometry = _layer_geometry(x.shape, groups, kernel_size, stride, padding, dilation, groups, transposed, output_padding)
-    return _dispatch(
+    runs = {
+        "native": lambda t: _native_module.kfac_reduce(t, geometry),
+        "fused": lambda t: _kernels().kfac_reduce(t, geometry, precision=_kernel_precision()),
+    }
+    result = _dispatch(
         "kfac_reduce", pathway, simplify, geometry, (x,),
         network=lambda: kfac.kfac_reduce(x, geometry),
-        native=_native("kfac_reduce", geometry, lambda: _native_module.kfac_reduce(x, geometry)),
-        fused=_fused("kfac_reduce", x, geometry, lambda: _kernels().kfac_reduce(x, geometry, precision=_kernel_precision())),
+        native=_native("kfac_reduce", geometry, lambda: runs["native"](x)),
+        fused=_fused("kfac_reduce", x, geometry, lambda: runs["fused"](x)),
     )
+    _remember_shortcut(shortcut, pathway, _config_key("kfac_reduce", geometry, (x,)), runs)
+    return result
 
 
 def _check_blocks(blocks, weight_shape) -> tuple:

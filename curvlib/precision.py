@@ -38,6 +38,32 @@ PRECISIONS = (None, "ieee", "tf32")
 _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
 
 
+def _public_flags() -> tuple:
+    """``(cuBLAS, cuDNN convolution, generic)`` fp32 precision strings, read through ``torch.backends``."""
+    return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            getattr(torch.backends, "fp32_precision", None))
+
+
+def _direct_reader():
+    """The same three strings from PyTorch's C getter (what ``torch.backends`` calls through a Python
+    ``__getattr__``: ~10x faster, and the flags are read on every call of small kernels), or ``None``
+    where this PyTorch lacks it or it does not agree with the public attributes."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if not _NEW_API or getter is None:
+        return None
+
+    def read() -> tuple:
+        return getter("cuda", "matmul"), getter("cuda", "conv"), getter("generic", "all")
+
+    try:
+        return read if read() == _public_flags() else None
+    except Exception:  # pragma: no cover - a PyTorch whose getter takes other arguments
+        return None
+
+
+_read_flags = _direct_reader() or _public_flags
+
+
 def check_precision(precision) -> Optional[str]:
     """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError``."""
     if precision not in PRECISIONS:
@@ -48,10 +74,10 @@ def check_precision(precision) -> Optional[str]:
 def matmul_allows_tf32() -> bool:
     """Whether PyTorch's global flags let cuBLAS use TF32 for float32 matrix products."""
     if _NEW_API:
-        value = torch.backends.cuda.matmul.fp32_precision
-        if value == "none":  # inherits the generic setting
-            value = getattr(torch.backends, "fp32_precision", "ieee")
-        return value == "tf32"
+        matmul, _, generic = _read_flags()
+        if matmul == "none":  # inherits the generic setting
+            matmul = generic or "ieee"
+        return matmul == "tf32"
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
@@ -59,8 +85,7 @@ def backend_flags() -> tuple:
     """The float32 precision flags of cuBLAS and cuDNN as they stand (hashable): which kernels the
     libraries pick depends on them (a key of :class:`curvlib.cuda_graphs.GraphCache`)."""
     if _NEW_API:
-        return (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-                getattr(torch.backends, "fp32_precision", None))
+        return _read_flags()
     return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # pragma: no cover
 
 

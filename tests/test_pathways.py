@@ -401,21 +401,32 @@ def test_native_gram_upper_accumulates_into_the_upper_blocks(seed):
     torch.testing.assert_close(out, u @ u.transpose(1, 2) + v @ v.transpose(1, 2))
 
 
-def test_cached_choice_runs_without_the_availability_checks(fresh_decisions, monkeypatch, seed):
+@pytest.mark.parametrize("precision", [None, "ieee"], ids=["shortcut", "cached-choice"])
+def test_cached_choice_runs_without_the_availability_checks(fresh_decisions, monkeypatch, seed, precision):
     """A configuration seen before runs its automatic choice directly: the candidates' checks ran on the
-    first call only, and the result is the one of new values (compared with a float64 unfold)."""
+    first call only, and the result is the one of new values (compared with a float64 unfold). Without a
+    precision setting the call takes the shortcut of repeated calls; with one, the cached choice."""
     from curvlib import native
 
     checks = []
     original = native.supports
     monkeypatch.setattr(native, "supports", lambda *a, **k: checks.append(a[0]) or original(*a, **k))
+    monkeypatch.setattr(F, "_SHORTCUTS", {})
     torch.manual_seed(seed)
+    with pathways.options(precision=precision):
+        _repeated_kfc_calls(checks, precision)
+
+
+def _repeated_kfc_calls(checks, precision):
     for repeat in range(3):
         x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
         patches = tf.unfold(x, 3, padding=1)
         expected = torch.einsum("ndl,nel->de", patches, patches) / 3
         assert torch.allclose(F.kfc(x, 3, padding=1)[0], expected, rtol=1e-10, atol=1e-12)
         assert len(checks) == 1, f"call {repeat}: the checks ran {len(checks)} times"
+    assert bool(F._SHORTCUTS) == (precision is None)
+    with pytest.raises(ValueError, match="x must have at least 3 dimensions"):  # a new configuration: validated
+        F.kfc(torch.randn(3, 4, dtype=torch.float64), 3, padding=1)
     with pathways.options(exclude=("native",)):  # new settings: a new choice among the available candidates
         F.kfc(torch.randn(3, 4, 9, 8, dtype=torch.float64), 3, padding=1)
     assert len(checks) == 2

@@ -68,6 +68,27 @@ def test_context_leaves_the_flags_alone_on_the_cpu_and_for_none():
         assert _flags() == before
 
 
+@pytest.mark.skipif(not precision._NEW_API, reason="torch < 2.9: allow_tf32 flags only")
+@pytest.mark.parametrize("matmul, conv, generic", [("tf32", "ieee", "none"), ("none", "tf32", "ieee"),
+                                                   ("ieee", "none", "tf32")])
+def test_backend_flags_read_what_torch_backends_say(matmul, conv, generic):
+    """The flags curvlib reads (PyTorch's C getter where it agrees with ``torch.backends``) follow every
+    change, including a generic setting the per-backend ones inherit."""
+    saved = (torch.backends.fp32_precision, *_flags())
+    try:
+        torch.backends.fp32_precision = generic
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+        public = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                  torch.backends.fp32_precision)
+        assert precision.backend_flags() == public
+        inherited = public[2] if public[0] == "none" else public[0]
+        assert precision.matmul_allows_tf32() == (inherited == "tf32")
+    finally:
+        torch.backends.fp32_precision = saved[0]
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved[1:]
+
+
 def test_effective_precision_follows_pytorch_for_none():
     assert precision.effective_precision("ieee") == "ieee"
     assert precision.effective_precision("tf32") == "tf32"
