@@ -52,6 +52,7 @@ from curvlib import kernels  # noqa: E402
 from curvlib.hyperparams import make_geometry  # noqa: E402
 
 import table_e3  # noqa: E402
+from ceilings import copy_bandwidth, event_seconds  # noqa: E402
 from table_e3 import ConvLayer  # noqa: E402
 
 MIB = 2**20
@@ -174,14 +175,7 @@ def work(op: str, inp: Inputs) -> dict:
 # measurement
 
 
-def _time(fn: Callable) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+_time = event_seconds
 
 
 def measure(fn: Callable, repeats: int, warmups: int = 2, cap_s: float = 1.5):
@@ -231,12 +225,7 @@ def set_tf32(enabled: bool):
 
 def ceilings(device) -> dict:
     """Measured copy bandwidth (bytes read + written per second) and matrix-product rates."""
-    result = {}
-    a = torch.empty(GIB // 4, device=device).normal_()
-    b = torch.empty_like(a)
-    t = statistics.median([_time(lambda: b.copy_(a)) for _ in range(7)])
-    result["copy_bytes_per_s"] = 2 * a.numel() * 4 / t
-    a = b = None  # free before the matrix products
+    result = {"copy_bytes_per_s": copy_bandwidth(device)}
     n = 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
         set_tf32(tf32)

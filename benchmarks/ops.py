@@ -71,6 +71,7 @@ from curvlib import pathways  # noqa: E402
 from curvlib.contract import inspect_plans  # noqa: E402
 
 import table_e3  # noqa: E402
+from ceilings import copy_bandwidth  # noqa: E402
 from table_e3 import ConvLayer  # noqa: E402
 
 try:  # einconv is optional (not installed on every machine)
@@ -575,6 +576,8 @@ def main(argv=None) -> int:
         tf32=tf32,
         dtype="float32",
     )
+    if device.type == "cuda" and "kfac_reduce" in args.ops:  # KFAC-reduce's floor: x read once at this rate
+        env["copy_bytes_per_s"] = copy_bandwidth(device)
     print(f"ops.py: {len(layers)} layers x {len(args.ops)} ops x {impls} on {name}, torch {torch.__version__}, "
           f"repeats {args.repeats}, C={args.columns}, einconv {'yes' if HAVE_EINCONV else 'not importable'}; "
           f"writing {out_dir}", flush=True)
@@ -593,6 +596,7 @@ def main(argv=None) -> int:
             base = dict(
                 net=layer.net, layer=layer.name, anchor_layer=layer.anchor_name if layer.net != "quick" else None,
                 count=layer.count, type=layer.type, op=op, N=batch, C=args.columns if op in GGN_OPS else None,
+                x_bytes=batch * math.prod(layer.input_shape) * 4,
             )
             if elapsed > args.deadline_s:
                 for impl in impls:
@@ -826,7 +830,42 @@ def _target_lines(entries, ops) -> List[str]:
         line = _memory_share_line(entries, op, share) if op in ops else None
         if line:
             lines.append(line)
+    line = _floor_line(entries) if "kfac_reduce" in ops else None
+    if line:
+        lines.append(line)
     return lines
+
+
+#: the fused-kernel issue's bandwidth target: KFAC-reduce (curvlib auto) within this multiple of the time
+#: to read ``x`` once at the measured copy bandwidth, on the :data:`FLOOR_LAYERS` largest inputs
+FLOOR_MULTIPLE, FLOOR_LAYERS = 4.0, 10
+
+
+def floor_ratios(entries) -> List[tuple]:
+    """``[(net/layer, time / floor)]`` of curvlib auto's KFAC-reduce on the largest inputs, largest first
+    (records with the copy bandwidth and the input's bytes; CUDA runs)."""
+    rows = []
+    for (net, layer, op), by_impl in entries.items():
+        auto = by_impl.get("curvlib-auto")
+        if op != "kfac_reduce" or not auto or auto["status"] != "ok":
+            continue
+        if not auto.get("copy_bytes_per_s") or not auto.get("x_bytes"):
+            continue
+        floor = auto["x_bytes"] / auto["copy_bytes_per_s"]
+        rows.append((auto["x_bytes"], f"{net}/{layer}", auto["time_s"] / floor))
+    rows.sort(key=lambda row: -row[0])
+    return [(name, ratio) for _, name, ratio in rows[:FLOOR_LAYERS]]
+
+
+def _floor_line(entries) -> Optional[str]:
+    ratios = floor_ratios(entries)
+    if not ratios:
+        return None
+    within = sum(ratio <= FLOOR_MULTIPLE for _, ratio in ratios)
+    worst = max(ratios, key=lambda row: row[1])
+    return (f"| kfac_reduce | time / bandwidth floor on the {len(ratios)} largest inputs | ≤ {FLOOR_MULTIPLE:g} each | "
+            f"{within} of {len(ratios)} within, worst {worst[1]:.1f} ({worst[0]}) | "
+            f"{'yes' if within == len(ratios) else '**no**'} | |")
 
 
 def write_summary(records: List[dict], out_dir: str) -> None:

@@ -184,3 +184,22 @@ def test_end_to_end_quick_run(tmp_path):
     except ImportError:
         return
     assert ("3c3d", "BackPACK DiagGGNExact") in names
+
+
+def test_kfac_reduce_floor_row_counts_the_largest_inputs():
+    """The issue-5 bandwidth row: auto's time over ``x bytes / copy bandwidth`` on the largest inputs only."""
+    ops = _import("ops")
+    bandwidth = 2e12
+    entries = {}
+    for i, (x_mib, multiple) in enumerate([(1, 9.0)] + [(100 + j, 2.0 + j / 10) for j in range(10)]):
+        x_bytes = x_mib * 2**20
+        auto = dict(status="ok", time_s=multiple * x_bytes / bandwidth, x_bytes=x_bytes, copy_bytes_per_s=bandwidth)
+        entries[("net", f"layer{i}", "kfac_reduce")] = {"curvlib-auto": auto, "PT": dict(status="ok")}
+    ratios = ops.floor_ratios(entries)
+    assert [name for name, _ in ratios] == [f"net/layer{i}" for i in range(10, 0, -1)]  # the small one left out
+    assert all(math.isclose(r, 2.0 + (i - 1) / 10) for (_, r), i in zip(ratios, range(10, 0, -1)))
+    assert "10 of 10 within" in ops._floor_line(entries)
+    slow = entries[("net", "layer5", "kfac_reduce")]["curvlib-auto"]
+    slow["time_s"] *= 3
+    line = ops._floor_line(entries)
+    assert "9 of 10 within" in line and "net/layer5" in line and "**no**" in line
