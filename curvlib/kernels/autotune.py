@@ -2,8 +2,8 @@
 
 Each kernel family proposes a short list of candidate configurations for a shape (block sizes,
 warps, split of the reduction), best guess first. On a CUDA device the first call for a key launches
-every candidate once (compiling it), times a few launches with CUDA events and keeps the fastest for
-the rest of the process; elsewhere (interpreter) or with ``CURVLIB_KERNEL_AUTOTUNE=0`` the first
+every candidate once (compiling it), times a few bursts of launches with CUDA events and keeps the
+fastest for the rest of the process; elsewhere (interpreter) or with ``CURVLIB_KERNEL_AUTOTUNE=0`` the first
 candidate is used. Keys hold only shapes, dtypes and options, never data, so the cache stays small.
 
 >>> cache = ConfigCache("demo")
@@ -21,8 +21,11 @@ import torch
 
 Config = TypeVar("Config")
 
-#: timed launches per candidate (after one launch that compiles and warms up)
+#: timed bursts per candidate (after one launch that compiles and warms up)
 REPEATS = 3
+#: launches per timed burst: back to back, so that the device time of kernels of some 10-100 µs is
+#: measured, not the host time of launching one on an idle GPU (which is the same for every candidate)
+BURST = 4
 
 
 def enabled() -> bool:
@@ -69,10 +72,11 @@ class ConfigCache:
                 for _ in range(REPEATS):
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    launch(config)
+                    for _ in range(BURST):
+                        launch(config)
                     end.record()
                     end.synchronize()
-                    samples.append(start.elapsed_time(end) / 1e3)
+                    samples.append(start.elapsed_time(end) / 1e3 / BURST)
                 times[config] = statistics.median(samples)
             if not times:
                 raise RuntimeError(f"{self.name}: no candidate configuration could be launched for {key}")
