@@ -518,6 +518,54 @@ def test_float32_model_float64_factors_and_autocast(seed):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
 
 
+def test_autocast_input_factors_come_from_float32_inputs(seed):
+    """Under bfloat16 autocast the Linear layer's recorded input is bfloat16; its factor is computed from
+    that input cast to float32 (the engine starts the input factors early: the cast must come first)."""
+    net = make_net("conv2d-groups").float()
+    X, y = torch.randn(6, 2, 3, 3), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1), factor_dtype=torch.float64)
+    recorded = []
+    handle = net[3].register_forward_hook(lambda m, i, o: recorded.append(i[0].detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(net(X), y)
+    handle.remove()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    x = recorded[0]
+    assert x.dtype == torch.bfloat16
+    x = x.double()
+    assert_close(opt.factors(net[3])["A"][0], x.T @ x / x.shape[0], rtol=1e-6, name="Linear A under autocast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_factors_of_accumulated_passes_wait_for_the_side_stream(seed, monkeypatch):
+    """On CUDA the input factors run on the engine's side stream; the optimizer files them only after
+    their backward pass ended. A slowed-down factor (``torch.cuda._sleep``) over two accumulated backward
+    passes still gives the average of the factors of the two batches."""
+    import curvlib.functional as F
+
+    original = F.kfc
+
+    def slow_kfc(x, *args, **kwargs):
+        torch.cuda._sleep(50_000_000)
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "kfc", slow_kfc)
+    net = make_net("conv2d-groups").float().cuda()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1), approx="expand", factor_dtype=torch.float64)
+    batches = [(torch.randn(8, 2, 3, 3, device="cuda"), torch.randint(0, 3, (8,), device="cuda")) for _ in range(2)]
+    opt.zero_grad()
+    for X, y in batches:
+        loss_fn(net(X), y).backward()
+    opt.step()
+    hidden = [torch.tanh(net[0](X)).flatten(1).double() for X, _ in batches]
+    expected = sum(h.T @ h / h.shape[0] for h in hidden) / 2
+    assert_close(opt.factors(net[3])["A"][0], expected, rtol=1e-5, name="Linear A, two passes, side stream")
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration errors
 

@@ -60,10 +60,25 @@ from . import distributed as _dist
 
 class _Context(curvature):
     """:class:`curvlib.curvature` drawing its Monte-Carlo samples from the optimizer's generator
-    (a function of the device, created lazily by the optimizer)."""
+    (a function of the device, created lazily by the optimizer).
 
-    def __init__(self, *args, generator_for, **kwargs):
+    When a backward pass starts, before the engine starts the KFAC input factors (on a side stream,
+    :mod:`curvlib.engine.side_stream`), the recorded inputs are cast to float32 (autocast records
+    float16 ones) and ``before_backward()`` runs (the sink files the previous passes' statistics: those
+    are complete, each pass joined its side work when it ended).
+    """
+
+    def __init__(self, *args, generator_for, before_backward=None, **kwargs):
         super().__init__(*args, generator=generator_for, **kwargs)
+        self._before_backward = before_backward
+
+    def _start_input_factors(self, loss_call, groups) -> None:
+        for group in groups:
+            for call in group.calls:
+                call.x = _upcast(call.x)
+        if self._before_backward is not None:
+            self._before_backward()
+        super()._start_input_factors(loss_call, groups)
 
 
 def _weak_method(method):
@@ -122,14 +137,29 @@ def _collecting(extension: Extension, sink) -> Extension:
 
 
 class _Sink:
-    """Sums of the statistics of each backward pass since the last reset, and how many passes added to each."""
+    """Sums of the statistics of each backward pass since the last reset, and how many passes added to each.
+
+    Results arrive during a backward pass and are filed (flattened, summed) only later, by :meth:`drain`:
+    until the pass ends, the KFAC input factors may still be being computed on the engine's side stream,
+    and an operation on them in the caller's stream would race with it.
+    """
 
     def __init__(self, flatten):
         self._flatten = flatten
+        self._pending: List[tuple] = []
         self.sums: Dict[str, Tensor] = {}
         self.counts: Dict[str, int] = {}
 
     def __call__(self, module: nn.Module, results: Dict) -> None:
+        self._pending.append((module, results))
+
+    def drain(self) -> None:
+        """File the results received so far (call when their backward pass has ended)."""
+        pending, self._pending = self._pending, []
+        for module, results in pending:
+            self._file(module, results)
+
+    def _file(self, module: nn.Module, results: Dict) -> None:
         for key, value in self._flatten(module, results).items():
             value = value.detach()
             if key in self.sums:
@@ -140,10 +170,12 @@ class _Sink:
                 self.counts[key] = 1
 
     def clear(self) -> None:
+        self._pending = []
         self.sums, self.counts = {}, {}
 
     def take(self) -> Dict[str, Tensor]:
         """The statistics averaged over the backward passes, and a reset."""
+        self.drain()
         result = {k: v if self.counts[k] == 1 else v / self.counts[k] for k, v in self.sums.items()}
         self.clear()
         return result
@@ -354,6 +386,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             batch_coupled=self.batch_coupled,
             skip=list(self._engine_skip),
             generator_for=_weak_method(self._generator_for),
+            before_backward=self._sink.drain,
         )
         context.__enter__()
         self._holder[0] = context
