@@ -557,12 +557,13 @@ def test_cuda_factors_of_accumulated_passes_wait_for_the_side_stream(seed, monke
     loss_fn = nn.CrossEntropyLoss()
     opt = KFAC(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1), approx="expand", factor_dtype=torch.float64)
     batches = [(torch.randn(8, 2, 3, 3, device="cuda"), torch.randint(0, 3, (8,), device="cuda")) for _ in range(2)]
+    with torch.no_grad():  # the Linear layer's inputs, before the step changes the convolution
+        hidden = [torch.tanh(net[0](X)).flatten(1).double() for X, _ in batches]
+    expected = sum(h.T @ h / h.shape[0] for h in hidden) / 2
     opt.zero_grad()
     for X, y in batches:
         loss_fn(net(X), y).backward()
     opt.step()
-    hidden = [torch.tanh(net[0](X)).flatten(1).double() for X, _ in batches]
-    expected = sum(h.T @ h / h.shape[0] for h in hidden) / 2
     assert_close(opt.factors(net[3])["A"][0], expected, rtol=1e-5, name="Linear A, two passes, side stream")
 
 
