@@ -133,3 +133,17 @@ def test_engine_overlap_on_cuda(monkeypatch):
     _step(model, X, y, KFACExpand(fisher="type-2"), overlap=True)
     assert streams and all(s == side_stream.side_stream(X.device) for s in streams)
     torch.cuda.synchronize()
+
+
+def test_side_work_runs_inline_for_inputs_on_another_device(monkeypatch):
+    """A model split over devices: an input that is not on the side stream's device runs inline."""
+    def no_stream(stream):
+        raise AssertionError("the call was moved to the side stream")
+
+    monkeypatch.setattr(torch.cuda, "stream", no_stream)
+    work = SideWork(torch.device("cpu"))
+    work.on_stream, work.device = True, torch.device("cuda", 0)  # as if launched from a CUDA loss
+    x = torch.randn(3)  # lives on another device (the CPU): inline, no stream involved
+    assert torch.equal(work.run(lambda: x * 2, inputs=[x]), x * 2)
+    with pytest.raises(AssertionError, match="moved to the side stream"):  # no input elsewhere: side stream
+        work.run(lambda: None, inputs=[])

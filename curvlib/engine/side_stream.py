@@ -63,6 +63,8 @@ class SideWork:
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.on_stream = enabled and self.device.type == "cuda"
         self.origin: Optional["torch.cuda.Stream"] = None
         self.stream: Optional["torch.cuda.Stream"] = None
@@ -73,16 +75,17 @@ class SideWork:
             self.stream.wait_stream(self.origin)
 
     def run(self, fn: Callable[[], object], inputs: Iterable[Tensor]):
-        """``fn()`` on the side stream; ``inputs``: the tensors it reads that the launching stream made."""
-        if not self.on_stream:
+        """``fn()`` on the side stream; ``inputs``: the tensors it reads that the launching stream made.
+        Inline (on the current streams) when an input lives on another device (a model split over GPUs)."""
+        inputs = list(inputs)
+        if not self.on_stream or any(t.device != self.device for t in inputs):
             return fn()
         with torch.cuda.stream(self.stream):
             result = fn()
         for tensor in inputs:
-            if tensor.is_cuda:
-                tensor.record_stream(self.stream)
+            tensor.record_stream(self.stream)
         for tensor in _tensors(result):
-            if tensor.is_cuda:
+            if tensor.device == self.device:
                 tensor.record_stream(self.origin)
         self._event = None  # a later join must cover this call
         return result
