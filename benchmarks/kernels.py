@@ -259,10 +259,11 @@ class _Recorder:
 
 def kernel_variants(layers, columns_list, precisions, ops) -> list:
     """Dry-run every launcher with every candidate configuration on meta tensors; the launches it records."""
-    from curvlib.kernels import _geometry, gram, patch_mean, weight_diag
+    from curvlib.kernels import _geometry, ggn_unfolded, gram, patch_mean, weight_diag
 
     seen = set()
-    launchers = [gram._launch_kfc, patch_mean._launch_patch_mean, weight_diag._launch_ggn, weight_diag._launch_hesscale]
+    launchers = [gram._launch_kfc, patch_mean._launch_patch_mean, weight_diag._launch_ggn, ggn_unfolded._launch,
+                 weight_diag._launch_hesscale]
     originals = [(launcher.kernel, launcher._compiled) for launcher in launchers]
     meta = torch.device("meta")
     try:

@@ -38,6 +38,8 @@ CASES = [
     Layer("2d-depthwise", (7, 7), (3, 3), padding=1, groups=6, c_in=6, c_out=6, batch=2, columns=5),
     Layer("2d-dense-1x1", (5, 5), (1, 1), c_in=40, c_out=20, batch=2, columns=4),
     Layer("2d-many-locations", (12, 12), (3, 3), c_in=3, c_out=4, batch=2, columns=3),
+    # 64 output locations: tiles of 16 or 32 locations divide them (the unfolded GGN kernel's unmasked path)
+    Layer("2d-even-locations", (8, 8), (3, 3), padding=1, c_in=3, c_out=5, batch=3, columns=3),
 ]
 OPS = kernels.OPS
 
@@ -118,7 +120,7 @@ def check_kernels(layer: Layer, device, precision="ieee", dtype=torch.float32):
 
 def check_forced_splits(layer: Layer, device):
     """The launch paths autotuning may skip on small shapes: several tiles, split (atomic) reductions."""
-    from curvlib.kernels import _geometry, _host, gram, patch_mean, weight_diag
+    from curvlib.kernels import _geometry, _host, ggn_unfolded, gram, patch_mean, weight_diag
 
     x, s, d = random_inputs(layer, torch.float32, device)
     ref = references(layer, x, s, d)
@@ -134,10 +136,24 @@ def check_forced_splits(layer: Layer, device):
                 result = patch_mean.kfac_reduce_factor(x, kg, "ieee", config, mode)
                 errors[("kfac_reduce", mode, split)] = relative_error(result, ref["kfac_reduce"])
         for split in (2, 5):
-            ggn = weight_diag.ggn_diag(x, s, kg, False, "ieee", split=split)
+            ggn = weight_diag.ggn_diag(x, s, kg, False, "ieee", config=weight_diag.gathered_candidates(
+                s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel, "fma")[0], split=split)
             errors[("ggn_diag", split)] = relative_error(ggn.reshape(weight), ref[("ggn_diag", False)])
             hs = weight_diag.hesscale_weight_diag(x, d, kg, False, "ieee", split=split)
             errors[("hesscale", split)] = relative_error(hs.reshape(weight), ref[("hesscale_weight_diag", False)])
+        # the unfolded-chunk GGN kernel: one sample per chunk, several slices, several column blocks,
+        # tiles that do and do not divide the output locations
+        per_sample_bytes = kg.groups * kg.output_numel * kg.rows * x.element_size()
+        block_o = 32 if kg.output_numel % 32 == 0 else 16
+        for config in (ggn_unfolded.UnfoldedGGNConfig(2, 8, 16, 16, 4, 2),
+                       ggn_unfolded.UnfoldedGGNConfig(1, 16, 32, block_o, 4, 1)):
+            for per_sample in (False, True):
+                for chunk_bytes, split in ((per_sample_bytes, 1), (None, 2)):
+                    ggn = weight_diag.ggn_diag(x, s, kg, per_sample, "ieee", config=config, split=split,
+                                               chunk_bytes=chunk_bytes)
+                    key = ("ggn_diag", per_sample)
+                    shape = (x.shape[0], *weight) if per_sample else weight
+                    errors[("ggn_unfolded", config, per_sample, chunk_bytes)] = relative_error(ggn.reshape(shape), ref[key])
     return errors
 
 
@@ -384,9 +400,10 @@ def _interpret_main() -> int:
         for key, error in check_kernels(layer, "cpu").items():
             if not error < TOLERANCE["ieee"]:
                 failures.append((layer.name, key, error))
-    for key, error in check_forced_splits(CASES[0], "cpu").items():
-        if not error < TOLERANCE["ieee"]:
-            failures.append((CASES[0].name, key, error))
+    for layer in (CASES[0], CASES[-1]):
+        for key, error in check_forced_splits(layer, "cpu").items():
+            if not error < TOLERANCE["ieee"]:
+                failures.append((layer.name, key, error))
     failures += _functional_fused_pathway_failures()
     failures += _lag_products_failures()
     for failure in failures:
@@ -433,7 +450,7 @@ def test_kernels_on_gpu_half_inputs(seed, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("layer", CASES[:4], ids=str)
+@pytest.mark.parametrize("layer", CASES[:4] + CASES[-1:], ids=str)
 def test_kernels_on_gpu_forced_splits(seed, layer):
     bad = {key: error for key, error in check_forced_splits(layer, "cuda").items() if not error < TOLERANCE["ieee"]}
     assert not bad, bad

@@ -11,8 +11,10 @@ Four operations, each with exactly the semantics, shapes and normalisation of th
 ``hesscale_weight_diag``       HesScale weight diagonal ``[[N,] C_out, C_in/G, *K]``
 ============================  ==================================================================
 
-None of them forms the unfolded input ``⟦X⟧`` or per-sample gradients: patches are gathered from
-``x`` tile by tile (implicit GEMM) and reduced in registers. 1-d, 2-d and 3-d convolutions, groups
+None of them forms per-sample gradients or the whole unfolded input ``⟦X⟧``: patches are gathered from
+``x`` tile by tile (implicit GEMM) and reduced in registers. The GGN diagonal also has a kernel that
+unfolds sample chunks of at most 64 MiB and runs dense products on them (faster on large layers,
+:mod:`.ggn_unfolded`); the autotuner picks per shape. 1-d, 2-d and 3-d convolutions, groups
 (depthwise included), stride, dilation and (asymmetric) zero padding are supported; transposed
 convolutions, more than three spatial dimensions, float64 and tensors with ``≥ 2³¹`` elements
 (``x``; ``s`` may be larger) are not. A call that :func:`supports` rejects (also: on the CPU, or
@@ -268,8 +270,10 @@ def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool =
 
     Returns:
         ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``x.dtype``, like
-        :func:`curvlib.functional.ggn_diag`. Extra memory: at most a few copies of the weight's size,
-        independent of ``C`` and ``N``.
+        :func:`curvlib.functional.ggn_diag`. Extra memory: a float32 copy of the result and, when the
+        unfolded-chunk kernel is faster for this shape, a sample chunk of the unfolded input (at most
+        64 MiB or one sample's patches; a third of ``pathways.configure(memory_budget=...)`` if that is
+        smaller): independent of ``C`` and ``N``.
     """
     precision = _check_precision(precision)
     per_sample = _check_per_sample(per_sample)

@@ -9,6 +9,19 @@ import torch
 
 _POISON = False
 
+#: largest sample chunk of the unfolded input that a kernel materialises (the unfolded-chunk GGN
+#: diagonal, :mod:`.ggn_unfolded`); a third of ``pathways.configure(memory_budget=...)`` if smaller.
+#: 64 MiB keeps several hundred programs busy per chunk on All-CNN-C's layers
+UNFOLDED_CHUNK_BYTES = 64 * 2**20
+
+
+def unfolded_chunk_bytes() -> float:
+    """The unfolded chunk's byte limit under the current memory budget (at least one sample is unfolded)."""
+    from ..pathways import settings  # here: pathways imports the kernels lazily
+
+    budget = settings().memory_budget
+    return UNFOLDED_CHUNK_BYTES if budget is None else min(UNFOLDED_CHUNK_BYTES, budget / 3)
+
 
 @contextlib.contextmanager
 def poison_outputs():

@@ -26,11 +26,23 @@ REPEATS = 3
 #: launches per timed burst: back to back, so that the device time of kernels of some 10-100 µs is
 #: measured, not the host time of launching one on an idle GPU (which is the same for every candidate)
 BURST = 4
+#: a candidate whose one warm launch takes at least this long is timed by that launch alone (the
+#: GGN diagonal of a large layer with 100 columns runs 20-100 ms per launch)
+LONG_S = 2e-3
 
 
 def enabled() -> bool:
     """Autotuning is on unless ``CURVLIB_KERNEL_AUTOTUNE=0``."""
     return os.environ.get("CURVLIB_KERNEL_AUTOTUNE", "1") not in ("0", "")
+
+
+def _event_seconds(run: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 class ConfigCache:
@@ -68,15 +80,12 @@ class ConfigCache:
                         continue
                     raise
                 torch.cuda.synchronize(device)
-                samples = []
-                for _ in range(REPEATS):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(BURST):
-                        launch(config)
-                    end.record()
-                    end.synchronize()
-                    samples.append(start.elapsed_time(end) / 1e3 / BURST)
+                single = _event_seconds(lambda: launch(config))
+                if single >= LONG_S:  # a launch this long times itself: bursts would only cost time
+                    times[config] = single
+                    continue
+                samples = [_event_seconds(lambda: [launch(config) for _ in range(BURST)]) / BURST
+                           for _ in range(REPEATS)]
                 times[config] = statistics.median(samples)
             if not times:
                 raise RuntimeError(f"{self.name}: no candidate configuration could be launched for {key}")

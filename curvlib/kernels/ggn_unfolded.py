@@ -1,0 +1,202 @@
+"""GGN diagonal of a convolution weight from sample chunks of the unfolded input (dense operands).
+
+The gathered kernel of :mod:`.weight_diag` builds every patch tile from ``x`` with per-element
+address arithmetic and bounds masks; that keeps its tiles small (the addresses live in registers)
+and its matrix units starved (about 40 TFLOP/s in TF32 on an H100). Here a chunk of samples is
+first unfolded into a dense buffer ``U [n, G, O, D]`` (``D`` contiguous, one strided copy), and the
+kernel is a plain tiled product with a squaring epilogue:
+
+    for each sample n:   J = S_n U_nᵀ          rows (column c, output channel co), K = output locations
+                         acc += J ⊙ J         in registers
+    result[co, d] += Σ_c acc[(c, co), d]      once per program
+
+A program owns ``BLOCK_C`` columns × ``BLOCK_CO`` channels × ``BLOCK_D`` weight columns of one
+group and loops over the chunk's samples; the per-(column, sample) gradients ``J`` never leave
+registers. Programs that share a result tile (other column blocks, other chunks, split batches) add
+into a zeroed float32 buffer atomically, so the last bits may vary between runs.
+
+Extra memory: the unfolded chunk (at most :func:`._host.unfolded_chunk_bytes`, 64 MiB, or one sample's
+patches if larger: independent of ``C`` and ``N``) and the float32 result.
+
+Imported only when Triton is importable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import mma
+from ._geometry import KernelGeometry
+from ._host import cdiv, multiprocessors, next_power_of_2, unfolded_chunk_bytes
+from ._launch import Launcher
+
+
+@triton.jit(do_not_specialize=["C", "COG", "D", "n_per_split", "n_count", "d_tiles", "co_tiles",
+                               "out_row_stride", "ssn", "sun", "sug"])
+def _ggn_diag_unfolded_kernel(
+    u_ptr, s_ptr, out_ptr,
+    C, COG, D, OT, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
+    ssc, ssn, ssch, sun, sug,
+    PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    d_tile = pid % d_tiles
+    rest = pid // d_tiles
+    co_tile = rest % co_tiles
+    c_block = rest // co_tiles
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+
+    d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    valid_d = d < D
+    # rows of J: (column c, output channel co), co fastest
+    r = tl.arange(0, BLOCK_C * BLOCK_CO)
+    r_c = c_block * BLOCK_C + r // BLOCK_CO
+    r_co = co_tile * BLOCK_CO + r % BLOCK_CO
+    valid_r = (r_c < C) & (r_co < COG)
+    s_rows = r_c.to(tl.int64) * ssc + (g * COG + r_co).to(tl.int64) * ssch
+    u_cols = g.to(tl.int64) * sug + d
+
+    co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    out_mask = (co < COG)[:, None] & valid_d[None, :]
+    out_tile = out_ptr + (g * COG + co)[:, None] * D + d[None, :]
+
+    acc = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
+    n_start = split * n_per_split
+    n_end = tl.minimum(n_count, n_start + n_per_split)
+    for n in range(n_start, n_end):
+        s_sample = s_ptr + tl.cast(n, tl.int64) * ssn + s_rows
+        u_sample = u_ptr + tl.cast(n, tl.int64) * sun + u_cols
+        J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
+        for o0 in range(0, OT, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            if EVEN_O:
+                s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
+                u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
+            else:
+                valid_o = o < OT
+                s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
+                u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :],
+                                 other=0.0)
+            J = mma(s_tile, u_tile, J, PRECISION)
+        if PER_SAMPLE:  # the column sum of this sample's squares goes to its own slice of the result
+            squares = tl.sum(tl.reshape(J * J, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
+            tl.atomic_add(out_tile + tl.cast(n, tl.int64) * out_row_stride, squares, mask=out_mask, sem="relaxed")
+        else:
+            acc += J * J
+
+    if not PER_SAMPLE:
+        squares = tl.sum(tl.reshape(acc, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
+        tl.atomic_add(out_tile, squares, mask=out_mask, sem="relaxed")
+
+
+_launch = Launcher(_ggn_diag_unfolded_kernel, specialised=["OT", "ssc", "ssch"])
+
+
+@dataclass(frozen=True)
+class UnfoldedGGNConfig:
+    """Tile of the unfolded-chunk GGN kernel: ``block_c·block_co`` rows of ``J``, ``block_d`` weight
+    columns, ``block_o`` output locations per product step."""
+
+    block_c: int
+    block_co: int
+    block_d: int
+    block_o: int
+    num_warps: int
+    num_stages: int
+
+
+#: ``(rows of J, block_co max, block_d, block_o, num_warps, num_stages)`` per matrix-unit class, best
+#: guess first (see :func:`.gram.unit_class`). The fastest of 9-12 tiles on All-CNN-C's layers
+#: (H100, Triton 3.6, C = 100, N = 128; ``benchmarks/results/h100-2026-11-22-session9``): TF32
+#: 125 TFLOP/s on conv2 with the first, the second on the layers with 36-64 output locations
+_TILES = {
+    "fma": [(64, 32, 128, 16, 8, 3), (128, 32, 64, 16, 8, 3)],
+    "mma": [(128, 32, 128, 32, 8, 3), (128, 32, 128, 16, 8, 4), (128, 64, 128, 32, 8, 3)],
+    "mma3": [(64, 32, 64, 16, 4, 3), (128, 32, 64, 16, 8, 3)],
+}
+
+
+def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
+    """Tiles for ``columns`` columns, ``out_per_group`` output channels per group, ``rows`` = ``D`` and
+    ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first."""
+    configs = []
+    for rows_of_j, co_max, block_d, block_o, warps, stages in _TILES[unit]:
+        block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
+        block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
+        block_d = min(block_d, next_power_of_2(rows))
+        block_o = min(block_o, next_power_of_2(locations))
+        configs.append(UnfoldedGGNConfig(block_c, block_co, block_d, block_o, warps, stages))
+    return list(dict.fromkeys(configs))
+
+
+def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor) -> torch.Tensor:
+    """Write the unfolded input of the samples ``x [n, C_in, *I]`` into ``out [n, G, O, D]`` (one
+    strided copy; rows ``d = (c, k0, k1, k2)`` ordered like ``weight.flatten(1)``) and return it."""
+    n = x.shape[0]
+    spatial = x.reshape(n, geometry.in_channels, *geometry.input_size)
+    pads = []
+    for i, k, st, dl, p, o in zip(geometry.input_size, geometry.kernel_size, geometry.stride, geometry.dilation,
+                                  geometry.pad_left, geometry.output_size):
+        right = max(0, (o - 1) * st + (k - 1) * dl + 1 - i - p)
+        pads.append((p, right))
+    if any(p != (0, 0) for p in pads):
+        spatial = F.pad(spatial, [v for pair in reversed(pads) for v in pair])
+    windows = spatial
+    for axis, (k, st, dl) in enumerate(zip(geometry.kernel_size, geometry.stride, geometry.dilation)):
+        windows = windows.unfold(2 + axis, dl * (k - 1) + 1, st)[..., ::dl]
+    o0, o1, o2 = geometry.output_size
+    windows = windows[:, :, :o0, :o1, :o2]  # [n, C, O0, O1, O2, K0, K1, K2]
+    windows = windows.unflatten(1, (geometry.groups, geometry.channels_per_group))
+    target = out.view(n, geometry.groups, o0, o1, o2, geometry.channels_per_group, *geometry.kernel_size)
+    target.copy_(windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8))
+    return out
+
+
+def chunk_samples(batch: int, geometry: KernelGeometry, element_size: int, chunk_bytes: float) -> int:
+    """Samples per unfolded chunk: as many as fit ``chunk_bytes``, at least one."""
+    per_sample = geometry.groups * geometry.output_numel * geometry.rows * element_size
+    return max(1, min(batch, int(chunk_bytes // per_sample)))
+
+
+def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
+             config: UnfoldedGGNConfig, chunk_bytes: float = None, split: int = None) -> torch.Tensor:
+    """GGN diagonal as a float32 ``[N or 1, C_out·D]`` buffer (see the module docstring).
+
+    The chunk is unfolded in bfloat16 for ``precision="bf16"`` (the products round to it anyway), else
+    in ``x.dtype``. ``chunk_bytes`` (default :func:`._host.unfolded_chunk_bytes`) and ``split`` (batch
+    slices per chunk) force the chunking (tests).
+    """
+    s = s.contiguous()
+    columns, batch = s.shape[0], s.shape[1]
+    G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
+    weight_numel = geometry.out_channels * D
+    unit_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
+    samples = chunk_samples(batch, geometry, torch.finfo(unit_dtype).bits // 8,
+                            unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    buffer = torch.empty((samples, G, OT, D), device=x.device, dtype=unit_dtype)
+    out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
+    d_tiles, co_tiles = cdiv(D, config.block_d), cdiv(COG, config.block_co)
+    programs = d_tiles * co_tiles * cdiv(columns, config.block_c) * G
+    for n0 in range(0, batch, samples):
+        n1 = min(batch, n0 + samples)
+        u = unfold_chunk(x[n0:n1], geometry, buffer[: n1 - n0])
+        slices = split or max(1, min(n1 - n0, cdiv(2 * multiprocessors(x.device), programs)))
+        n_per_split = cdiv(n1 - n0, slices)
+        slices = cdiv(n1 - n0, n_per_split)
+        _launch(
+            (programs // G, G, slices),
+            u, s[:, n0:], out[n0:] if per_sample else out,
+            columns, COG, D, OT, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
+            s.stride(0), s.stride(1), OT, u.stride(0), u.stride(1),
+            PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
+            BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out
