@@ -135,6 +135,11 @@ def check_forced_splits(layer: Layer, device):
             for mode in ("split", "fma"):
                 result = patch_mean.kfac_reduce_factor(x, kg, "ieee", config, mode)
                 errors[("kfac_reduce", mode, split)] = relative_error(result, ref["kfac_reduce"])
+                # ū in chunks of one and of two samples, each chunk's Gram added into the factor
+                for samples in (1, 2):
+                    result = patch_mean.kfac_reduce_factor(x, kg, "ieee", config, mode,
+                                                           chunk_bytes=samples * 4 * kg.in_channels * kg.kernel_numel)
+                    errors[("kfac_reduce chunked", samples, mode, split)] = relative_error(result, ref["kfac_reduce"])
         for split in (2, 5):
             ggn = weight_diag.ggn_diag(x, s, kg, False, "ieee", config=weight_diag.gathered_candidates(
                 s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel, "fma")[0], split=split)

@@ -141,11 +141,14 @@ def candidates(rows: int, columns: int, groups: int, device: torch.device, unit:
     return configs
 
 
-def kfc_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str, scale: float, config: KFCConfig = None):
+def kfc_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str, scale: float, config: KFCConfig = None,
+               out: torch.Tensor = None):
     """``scale · Σ_{n,o} ⟦X⟧ ⟦X⟧ᵀ`` per group: ``[G, D, D]`` in ``x.dtype`` (float32 accumulation).
 
     ``x`` is ``[N, C_in, *I]`` with ``geometry`` its :class:`KernelGeometry`; ``config`` forces a
-    launch configuration (tests), else it is chosen per shape by :class:`ConfigCache`.
+    launch configuration (tests), else it is chosen per shape by :class:`ConfigCache`. With ``out``
+    (a float32 ``[G, D, D]`` buffer) the products are added into it atomically and it is returned:
+    sums over sample chunks (autotuning writes to buffers of its own).
     """
     x = x.contiguous()
     batch = x.shape[0]
@@ -154,9 +157,9 @@ def kfc_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str, scale:
     I0, I1, I2 = geometry.input_size
     strides = (geometry.in_channels * geometry.input_numel, geometry.input_numel, I1 * I2, I2, 1)
 
-    def launch(cfg: KFCConfig):
-        atomic = cfg.split > 1
-        out = new_output((G, D, D), x.device, zero=atomic)
+    def launch(cfg: KFCConfig, into: torch.Tensor = None):
+        atomic = cfg.split > 1 or into is not None
+        out = new_output((G, D, D), x.device, zero=atomic) if into is None else into
         tiles = cdiv(D, cfg.block_d)
         m_per_split = cdiv(cdiv(columns, cfg.split), cfg.block_m) * cfg.block_m
         grid = (tiles * (tiles + 1) // 2, G, cdiv(columns, m_per_split))
@@ -175,4 +178,9 @@ def kfc_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str, scale:
         options = candidates(D, columns, G, x.device, unit_class(precision, x.dtype))
         key = (G, D, columns, geometry, x.dtype, precision, x.device.type)
         config = _CACHE.choose(key, options, launch, x.device)
+    if out is not None:
+        if out.shape != (G, D, D) or out.dtype != torch.float32 or out.device != x.device:
+            raise ValueError(f"out must be a float32 [{G}, {D}, {D}] tensor on {x.device}, got "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        return launch(config, out)
     return finish(launch(config), x.dtype)

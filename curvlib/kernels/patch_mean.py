@@ -13,7 +13,9 @@ reads it at about the copy bandwidth, where the kernel above pads ``W`` to 16 co
 used (measured on an H200, 512 channels of 32x32 at batch 32: 34 µs against 94 µs).
 
 Step 2: ``Ω̂_g = 1/N Σ_n ū_{n,g} ū_{n,g}ᵀ`` is the Gram kernel of :mod:`.gram` applied to ``ū`` as a
-kernel-size-1 input (``ū`` has ``N·C_in·∏K`` entries: small).
+kernel-size-1 input. ``ū`` has ``N·C_in·∏K`` entries, up to 6 MiB on Table E3's layers (ConvNeXt's
+depthwise 7×7 of 1024 channels at batch 32): when it would exceed :data:`MEANS_CHUNK_BYTES` the two
+steps run on chunks of samples, each chunk's Gram added into the factor.
 
 Precision of step 1: ``W`` is exact in every format, so the default splits float32 ``x`` into two
 TF32 parts (``hi`` = ``x`` with the 13 low mantissa bits cleared, ``lo = x − hi``) and runs two
@@ -220,9 +222,27 @@ def patch_means(x: torch.Tensor, geometry: KernelGeometry, precision: str, confi
     return launch(config).view(x.shape[0], geometry.in_channels * kernel)
 
 
+#: largest patch-mean buffer ``ū`` (bytes) one call holds; larger ``ū`` are made and reduced in chunks of
+#: samples (the factor's only extra memory: at most 1 MiB on every layer)
+MEANS_CHUNK_BYTES = 2**20
+
+
 def kfac_reduce_factor(x: torch.Tensor, geometry: KernelGeometry, precision: str,
-                       config: MeanConfig = None, mode: str = None) -> torch.Tensor:
-    """``[G, D, D]`` KFAC-reduce factor in ``x.dtype``: :func:`patch_means`, then their Gram ``/N``."""
-    means = patch_means(x, geometry, precision, config, mode)
-    factor = kfc_factor(means, trivial_geometry(geometry.groups, means.shape[1]), precision, 1.0 / x.shape[0])
+                       config: MeanConfig = None, mode: str = None, chunk_bytes: float = None) -> torch.Tensor:
+    """``[G, D, D]`` KFAC-reduce factor in ``x.dtype``: :func:`patch_means`, then their Gram ``/N``.
+
+    ``ū`` is made for chunks of samples of at most ``chunk_bytes`` (default :data:`MEANS_CHUNK_BYTES`;
+    at least one sample), each chunk's Gram added into one float32 factor."""
+    batch, rows = x.shape[0], geometry.in_channels * geometry.kernel_numel
+    limit = MEANS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    samples = max(1, min(batch, int(limit // (4 * rows))))  # ū is float32
+    trivial = trivial_geometry(geometry.groups, rows)
+    if samples == batch:
+        means = patch_means(x, geometry, precision, config, mode)
+        return finish(kfc_factor(means, trivial, precision, 1.0 / batch), x.dtype)
+    factor = torch.zeros((geometry.groups, geometry.rows, geometry.rows), device=x.device, dtype=torch.float32)
+    for start in range(0, batch, samples):
+        means = patch_means(x[start:start + samples], geometry, precision, config, mode)
+        kfc_factor(means, trivial, precision, 1.0 / batch, out=factor)
+        del means  # the next chunk's buffer reuses its memory
     return finish(factor, x.dtype)
