@@ -71,7 +71,7 @@ from curvlib import pathways  # noqa: E402
 from curvlib.contract import inspect_plans  # noqa: E402
 
 import table_e3  # noqa: E402
-from ceilings import copy_bandwidth  # noqa: E402
+from ceilings import copy_bandwidth, event_seconds  # noqa: E402
 from table_e3 import ConvLayer  # noqa: E402
 
 try:  # einconv is optional (not installed on every machine)
@@ -360,12 +360,7 @@ def time_call(fn: Callable, device: torch.device) -> float:
     """Seconds of one call: CUDA events on GPU (idle stream before), ``perf_counter`` on CPU."""
     if device.type == "cuda":
         _sync(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return event_seconds(fn)
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0

@@ -91,6 +91,14 @@ def load_patches(x_ptr, row_offset, a0, a1, a2, row_valid, col_offset, p0, p1, p
 
 
 @triton.jit
+def jacobian_rows(co_tile, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Rows ``(column c, output channel co)`` of a ``[BLOCK_C·BLOCK_CO, ·]`` tile of per-(column,
+    sample) weight gradients, ``co`` fastest: ``(c within the column block, co)``."""
+    r = tl.arange(0, BLOCK_C * BLOCK_CO)
+    return r // BLOCK_CO, co_tile * BLOCK_CO + r % BLOCK_CO
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
     """``acc + a @ b`` accumulated in float32.
 

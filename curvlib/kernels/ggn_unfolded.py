@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import mma
+from ._common import jacobian_rows, mma
 from ._geometry import KernelGeometry
 from ._host import cdiv, multiprocessors, next_power_of_2, unfolded_chunk_bytes
 from ._launch import Launcher
@@ -55,10 +55,8 @@ def _ggn_diag_unfolded_kernel(
 
     d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     valid_d = d < D
-    # rows of J: (column c, output channel co), co fastest
-    r = tl.arange(0, BLOCK_C * BLOCK_CO)
-    r_c = c_block * BLOCK_C + r // BLOCK_CO
-    r_co = co_tile * BLOCK_CO + r % BLOCK_CO
+    r_c, r_co = jacobian_rows(co_tile, BLOCK_C, BLOCK_CO)
+    r_c += c_block * BLOCK_C
     valid_r = (r_c < C) & (r_co < COG)
     s_rows = r_c.to(tl.int64) * ssc + (g * COG + r_co).to(tl.int64) * ssch
     u_cols = g.to(tl.int64) * sug + d

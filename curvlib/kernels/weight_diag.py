@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_patches, mma, patch_cols, patch_rows, store_tile
+from ._common import jacobian_rows, load_patches, mma, patch_cols, patch_rows, store_tile
 from ._geometry import KernelGeometry
 from ._host import cdiv, finish, new_output, next_power_of_2, split_count
 from ._launch import Launcher
@@ -73,10 +73,7 @@ def _ggn_diag_kernel(
     d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
     valid_d = d < D
     off_d, a0, a1, a2 = patch_rows(d, g, C_G, KT, K1, K2, DL0, DL1, DL2, sxc, s0, s1, s2)
-    # rows of J: (column c, output channel co), co fastest
-    r = tl.arange(0, BLOCK_C * BLOCK_CO)
-    r_c = r // BLOCK_CO
-    r_co = co_tile * BLOCK_CO + r % BLOCK_CO
+    r_c, r_co = jacobian_rows(co_tile, BLOCK_C, BLOCK_CO)
     s_row = (g * COG + r_co).to(tl.int64) * ssch
     valid_co = r_co < COG
 
