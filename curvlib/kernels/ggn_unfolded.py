@@ -111,12 +111,13 @@ class UnfoldedGGNConfig:
 
 
 #: ``(rows of J, block_co max, block_d, block_o, num_warps, num_stages)`` per matrix-unit class, best
-#: guess first (see :func:`.gram.unit_class`). The fastest of 9-12 tiles on All-CNN-C's layers
-#: (H100, Triton 3.6, C = 100, N = 128; ``benchmarks/results/h100-2026-11-22-session9``): TF32
-#: 125 TFLOP/s on conv2 with the first, the second on the layers with 36-64 output locations
+#: guess first (see :func:`.gram.unit_class`). The fastest of 8-13 tiles on All-CNN-C's layers
+#: (H100, Triton 3.6, C = 100, N = 128; ``benchmarks/results/h100-2026-11-22-session9``, files
+#: ``ggn_unfolded_tiles*``): TF32 126 TFLOP/s on conv2 with the first; the second and third on 256
+#: locations and on the layers with 36-64; the fourth on D = 1728 (conv5, 122 TFLOP/s)
 _TILES = {
-    "fma": [(64, 32, 128, 16, 8, 3), (128, 32, 64, 16, 8, 3)],
-    "mma": [(128, 32, 128, 32, 8, 3), (128, 32, 128, 16, 8, 4), (128, 64, 128, 32, 8, 3)],
+    "fma": [(128, 32, 128, 16, 8, 3), (64, 32, 128, 16, 8, 3)],
+    "mma": [(128, 32, 128, 32, 8, 3), (128, 32, 128, 16, 8, 4), (128, 64, 128, 16, 8, 4), (128, 32, 256, 16, 8, 3)],
     "mma3": [(64, 32, 64, 16, 4, 3), (128, 32, 64, 16, 8, 3)],
 }
 
