@@ -16,7 +16,7 @@ weight has too few tiles to fill the GPU, the batch is split over programs that 
 float32 result atomically (summation order, and so the last bits, may vary between runs).
 
 The GGN diagonal has a second kernel, :mod:`.ggn_unfolded`: dense products on sample chunks of the
-unfolded input (≤ 64 MiB), 2.6-3.2x faster on the matrix units and 1.3-1.5x in float32 FMA on
+unfolded input (≤ 64 MiB), 2.8-3.3x faster on the matrix units and 1.4-1.5x in float32 FMA on
 All-CNN-C's large layers. :func:`ggn_diag` times both kernels' tiles per shape and keeps the fastest.
 
 Imported only when Triton is importable.
