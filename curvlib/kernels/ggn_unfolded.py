@@ -124,7 +124,10 @@ _TILES = {
 
 def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
     """Tiles for ``columns`` columns, ``out_per_group`` output channels per group, ``rows`` = ``D`` and
-    ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first."""
+    ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first; none when one sample's
+    unfolded group has ``2³¹`` entries or more (the kernel's in-sample offsets are 32-bit)."""
+    if locations * rows >= 2**31:
+        return []
     configs = []
     for rows_of_j, co_max, block_d, block_o, warps, stages in _TILES[unit]:
         block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
