@@ -240,3 +240,36 @@ def test_batched_vjp_of_one_vector_is_the_plain_vjp():
             assert_close(single[0], batched[j], rtol=1e-12)
         manual = torch.autograd.grad(out, x, vectors[j], retain_graph=True)[0]
         assert_close(one[1][0], manual, rtol=1e-12)
+
+
+def test_batched_vjp_folds_the_vectors_into_each_convolution_backward():
+    """Several vectors through a conv net (padding, ReLU, pooling, BatchNorm in eval mode): the same VJPs
+    as a loop of plain backward passes, with one ``convolution_backward`` per layer for all vectors
+    (functorch's batching rule), not one per vector (autograd's legacy ``is_grads_batched``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from curvlib.engine import layers
+
+    class CountConvolutionBackward(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                CountConvolutionBackward.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    net = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(3, 4, 2, padding=1)).to(DT).eval()
+    net[2].running_mean.uniform_(-1, 1)
+    x = torch.randn(5, 2, 6, 6, dtype=DT, requires_grad=True)
+    hidden = net[:4](x)
+    out = net[4:](hidden)
+    vectors = torch.randn(7, *out.shape, dtype=DT)
+    layers._LAST_BATCHED_VJP_ERROR[0] = None
+    with CountConvolutionBackward():
+        batched = layers.batched_vjp(out, [hidden, x], vectors)
+    assert layers._LAST_BATCHED_VJP_ERROR[0] is None
+    assert CountConvolutionBackward.calls == 2  # one per convolution for all 7 vectors
+    for j, vector in enumerate(vectors):
+        for got, expected in zip(batched, torch.autograd.grad(out, [hidden, x], vector, retain_graph=True)):
+            assert_close(got[j], expected, rtol=1e-12)
