@@ -138,7 +138,10 @@ def run_backpack(net, ext_name, make, model, loss_fn, X, y, device, repeats, bas
 
 
 def set_global_precision(precision: str) -> None:
-    """PyTorch's float32 flags for cuBLAS and cuDNN (one API only: mixing them makes torch >= 2.9 raise)."""
+    """PyTorch's float32 flags for cuBLAS and cuDNN (one API only: mixing them makes torch >= 2.9 raise);
+    ``"default"`` leaves PyTorch's defaults (exact cuBLAS products, TF32 cuDNN convolutions)."""
+    if precision == "default":
+        return
     if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):
         torch.backends.cuda.matmul.fp32_precision = precision
         torch.backends.cudnn.conv.fp32_precision = precision
@@ -158,9 +161,10 @@ def main(argv=None):
     parser.add_argument("--no-backpack", action="store_true", help="leave BackPACK's equivalents out")
     parser.add_argument("--profile", nargs="*", default=(), metavar="EXT",
                         help="also write a torch.profiler kernel table of one All-CNN-C step per extension named")
-    parser.add_argument("--precision", choices=("ieee", "tf32"), default="ieee",
+    parser.add_argument("--precision", choices=("ieee", "tf32", "default"), default="ieee",
                         help="float32 products of every step (plain, curvlib and BackPACK alike) on the GPU: exact "
-                             "(default) or TF32 on the matrix units; set through PyTorch's global flags")
+                             "(the default), TF32 on the matrix units, or PyTorch's defaults (exact matrix products, "
+                             "TF32 convolutions); set through PyTorch's global flags")
     parser.add_argument("--nets", nargs="+", choices=("3c3d", "all_cnn_c"), default=("3c3d", "all_cnn_c"))
     parser.add_argument("--extensions", nargs="+", default=None, metavar="EXT",
                         help="only these extensions (default: all)")

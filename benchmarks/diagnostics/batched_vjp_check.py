@@ -1,9 +1,12 @@
-"""Does autograd's batched VJP (``is_grads_batched``) run on this device for the end-to-end models?
+"""How fast do the three ways of :func:`curvlib.engine.layers.batched_vjp` backpropagate C columns through
+the end-to-end models on this device?
 
     python benchmarks/diagnostics/batched_vjp_check.py
 
-Prints, per model, whether the batched backward of C columns succeeds and its time against a loop
-over the columns (the engine falls back to the loop when the batched call raises).
+Per model and number of columns: ``torch.func.vmap`` over ``torch.autograd.grad`` (what the engine tries
+first: functorch's batching rules fold the columns into each backward kernel's batch), autograd's own
+``is_grads_batched`` (the legacy vmap, which loops over the columns inside convolutions) and a plain loop
+over the columns; each checked against the loop.
 """
 
 import os
@@ -14,7 +17,23 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from end_to_end import all_cnn_c, three_c_three_d  # noqa: E402
+
+from curvlib.engine import layers  # noqa: E402
+
+WAYS = {"functorch vmap": layers._functorch_vjp, "legacy is_grads_batched": layers._legacy_batched_vjp,
+        "loop": layers._looped_vjp}
+
+
+def _seconds(run, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - start
 
 
 def main():
@@ -30,22 +49,19 @@ def main():
             h.remove()
         for columns in (2, 10):
             v = torch.randn(columns, *out.shape, device=device)
-            try:
-                torch.autograd.grad(out, outputs, v, is_grads_batched=True, retain_graph=True)
-                torch.cuda.synchronize() if device.type == "cuda" else None
-                start = time.perf_counter()
-                torch.autograd.grad(out, outputs, v, is_grads_batched=True, retain_graph=True)
-                torch.cuda.synchronize() if device.type == "cuda" else None
-                batched = time.perf_counter() - start
-            except Exception:
-                batched = None
-                print(f"{build.__name__} C={columns}: batched VJP FAILED:\n{traceback.format_exc()[-1500:]}")
-            start = time.perf_counter()
-            for c in range(columns):
-                torch.autograd.grad(out, outputs, v[c], retain_graph=True)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            loop = time.perf_counter() - start
-            print(f"{build.__name__} C={columns}: batched {batched}, loop {loop:.4f} s", flush=True)
+            reference = layers._looped_vjp(out, outputs, v)
+            cells = []
+            for name, way in WAYS.items():
+                try:
+                    grads = way(out, outputs, v)
+                    error = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                                for g, r in zip(grads, reference))
+                    cells.append(f"{name} {_seconds(lambda: way(out, outputs, v), device) * 1e3:.2f} ms "
+                                 f"(rel. err. {error:.1e})")
+                except Exception:
+                    cells.append(f"{name} FAILED")
+                    print(traceback.format_exc()[-1500:])
+            print(f"{build.__name__} C={columns}: " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
