@@ -26,9 +26,13 @@ def _check_samples(mc_samples) -> int:
 
 class _DiagGGN(Extension):
     per_sample = False
+    keeps_location_gram = True
 
     def accumulate(self, group, messages, state):
-        add_into(state, group.ggn_diag(messages, per_sample=self.per_sample))
+        add_into(state, group.ggn_diag_terms(messages, per_sample=self.per_sample))
+
+    def finalize(self, group, state):
+        return group.finish_ggn_diag(state, per_sample=self.per_sample)
 
 
 class DiagGGNExact(_DiagGGN):

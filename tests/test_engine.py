@@ -345,6 +345,31 @@ def test_tiny_budget_warns_and_gram_takes_all_columns():
     assert ctx.last_chunk_size == 3, "Gram matrices need all columns at once"
 
 
+@pytest.mark.parametrize("budget", [None, 1])
+def test_location_gram_path_for_layers_with_few_locations(monkeypatch, budget):
+    """Layers with few output locations and many columns take the GGN diagonal through the columns'
+    location Gram (summed over chunks of columns, here also one column at a time): DiagGGNExact and
+    BatchDiagGGNExact match the dense-Jacobian reference; the wide first layer keeps the direct path."""
+    from curvlib.engine import layers
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=3, groups=1),
+                          nn.ReLU(), nn.Conv2d(4, 12, 2, groups=2), nn.Flatten()).to(DT)
+    X = torch.randn(3, 2, 6, 6, dtype=DT)
+    loss_fn, y = make_loss("ce", (3, 12))  # 12 columns; locations 36, 4 and 1; D = 18, 27 and 8
+    taken = []
+    prefers = layers.LayerCall.prefers_location_gram
+    monkeypatch.setattr(layers.LayerCall, "prefers_location_gram",
+                        lambda self, columns: taken.append((self.locations, prefers(self, columns))) or taken[-1][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the 1-byte budget's warning
+        run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), memory_budget=budget)
+    assert set(taken) == {(36, False), (4, True), (1, True)}  # 36·(12 + 18) > 12·18; 4·(12 + 27) < 12·27
+    ref = GGNReference(copy.deepcopy(model), loss_fn, X, y)
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-10, name=name)
+        assert_close(p.diag_ggn_exact_batch, ref.diag_batch(name), rtol=1e-10, name=name)
+
+
 def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
     """The estimate, worked out by hand for a two-layer CNN (batch 4, 81 classes), and the engine's chunk:
     the largest whose estimate fits the budget."""
@@ -356,9 +381,9 @@ def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
     seen = {}
     chunk_size = context_module.curvature._chunk_size
 
-    def spy(self, groups, num_columns, coupled, whole):
-        seen["need"] = context_module.ChunkMemory(groups, coupled)
-        return chunk_size(self, groups, num_columns, coupled, whole)
+    def spy(self, groups, num_columns, coupled, whole, location_grams=False):
+        seen["need"] = context_module.ChunkMemory(groups, coupled, location_grams)
+        return chunk_size(self, groups, num_columns, coupled, whole, location_grams)
 
     monkeypatch.setattr(context_module.curvature, "_chunk_size", spy)
     run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=10**9)
@@ -367,7 +392,11 @@ def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
     assert need.per_column == (sum(outputs) + 2 * max(outputs)) * 4
     # unfolded inputs N·D·O: 4·27·36 and 4·20·9; weight gradients per column N·(weight + bias)
     assert need.layers == [(4 * 27 * 36 * 4, 4 * (135 + 5) * 4), (4 * 20 * 9 * 4, 4 * (180 + 9) * 4)]
-    assert need(3) == 3 * need.per_column + max(4 * 27 * 36 * 4 + 3 * 4 * 140 * 4, 4 * 20 * 9 * 4 + 3 * 4 * 189 * 4)
+    # the second layer (9 locations, D = 20) keeps its location Gram [N, C_out, 9, 9] across the chunks:
+    # 9·(81 + 20) < 81·20
+    assert need.kept == 4 * 9 * 81 * 4
+    assert need(3) == 3 * need.per_column + max(4 * 27 * 36 * 4 + 3 * 4 * 140 * 4,
+                                                4 * 20 * 9 * 4 + 3 * 4 * 189 * 4) + need.kept
     for budget in (need(2), need(5) - 1, need(9) + 7):
         ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=budget)
         assert need(ctx.last_chunk_size) <= budget

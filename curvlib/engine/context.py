@@ -269,10 +269,11 @@ class curvature:
             return loss_call.sqrt_hessian()
         return loss_call.sqrt_hessian_mc(key[1], generator=self._generator(loss_call.output.device))
 
-    def _chunk_size(self, groups: Sequence[ModuleCalls], num_columns: int, coupled: bool, whole: bool) -> int:
+    def _chunk_size(self, groups: Sequence[ModuleCalls], num_columns: int, coupled: bool, whole: bool,
+                    location_grams: bool = False) -> int:
         if self.memory_budget is None or whole:
             return num_columns
-        need = ChunkMemory(groups, coupled)
+        need = ChunkMemory(groups, coupled, location_grams)
         low, high = 0, num_columns  # the largest chunk whose estimated need fits: need() grows with it
         while low < high:
             middle = (low + high + 1) // 2
@@ -304,7 +305,10 @@ class curvature:
             eye = torch.eye(batch, dtype=columns.dtype, device=columns.device)
             columns = columns[:, None] * eye.reshape(1, batch, batch, *([1] * (columns.dim() - 2)))
         whole = any(ext.needs_all_columns for ext in extensions)
-        chunk = self._chunk_size(groups, columns.shape[0], coupled, whole)
+        for group in groups:
+            group.columns = columns.shape[0]
+        grams = any(ext.keeps_location_gram for ext in extensions)
+        chunk = self._chunk_size(groups, columns.shape[0], coupled, whole, grams)
         self.last_chunk_size = chunk
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
         for start in range(0, columns.shape[0], chunk):
@@ -387,13 +391,15 @@ class ChunkMemory:
       or masked copy) — per column, ``N`` times that when samples are coupled (one column per (c, n));
     - the largest per-layer working set: the unfolded input (independent of ``c``) and the
       per-(column, sample) weight gradients, computed in chunks of at most
-      :data:`curvlib.native.DEFAULT_CHUNK_BYTES`.
+      :data:`curvlib.native.DEFAULT_CHUNK_BYTES`;
+    - with ``location_grams``, the location Grams the layers that prefer them keep across the chunks
+      (:meth:`~curvlib.engine.layers.LayerCall.prefers_location_gram`; GGN diagonals).
 
     Measured on All-CNN-C (batch 128, 100 classes, H200): 4156 and 14556 MiB at 10 and 50 columns per
     chunk (estimates 3905 and 14781), 260 MiB per column (estimate 267).
     """
 
-    def __init__(self, groups: Sequence[ModuleCalls], coupled: bool):
+    def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False):
         from ..native import DEFAULT_CHUNK_BYTES  # here: the engine imports native lazily
 
         self.gradient_cap = DEFAULT_CHUNK_BYTES
@@ -407,11 +413,15 @@ class ChunkMemory:
             params = sum(p.numel() for p in group.parameters.values())
             for call in group.calls:
                 self.layers.append((_unfolded_numel(call) * itemsize, batch * params * itemsize))
+        self.kept = 0  # location Grams held from the first chunk to the last
+        if location_grams and not coupled:
+            self.kept = sum(group.calls[0].location_gram_bytes() for group in groups
+                            if len(group.calls) == 1 and group.calls[0].prefers_location_gram(group.columns))
 
     def __call__(self, columns: int) -> int:
         working = max((unfolded + min(self.gradient_cap, columns * gradients) for unfolded, gradients in self.layers),
                       default=0)
-        return columns * self.per_column + working
+        return columns * self.per_column + working + self.kept
 
 
 def _unfolded_numel(call: LayerCall) -> int:

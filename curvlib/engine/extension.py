@@ -39,6 +39,9 @@ class Extension:
     message: Optional[str] = None
     mc_samples: int = 1
     needs_all_columns: bool = False
+    #: keeps a location Gram per eligible layer across the chunks of columns (GGN diagonals; the engine
+    #: counts it against ``memory_budget``)
+    keeps_location_gram: bool = False
     input_factor: Optional[str] = None
 
     def check(self, module: nn.Module) -> None:

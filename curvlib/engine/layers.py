@@ -46,6 +46,13 @@ GGN_PATHWAY = "unfold"
 #: Bytes of per-column weight gradients the GGN diagonal holds at once (chunks over columns).
 GGN_CHUNK_BYTES = 2**29
 
+#: Largest location Gram ``[N, C_out, O, O]`` a layer keeps across the chunks of columns (see
+#: :meth:`LayerCall.prefers_location_gram`).
+LOCATION_GRAM_BYTES = 2**29
+
+#: Key of the location-Gram term in a GGN-diagonal state (:meth:`ModuleCalls.ggn_diag_terms`).
+LOCATION_GRAM_KEY = "weight:location_gram"
+
 
 def layer_kind(module: nn.Module) -> str:
     """``"conv"`` (incl. transposed), ``"linear"`` or ``"generic"`` (autograd)."""
@@ -233,6 +240,49 @@ class LayerCall:
             squared = (grads**2).sum(0) if per_sample else (grads**2).sum((0, 1))
             total = squared if total is None else total + squared
         return total
+
+    def location_gram_bytes(self) -> int:
+        """Bytes of the location Gram ``[N, C_out, O, O]`` (:func:`curvlib.native.location_gram`)."""
+        return self.y.shape[0] * self._out_channels() * self.locations**2 * self.y.element_size()
+
+    def prefers_location_gram(self, columns: Optional[int]) -> bool:
+        """Whether the weight's GGN diagonal over ``columns`` columns is cheaper through the location Gram.
+
+        Squaring per-(column, sample) weight gradients takes ``2·C·N·C_out·O·D`` FLOPs; the Gram of the
+        columns over output-location pairs and its contraction with the unfolded input's outer products
+        ``2·N·C_out·O²·(C + D)`` — fewer where ``O·(C + D) < C·D`` (few locations, many columns: All-CNN-C's
+        last four layers at 100 classes, classifier heads on 7×7 maps at 1000). The Gram is summed
+        over the chunks of columns, so a layer keeps it (at most :data:`LOCATION_GRAM_BYTES`) meanwhile.
+        """
+        if (columns is None or self.kind not in ("conv", "linear") or self.hyper["transposed"]
+                or "weight" not in self.parameters):
+            return False
+        rows = self.module.weight.numel() // self._out_channels()  # D per group
+        return (self.locations * (columns + rows) < columns * rows
+                and self.location_gram_bytes() <= LOCATION_GRAM_BYTES)
+
+    def location_gram(self, s: Tensor) -> Tensor:
+        """The columns' location Gram ``[N, G, E, O, O]`` of ``s`` ``[C, *y.shape]``."""
+        from .. import native  # here: the engine imports the native pathway lazily
+
+        message = self.conv_message(s)
+        kwargs = self._kwargs()
+        self._gram_geometry = F._weight_side(
+            self.conv_input(), message, "s", self.kernel_size, kwargs["stride"], kwargs["padding"], kwargs["dilation"],
+            kwargs["groups"], kwargs["transposed"], kwargs["output_padding"], leading=1)
+        return native.location_gram(message, self._gram_geometry)
+
+    def weight_diag_from_location_gram(self, gram: Tensor, per_sample: bool) -> Tensor:
+        """The weight's GGN diagonal (``[N, *weight]`` if ``per_sample``) from a location Gram summed
+        over the chunks of columns (after :meth:`location_gram`, whose geometry it reuses)."""
+        from .. import native
+
+        diag = native.ggn_diag_from_location_gram(self.conv_input(), gram, self._gram_geometry, per_sample)
+        return self._to_weight(diag, 1 if per_sample else 0)
+
+    def _out_channels(self) -> int:
+        weight = self.module.weight
+        return weight.shape[1] * self.groups if self.hyper["transposed"] else weight.shape[0]
 
     def ggn_mini_block(self, s: Tensor, blocks: Dict[str, Sequence[int]]) -> Dict[str, Tensor]:
         """GGN mini-block diagonal ``[*blocks, d, d]`` per parameter; ``blocks[name]`` per parameter axis."""
@@ -465,6 +515,9 @@ class ModuleCalls:
         self.coupled = coupled
         self.parameters = direct_parameters(module)
         self._kfac_inputs: Dict[str, Dict[str, Tensor]] = {}
+        #: columns backpropagated in all (over every chunk), set by the engine before the first chunk;
+        #: ``None``: unknown (quantities computed chunk by chunk as they are)
+        self.columns: Optional[int] = None
 
     @property
     def by_columns(self) -> bool:
@@ -481,6 +534,26 @@ class ModuleCalls:
         if self.by_columns:
             return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(messages).items()}
         return self.calls[0].ggn_diag(messages[0], per_sample)
+
+    def ggn_diag_terms(self, messages: Sequence[Tensor], per_sample: bool = False) -> Dict[str, Tensor]:
+        """Terms of the GGN diagonal for one chunk of columns, to be summed over the chunks and finished
+        by :meth:`finish_ggn_diag`: the diagonal itself, or for a weight cheaper through the location
+        Gram (:meth:`LayerCall.prefers_location_gram` for :attr:`columns` columns in all) that Gram."""
+        if self.by_columns or not self.calls[0].prefers_location_gram(self.columns):
+            return self.ggn_diag(messages, per_sample)
+        call, s = self.calls[0], messages[0]
+        terms = {LOCATION_GRAM_KEY: call.location_gram(s)}
+        if "bias" in call.parameters:
+            terms["bias"] = _square_sum(call.bias_columns(s), per_sample)
+        return terms
+
+    def finish_ggn_diag(self, terms: Dict[str, Tensor], per_sample: bool = False) -> Dict[str, Tensor]:
+        """The GGN diagonal from the summed :meth:`ggn_diag_terms`."""
+        result = dict(terms)
+        gram = result.pop(LOCATION_GRAM_KEY, None)
+        if gram is not None:
+            result["weight"] = self.calls[0].weight_diag_from_location_gram(gram, per_sample)
+        return result
 
     def ggn_mini_block(self, messages: Sequence[Tensor], blocks: Dict[str, Sequence[int]]) -> Dict[str, Tensor]:
         if self.by_columns:
