@@ -349,13 +349,15 @@ def test_tiny_budget_warns_and_gram_takes_all_columns():
 def test_location_gram_path_for_layers_with_few_locations(monkeypatch, budget):
     """Layers with few output locations and many columns take the GGN diagonal through the columns'
     location Gram (summed over chunks of columns, here also one column at a time): DiagGGNExact and
-    BatchDiagGGNExact match the dense-Jacobian reference; the wide first layer keeps the direct path."""
+    BatchDiagGGNExact match the dense-Jacobian reference; the other layers keep the direct path."""
     from curvlib.engine import layers
 
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=3, groups=1),
-                          nn.ReLU(), nn.Conv2d(4, 12, 2, groups=2), nn.Flatten()).to(DT)
+    monkeypatch.setattr(layers, "LOCATION_GRAM_MIN_CHANNELS", 2)  # small channel counts keep the test fast
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=3),
+                          nn.ReLU(), nn.Conv2d(4, 4, 2, groups=2), nn.Flatten(), nn.Linear(4, 20),
+                          nn.Tanh(), nn.Linear(20, 30)).to(DT)
     X = torch.randn(3, 2, 6, 6, dtype=DT)
-    loss_fn, y = make_loss("ce", (3, 12))  # 12 columns; locations 36, 4 and 1; D = 18, 27 and 8
+    loss_fn, y = make_loss("ce", (3, 30))  # 30 columns
     taken = []
     prefers = layers.LayerCall.prefers_location_gram
     monkeypatch.setattr(layers.LayerCall, "prefers_location_gram",
@@ -363,7 +365,9 @@ def test_location_gram_path_for_layers_with_few_locations(monkeypatch, budget):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the 1-byte budget's warning
         run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), memory_budget=budget)
-    assert set(taken) == {(36, False), (4, True), (1, True)}  # 36·(12 + 18) > 12·18; 4·(12 + 27) < 12·27
+    # 4·O·(C + D) <= C·D with (O, D) per layer: (36, 18) no, (4, 27) no, (1, 8) yes (grouped conv),
+    # Linear (1, 4) no (136 > 120), Linear (1, 20) yes
+    assert set(taken) == {(36, False), (4, False), (1, False), (1, True)}
     ref = GGNReference(copy.deepcopy(model), loss_fn, X, y)
     for name, p in model.named_parameters():
         assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-10, name=name)
@@ -371,13 +375,15 @@ def test_location_gram_path_for_layers_with_few_locations(monkeypatch, budget):
 
 
 def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
-    """The estimate, worked out by hand for a two-layer CNN (batch 4, 81 classes), and the engine's chunk:
+    """The estimate, worked out by hand for a two-layer CNN (batch 4, 9 classes), and the engine's chunk:
     the largest whose estimate fits the budget."""
     from curvlib.engine import context as context_module
+    from curvlib.engine import layers
 
-    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 9, 2, stride=2), nn.Flatten())
+    monkeypatch.setattr(layers, "LOCATION_GRAM_MIN_CHANNELS", 1)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 9, 6), nn.Flatten())
     X = torch.randn(4, 3, 6, 6)
-    loss_fn, y = make_loss("ce", (4, 9 * 3 * 3))
+    loss_fn, y = make_loss("ce", (4, 9))
     seen = {}
     chunk_size = context_module.curvature._chunk_size
 
@@ -388,19 +394,19 @@ def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
     monkeypatch.setattr(context_module.curvature, "_chunk_size", spy)
     run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=10**9)
     need = seen["need"]
-    outputs = [4 * 5 * 6 * 6, 4 * 9 * 3 * 3]  # y of each conv
+    outputs = [4 * 5 * 6 * 6, 4 * 9]  # y of each conv
     assert need.per_column == (sum(outputs) + 2 * max(outputs)) * 4
-    # unfolded inputs N·D·O: 4·27·36 and 4·20·9; weight gradients per column N·(weight + bias)
-    assert need.layers == [(4 * 27 * 36 * 4, 4 * (135 + 5) * 4), (4 * 20 * 9 * 4, 4 * (180 + 9) * 4)]
-    # the second layer (9 locations, D = 20) keeps its location Gram [N, C_out, 9, 9] across the chunks:
-    # 9·(81 + 20) < 81·20
-    assert need.kept == 4 * 9 * 81 * 4
+    # unfolded inputs N·D·O: 4·27·36 and 4·180·1; weight gradients per column N·(weight + bias)
+    assert need.layers == [(4 * 27 * 36 * 4, 4 * (135 + 5) * 4), (4 * 180 * 4, 4 * (1620 + 9) * 4)]
+    # the second layer (1 location, D = 180, 9 columns: 4·1·189 <= 9·180) keeps its location Gram
+    # [N, C_out, 1, 1] across the chunks
+    assert need.kept == 4 * 9 * 4
     assert need(3) == 3 * need.per_column + max(4 * 27 * 36 * 4 + 3 * 4 * 140 * 4,
-                                                4 * 20 * 9 * 4 + 3 * 4 * 189 * 4) + need.kept
+                                                4 * 180 * 4 + 3 * 4 * 1629 * 4) + need.kept
     for budget in (need(2), need(5) - 1, need(9) + 7):
         ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=budget)
         assert need(ctx.last_chunk_size) <= budget
-        assert ctx.last_chunk_size == 81 or need(ctx.last_chunk_size + 1) > budget
+        assert ctx.last_chunk_size == 9 or need(ctx.last_chunk_size + 1) > budget
 
 
 # ----------------------------------------------------------------------------------------------

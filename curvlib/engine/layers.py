@@ -50,6 +50,9 @@ GGN_CHUNK_BYTES = 2**29
 #: :meth:`LayerCall.prefers_location_gram`).
 LOCATION_GRAM_BYTES = 2**29
 
+#: Fewest output channels per group for which :meth:`LayerCall.prefers_location_gram` may choose the Gram.
+LOCATION_GRAM_MIN_CHANNELS = 16
+
 #: Key of the location-Gram term in a GGN-diagonal state (:meth:`ModuleCalls.ggn_diag_terms`).
 LOCATION_GRAM_KEY = "weight:location_gram"
 
@@ -250,15 +253,22 @@ class LayerCall:
 
         Squaring per-(column, sample) weight gradients takes ``2·C·N·C_out·O·D`` FLOPs; the Gram of the
         columns over output-location pairs and its contraction with the unfolded input's outer products
-        ``2·N·C_out·O²·(C + D)`` — fewer where ``O·(C + D) < C·D`` (few locations, many columns: All-CNN-C's
-        last four layers at 100 classes, classifier heads on 7×7 maps at 1000). The Gram is summed
-        over the chunks of columns, so a layer keeps it (at most :data:`LOCATION_GRAM_BYTES`) meanwhile.
+        ``2·N·C_out·O²·(C + D)``. The Gram pays where it needs at most a quarter of the FLOPs,
+        ``4·O·(C + D) ≤ C·D`` (few locations, many columns: classifier heads on 7×7 maps at 1000
+        classes, 17× fewer for a 3×3 layer of 512 channels), and where each group has at least
+        :data:`LOCATION_GRAM_MIN_CHANNELS` output channels (the outer products ``[N, D, O²]`` are
+        materialised; with few channels per group their traffic outweighs the saved arithmetic).
+        Measured on an H100 (All-CNN-C, 100 classes, chunks of 7 columns): with the smaller margin
+        ``O·(C + D) < C·D`` its last four layers took the Gram — no faster in float32 (539 ms either way),
+        slower with TF32 (228 against 209 ms). The Gram is summed over the chunks of columns, so a layer
+        keeps it (at most :data:`LOCATION_GRAM_BYTES`) meanwhile.
         """
         if (columns is None or self.kind not in ("conv", "linear") or self.hyper["transposed"]
                 or "weight" not in self.parameters):
             return False
         rows = self.module.weight.numel() // self._out_channels()  # D per group
-        return (self.locations * (columns + rows) < columns * rows
+        return (4 * self.locations * (columns + rows) <= columns * rows
+                and self._out_channels() // self.groups >= LOCATION_GRAM_MIN_CHANNELS
                 and self.location_gram_bytes() <= LOCATION_GRAM_BYTES)
 
     def location_gram(self, s: Tensor) -> Tensor:
