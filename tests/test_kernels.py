@@ -150,8 +150,11 @@ def check_forced_splits(layer: Layer, device):
         # tiles that do and do not divide the output locations
         per_sample_bytes = kg.groups * kg.output_numel * kg.rows * x.element_size()
         block_o = 32 if kg.output_numel % 32 == 0 else 16
+        # (nested and flat loops over samples and location blocks)
         for config in (ggn_unfolded.UnfoldedGGNConfig(2, 8, 16, 16, 4, 2),
-                       ggn_unfolded.UnfoldedGGNConfig(1, 16, 32, block_o, 4, 1)):
+                       ggn_unfolded.UnfoldedGGNConfig(1, 16, 32, block_o, 4, 1),
+                       ggn_unfolded.UnfoldedGGNConfig(2, 8, 16, 16, 4, 2, flat=True),
+                       ggn_unfolded.UnfoldedGGNConfig(1, 16, 32, block_o, 4, 1, flat=True)):
             for per_sample in (False, True):
                 for chunk_bytes, split in ((per_sample_bytes, 1), (None, 2)):
                     ggn = weight_diag.ggn_diag(x, s, kg, per_sample, "ieee", config=config, split=split,

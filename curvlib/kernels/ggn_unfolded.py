@@ -10,6 +10,10 @@ kernel is a plain tiled product with a squaring epilogue:
                          acc += J ⊙ J         in registers
     result[co, d] += Σ_c acc[(c, co), d]      once per program
 
+The loops over samples and location blocks are either nested or one flat loop (``flat``, chosen per
+shape by the autotuner): the flat loop lets the software pipeline load the next sample's tiles
+while the squares of this one are added, which pays where a sample has only a few location blocks.
+
 A program owns ``BLOCK_C`` columns × ``BLOCK_CO`` channels × ``BLOCK_D`` weight columns of one
 group and loops over the chunk's samples; the per-(column, sample) gradients ``J`` never leave
 registers. Programs that share a result tile (other column blocks, other chunks, split batches) add
@@ -36,6 +40,36 @@ from ._host import cdiv, multiprocessors, next_power_of_2, unfolded_chunk_bytes
 from ._launch import Launcher
 
 
+@triton.jit
+def _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
+                  BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr):
+    """``J + S[rows, n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop)."""
+    s_sample = s_ptr + tl.cast(n, tl.int64) * ssn + s_rows
+    u_sample = u_ptr + tl.cast(n, tl.int64) * sun + u_cols
+    o = o0 + tl.arange(0, BLOCK_O)
+    if EVEN_O:
+        s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
+        u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
+    else:
+        valid_o = o < OT
+        s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
+        u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :], other=0.0)
+    return mma(s_tile, u_tile, J, PRECISION)
+
+
+@triton.jit
+def _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Add the squares of one sample's complete ``J`` to ``acc``, or (per-sample diagonals) their column
+    sum to the sample's own slice of the result."""
+    if PER_SAMPLE:
+        squares = tl.sum(tl.reshape(J * J, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
+        tl.atomic_add(out_tile + tl.cast(n, tl.int64) * out_row_stride, squares, mask=out_mask, sem="relaxed")
+    else:
+        acc += J * J
+    return acc
+
+
 @triton.jit(do_not_specialize=["C", "COG", "D", "n_per_split", "n_count", "d_tiles", "co_tiles",
                                "out_row_stride", "ssn", "sun", "sug"])
 def _ggn_diag_unfolded_kernel(
@@ -43,7 +77,7 @@ def _ggn_diag_unfolded_kernel(
     C, COG, D, OT, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
     ssc, ssn, ssch, sun, sug,
     PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     d_tile = pid % d_tiles
@@ -68,26 +102,28 @@ def _ggn_diag_unfolded_kernel(
     acc = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
     n_start = split * n_per_split
     n_end = tl.minimum(n_count, n_start + n_per_split)
-    for n in range(n_start, n_end):
-        s_sample = s_ptr + tl.cast(n, tl.int64) * ssn + s_rows
-        u_sample = u_ptr + tl.cast(n, tl.int64) * sun + u_cols
+    if FLAT:
+        # one loop over (sample, location block): the software pipeline prefetches the next sample's
+        # tiles while this one's squares are added (layers with few locations run 2-4 steps per sample)
+        o_steps = tl.cdiv(OT, BLOCK_O)
         J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
-        for o0 in range(0, OT, BLOCK_O):
-            o = o0 + tl.arange(0, BLOCK_O)
-            if EVEN_O:
-                s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
-                u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
-            else:
-                valid_o = o < OT
-                s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
-                u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :],
-                                 other=0.0)
-            J = mma(s_tile, u_tile, J, PRECISION)
-        if PER_SAMPLE:  # the column sum of this sample's squares goes to its own slice of the result
-            squares = tl.sum(tl.reshape(J * J, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
-            tl.atomic_add(out_tile + tl.cast(n, tl.int64) * out_row_stride, squares, mask=out_mask, sem="relaxed")
-        else:
-            acc += J * J
+        for step in range(0, (n_end - n_start) * o_steps):
+            n_offset = step // o_steps
+            o0 = (step - n_offset * o_steps) * BLOCK_O
+            n = n_start + n_offset
+            J = _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
+                              BLOCK_O, EVEN_O, PRECISION)
+            if o0 + BLOCK_O >= OT:  # the sample's last location block: J is complete
+                acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
+                                   BLOCK_D)
+                J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
+    else:
+        for n in range(n_start, n_end):
+            J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
+            for o0 in range(0, OT, BLOCK_O):
+                J = _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
+                                  BLOCK_O, EVEN_O, PRECISION)
+            acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO, BLOCK_D)
 
     if not PER_SAMPLE:
         squares = tl.sum(tl.reshape(acc, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
@@ -108,17 +144,23 @@ class UnfoldedGGNConfig:
     block_o: int
     num_warps: int
     num_stages: int
+    flat: bool = False  # one loop over (sample, location block) instead of nested loops
 
 
-#: ``(rows of J, block_co max, block_d, block_o, num_warps, num_stages)`` per matrix-unit class, best
-#: guess first (see :func:`.gram.unit_class`). The fastest of 8-13 tiles on All-CNN-C's layers
+#: ``(rows of J, block_co max, block_d, block_o, num_warps, num_stages, flat)`` per matrix-unit class,
+#: best guess first (see :func:`.gram.unit_class`). The fastest of 8-13 tiles on All-CNN-C's layers
 #: (H100, Triton 3.6, C = 100, N = 128; ``benchmarks/results/h100-2026-11-22-session9``, files
 #: ``ggn_unfolded_tiles*``): TF32 126 TFLOP/s on conv2 with the first; the second and third on 256
-#: locations and on the layers with 36-64; the fourth on D = 1728 (conv5, 122 TFLOP/s)
+#: locations and on the layers with 36-64; the fourth on D = 1728 (conv5, 122 TFLOP/s). The flat loop
+#: (eleventh session, ``h100-2026-11-22-session11/flat_ggn_h100.txt``) wins where a sample has few
+#: location blocks: TF32 conv6 (64 locations) 7.2 → 5.4 ms, conv7 (36) 6.9 → 5.3 ms, float32 FMA
+#: conv7-9 by 6-10 %; it loses on 1024 locations (conv2 17.3 → 19.4 ms), so both are candidates
 _TILES = {
-    "fma": [(128, 32, 128, 16, 8, 3), (64, 32, 128, 16, 8, 3)],
-    "mma": [(128, 32, 128, 32, 8, 3), (128, 32, 128, 16, 8, 4), (128, 64, 128, 16, 8, 4), (128, 32, 256, 16, 8, 3)],
-    "mma3": [(64, 32, 64, 16, 4, 3), (128, 32, 64, 16, 8, 3)],
+    "fma": [(128, 32, 128, 16, 8, 3, False), (64, 32, 128, 16, 8, 3, False), (128, 32, 128, 16, 8, 3, True)],
+    "mma": [(128, 32, 128, 32, 8, 3, False), (128, 32, 128, 16, 8, 4, False), (128, 64, 128, 16, 8, 4, False),
+            (128, 32, 256, 16, 8, 3, False), (128, 32, 128, 32, 8, 3, True), (128, 32, 128, 16, 8, 4, True),
+            (128, 64, 128, 16, 8, 4, True)],
+    "mma3": [(64, 32, 64, 16, 4, 3, False), (128, 32, 64, 16, 8, 3, False)],
 }
 
 
@@ -129,12 +171,12 @@ def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit
     if locations * rows >= 2**31:
         return []
     configs = []
-    for rows_of_j, co_max, block_d, block_o, warps, stages in _TILES[unit]:
+    for rows_of_j, co_max, block_d, block_o, warps, stages, flat in _TILES[unit]:
         block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
         block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
         block_d = min(block_d, next_power_of_2(rows))
         block_o = min(block_o, next_power_of_2(locations))
-        configs.append(UnfoldedGGNConfig(block_c, block_co, block_d, block_o, warps, stages))
+        configs.append(UnfoldedGGNConfig(block_c, block_co, block_d, block_o, warps, stages, flat))
     return list(dict.fromkeys(configs))
 
 
@@ -199,6 +241,6 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
             s.stride(0), s.stride(1), OT, u.stride(0), u.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            FLAT=config.flat, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out
