@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .extension import Extension
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
+from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
 from .losses import LossCall, check_loss_module
 from .side_stream import SideWork
 
@@ -270,10 +271,10 @@ class curvature:
         return loss_call.sqrt_hessian_mc(key[1], generator=self._generator(loss_call.output.device))
 
     def _chunk_size(self, groups: Sequence[ModuleCalls], num_columns: int, coupled: bool, whole: bool,
-                    location_grams: bool = False) -> int:
+                    location_grams: bool = False, stages=None) -> int:
         if self.memory_budget is None or whole:
             return num_columns
-        need = ChunkMemory(groups, coupled, location_grams)
+        need = ChunkMemory(groups, coupled, location_grams, stages)
         low, high = 0, num_columns  # the largest chunk whose estimated need fits: need() grows with it
         while low < high:
             middle = (low + high + 1) // 2
@@ -286,18 +287,43 @@ class curvature:
             return 1
         return low
 
-    def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor) -> List[List[Tensor]]:
+    def _stages(self, loss_call: LossCall, groups, num_columns: int, coupled: bool, whole: bool, grams: bool):
+        """``(chunk, stages)``: one backward pass per chunk (``stages=None``) where the columns fit
+        ``memory_budget`` that way, else stages from gate to gate (:mod:`curvlib.engine.staging`)
+        if they fit more columns per chunk."""
+        chunk = self._chunk_size(groups, num_columns, coupled, whole, grams)
+        if chunk >= num_columns:
+            return chunk, None
         calls = [call for group in groups for call in group.calls]
+        stages = plan_stages(loss_call.output, [call.edge for call in calls])
+        if len(stages) > 1:
+            numels = [call.y.numel() for call in calls]
+            group_of = [gi for gi, group in enumerate(groups) for _ in group.calls]
+            stages = merge_stages(stages, numels, group_of)
+        if len(stages) < 2:
+            return chunk, None
+        staged = self._chunk_size(groups, num_columns, coupled, whole, grams, stages)
+        return (staged, stages) if staged > chunk else (chunk, None)
+
+    def _vjp(self, output, inputs, vectors: Tensor, like) -> List[Tensor]:
         self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
         try:
-            grads = batched_vjp(loss_call.output, [c.edge for c in calls], columns, like=[c.y for c in calls])
+            return batched_vjp(output, inputs, vectors, like=like)
         finally:
             self._engine_backprop = False
-        result, position = [], 0
+
+    def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor, stages=None):
+        """Yield ``(group, messages)`` for every group: the backpropagated columns at its calls' outputs,
+        each group as soon as its messages are complete (``stages=None``: one backward pass)."""
+        calls = [call for group in groups for call in group.calls]
+        group_calls, position = [], 0
         for group in groups:
-            result.append(grads[position : position + len(group.calls)])
+            group_calls.append(list(range(position, position + len(group.calls))))
             position += len(group.calls)
-        return result
+        stages = stages or [Stage(calls=list(range(len(calls))))]
+        for g, messages in backpropagate(loss_call.output, [c.edge for c in calls], [c.y.shape for c in calls], columns,
+                                         stages, group_calls, self._vjp):
+            yield groups[g], messages
 
     def _run_columns(self, loss_call, groups, columns: Tensor, extensions, coupled: bool) -> None:
         if coupled:  # one column per (class, sample): column c restricted to sample n
@@ -308,18 +334,18 @@ class curvature:
         for group in groups:
             group.columns = columns.shape[0]
         grams = any(ext.keeps_location_gram for ext in extensions)
-        chunk = self._chunk_size(groups, columns.shape[0], coupled, whole, grams)
+        chunk, stages = self._stages(loss_call, groups, columns.shape[0], coupled, whole, grams)
         self.last_chunk_size = chunk
+        self.last_stages = stages
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
         for start in range(0, columns.shape[0], chunk):
             block = columns[start : start + chunk]
             if coupled:
                 block = block.flatten(0, 1)
-            messages = self._backpropagate(loss_call, groups, block)
-            for ext in extensions:
-                for group, message in zip(groups, messages):
+            for group, message in self._backpropagate(loss_call, groups, block, stages):
+                for ext in extensions:
                     ext.accumulate(group, message, states[ext][group.module])
-            del messages
+                del message
         for ext in extensions:
             self._store(ext, groups, states[ext])
 
@@ -389,6 +415,7 @@ class ChunkMemory:
     - the message kept at every recorded layer output until the layer's quantities are computed,
       plus the backward pass's transient gradients of the largest output (its gradient and a padded
       or masked copy) — per column, ``N`` times that when samples are coupled (one column per (c, n));
+      with ``stages`` (:mod:`curvlib.engine.staging`), what the widest stage holds instead;
     - the largest per-layer working set: the unfolded input (independent of ``c``) and the
       per-(column, sample) weight gradients, computed in chunks of at most
       :data:`curvlib.native.DEFAULT_CHUNK_BYTES`;
@@ -399,7 +426,7 @@ class ChunkMemory:
     chunk (estimates 3905 and 14781), 260 MiB per column (estimate 267).
     """
 
-    def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False):
+    def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False, stages=None):
         from ..native import DEFAULT_CHUNK_BYTES  # here: the engine imports native lazily
 
         self.gradient_cap = DEFAULT_CHUNK_BYTES
@@ -407,7 +434,11 @@ class ChunkMemory:
         itemsize = calls[0].y.element_size() if calls else 4
         batch = calls[0].y.shape[0] if calls else 1
         outputs = [call.y.numel() for call in calls] or [0]
-        self.per_column = (sum(outputs) + 2 * max(outputs)) * itemsize * (batch if coupled else 1)
+        if stages is None:
+            per_column = sum(outputs) + 2 * max(outputs)
+        else:
+            per_column = max(stage_numels(stages, outputs, [gi for gi, group in enumerate(groups) for _ in group.calls]))
+        self.per_column = per_column * itemsize * (batch if coupled else 1)
         self.layers = []  # (unfolded input bytes, weight-gradient bytes per column) per recorded call
         for group in groups:
             params = sum(p.numel() for p in group.parameters.values())

@@ -443,8 +443,10 @@ def batched_vjp(
 ) -> list:
     """VJPs of ``output`` w.r.t. ``inputs`` for each of the vectors ``[J, *output.shape]`` (graph kept).
 
-    ``inputs`` are tensors or autograd gradient edges (then ``like`` gives their shapes). Inputs not
-    reached give zeros. Three ways, the first that runs:
+    ``output`` is a tensor or an autograd gradient edge (the backward pass then starts at that node
+    with the vectors as the gradient of its output). ``inputs`` are tensors or gradient edges (then
+    ``like`` gives their shapes, as tensors or sizes; ``None`` for an input that must be reached).
+    Inputs not reached give zeros. Three ways, the first that runs:
 
     1. ``torch.func.vmap`` over ``torch.autograd.grad``: functorch's batching rules fold the vector
        axis into each backward kernel's batch axis — one ``convolution_backward`` of ``J·N``
@@ -469,8 +471,13 @@ def batched_vjp(
                     raise
                 _LAST_BATCHED_VJP_ERROR[0] = error
     like = inputs if like is None else like
+    for g, inp in zip(grads, like):
+        if g is None and inp is None:
+            raise RuntimeError("batched_vjp: an input that the backward pass must reach was not reached")
     return [
-        torch.zeros(vectors.shape[0], *inp.shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
+        g if g is not None else torch.zeros(
+            vectors.shape[0], *(inp if isinstance(inp, torch.Size) else inp.shape), dtype=vectors.dtype,
+            device=vectors.device)
         for g, inp in zip(grads, like)
     ]
 

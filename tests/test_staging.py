@@ -1,0 +1,221 @@
+"""Staged column backpropagation (:mod:`curvlib.engine.staging`).
+
+References: the VJPs of the model output w.r.t. each recorded layer output, one column at a time with
+``torch.autograd.grad`` on the output *tensors* (not the gradient edges the stages use), in float64;
+and the engine's results with and without stages (dense-Jacobian GGN references where they apply).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from conftest import assert_close
+from curvlib.engine.layers import batched_vjp
+from curvlib.engine.staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
+from curvlib.extensions import BatchDiagGGNExact, DiagGGNExact, KFACExpand
+from test_engine_references import DT, GGNReference, MODELS, make_loss, make_model, run_engine
+
+
+class Chain(nn.Module):
+    """Conv → ReLU → Conv → Tanh → strided Conv → Linear → Tanh → Linear: every layer's node is a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.c3 = nn.Conv2d(5, 3, 3, stride=2)
+        self.l1, self.l2 = nn.Linear(27, 7), nn.Linear(7, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.relu(self.c1(x))))
+        return self.l2(torch.tanh(self.l1(self.c3(h).flatten(1))))
+
+
+class ResidualChain(nn.Module):
+    """Two residual blocks (their sums are gates that are no layer's output) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 7 * 7, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = torch.relu(h + self.a2(torch.tanh(self.a1(h))))
+        h = torch.relu(h + self.b2(torch.tanh(self.b1(h))))
+        return self.head(h.flatten(1))
+
+
+class Branches(nn.Module):
+    """Two parallel convolutions concatenated; an activation split in two halves; an unused layer;
+    the last layer's output is the model output itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 1)
+        self.mix = nn.Conv2d(6, 4, 3, stride=2)
+        self.unused = nn.Linear(2, 4)
+        self.head = nn.Linear(2 * 9, 4)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.left(x)), torch.tanh(self.right(x))], 1)
+        top, bottom = torch.tanh(self.mix(h)).chunk(2, dim=1)
+        self.unused(top.mean((2, 3)))  # computed, never used
+        return self.head((top * bottom).flatten(1))
+
+
+def _recorded(model: nn.Module, X):
+    """Model output and the outputs of every module with parameters (forward hooks)."""
+    outputs, handles = [], []
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_hook(lambda m, i, o: outputs.append(o)))
+    try:
+        out = model(X)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, outputs
+
+
+def _reference_messages(out, ys, vectors):
+    """VJPs ``[J, *y.shape]`` of ``out`` w.r.t. each ``y``, one column at a time (zeros where not reached)."""
+    per_column = [torch.autograd.grad(out, ys, v, retain_graph=True, allow_unused=True) for v in vectors]
+    return [torch.stack([g[i] if g[i] is not None else torch.zeros_like(y) for g in per_column])
+            for i, y in enumerate(ys)]
+
+
+NETS = {"chain": (Chain, (3, 2, 8, 8)), "residual": (ResidualChain, (2, 2, 7, 7)), "branches": (Branches, (3, 2, 7, 7))}
+
+
+@pytest.mark.parametrize("net", sorted(NETS) + ["shared", "resbn_train", "mixed_conv"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_staged_messages_equal_per_column_vjps(net, merge):
+    """Every recorded output gets, stage by stage, the VJP of its columns; each exactly once."""
+    if net in NETS:
+        factory, shape = NETS[net]
+        model, X = factory().to(DT), torch.randn(*shape, dtype=DT)
+    else:
+        model, X = make_model(net)
+    out, ys = _recorded(model, X)
+    edges = [get_gradient_edge(y) for y in ys]
+    stages = plan_stages(out, edges)
+    groups = [[i] for i in range(len(ys))]
+    if merge:
+        stages = merge_stages(stages, [y.numel() for y in ys], list(range(len(ys))))
+    returned = [i for stage in stages for i in stage.calls + stage.gate_calls]
+    assert len(returned) == len(set(returned)), "a layer's message is returned twice"
+    vectors = torch.randn(3, *out.shape, dtype=DT)
+    expected = _reference_messages(out, ys, vectors)
+    seen = {}
+    for g, (message,) in backpropagate(out, edges, [y.shape for y in ys], vectors, stages, groups,
+                                       lambda o, i, v, like: batched_vjp(o, i, v, like=like)):
+        assert g not in seen
+        seen[g] = message
+    assert sorted(seen) == list(range(len(ys)))
+    for i, message in seen.items():
+        if expected[i].abs().sum() == 0:  # a layer the output does not depend on
+            assert torch.equal(message, expected[i]), f"{net} output {i}"
+        else:
+            assert_close(message, expected[i], rtol=1e-12, atol=1e-14, name=f"{net} output {i}")
+    assert sum(bool(e.abs().sum() > 0) for e in expected) >= len(ys) - 1
+
+
+def test_stage_structure():
+    """A chain takes one stage per layer, each starting from the previous layer's own message; residual
+    blocks close at their sums (gates of their own); an unused layer is in no stage."""
+    model, X = Chain().to(DT), torch.randn(2, 2, 8, 8, dtype=DT)
+    out, ys = _recorded(model, X)
+    edges = [get_gradient_edge(y) for y in ys]
+    stages = plan_stages(out, edges)
+    # l2's output is the model output (stage 0 returns the columns there) and closes at the tanh
+    # before it (a gate of its own, 2·7 entries); then l1, c3, c2, c1, each from its successor's message
+    assert [(s.calls, s.gate_calls) for s in stages] == [([4], []), ([], [3]), ([], [2]), ([], [1]), ([0], [])]
+    assert stages[0].gate_numel == 2 * 7 and stages[1].source.node.name() == "TanhBackward0"
+    assert [s.source for s in stages[2:]] == [edges[3], edges[2], edges[1]]
+
+    model, X = ResidualChain().to(DT), torch.randn(2, 2, 7, 7, dtype=DT)
+    out, ys = _recorded(model, X)
+    stages = plan_stages(out, [get_gradient_edge(y) for y in ys])
+    foreign = [s for s in stages if s.gate is not None and not s.gate_calls]
+    assert foreign, "no gate of its own (a residual sum) was found"
+    assert all(s.gate_numel == 2 * 3 * 7 * 7 for s in foreign)  # the block outputs [N, 3, 7, 7]
+
+    model, X = Branches().to(DT), torch.randn(2, 2, 7, 7, dtype=DT)
+    out, ys = _recorded(model, X)
+    stages = plan_stages(out, [get_gradient_edge(y) for y in ys])
+    returned = {i for s in stages for i in s.calls + s.gate_calls}
+    unused = 3  # modules in registration order: left, right, mix, unused, head
+    assert unused not in returned and returned == {0, 1, 2, 4}
+
+
+def test_stage_numels_by_hand():
+    """Chain of sizes (outputs) 10, 20, 30, each layer a gate: the widest stage, worked out by hand."""
+    numels, groups = [10, 20, 30], [0, 1, 2]
+    stages = [Stage(gate="g2", gate_calls=[2]), Stage(source="g2", gate="g1", gate_calls=[1]), Stage(source="g1", calls=[0])]
+    # stage 0: returns y2 (30) + transient 2·30; stage 1: source 30 + y1 20 + 2·20; stage 2: 20 + 10 + 2·10
+    assert stage_numels(stages, numels, groups) == [90, 90, 50]
+    # layers 0 and 2 one module (shared): y2's message is held until y0's is done
+    assert stage_numels(stages, numels, [0, 1, 0]) == [90, 120, 80]
+    # merging the first two stages holds 0 + (30 + 20) + 2·30 = 110 > 90; the last two: 30 + 30 + 40 = 100
+    assert merge_stages(stages, numels, groups) == stages
+    # sizes 10, 200, 30: the middle stage is widest (30 + 200 + 2·200 = 630); the first two merged hold
+    # 0 + (30 + 200) + 2·200 = 630 too, all three 240 + 2·200 = 640
+    merged = merge_stages(stages, [10, 200, 30], groups)
+    assert [(s.calls, s.gate_calls) for s in merged] == [([2], [1]), ([0], [])]
+
+
+def _fresh(model):
+    for p in model.parameters():
+        for name in ("diag_ggn_exact", "diag_ggn_exact_batch", "kfac"):
+            if hasattr(p, name):
+                delattr(p, name)
+
+
+@pytest.mark.parametrize("net", ["chain", "residual"])
+def test_engine_stages_under_a_memory_budget(net):
+    """Budgets that chunk the columns make the engine backpropagate in stages; the GGN diagonals match the
+    dense-Jacobian reference and the KFAC factors those of the unstaged run."""
+    factory, shape = NETS[net]
+    model, X = factory().to(DT), torch.randn(*shape, dtype=DT)
+    loss_fn, y = make_loss("ce", (X.shape[0], 4))
+    whole = run_engine(model, loss_fn, X, y, KFACExpand(fisher="type-2"))
+    kfac = {name: [f.clone() for f in p.kfac] for name, p in model.named_parameters() if hasattr(p, "kfac")}
+    ref = GGNReference(copy.deepcopy(model), loss_fn, X, y)
+    staged = set()
+    budget = 20_000
+    while budget < 10**6:  # ×1.15 until the 4 columns fit one chunk (unfolded inputs: up to 55 kB)
+        budget = int(budget * 1.15)
+        _fresh(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), KFACExpand(fisher="type-2"),
+                             memory_budget=budget)
+        if ctx.last_stages is not None:
+            staged.add(ctx.last_chunk_size)
+            assert len(ctx.last_stages) > 1
+        for name, p in model.named_parameters():
+            assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-10, name=f"{name} at {budget}")
+            assert_close(p.diag_ggn_exact_batch, ref.diag_batch(name), rtol=1e-10, name=f"{name} at {budget}")
+            if name in kfac:
+                for actual, expected in zip(p.kfac, kfac[name]):
+                    assert_close(actual, expected, rtol=1e-10, name=f"{name} KFAC at {budget}")
+        if ctx.last_chunk_size == 4:
+            break
+    assert staged, "no budget made the engine backpropagate in stages"
+    assert whole.last_stages is None  # no budget: one backward pass
+
+
+def test_stages_only_where_they_fit_more_columns():
+    """Without a budget, or where every column fits one backward pass, there are no stages."""
+    model, X = make_model("cnn")
+    loss_fn, y = make_loss("ce", (X.shape[0], 3))
+    assert run_engine(model, loss_fn, X, y, DiagGGNExact()).last_stages is None
+    assert run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=10**12).last_stages is None
