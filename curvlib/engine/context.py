@@ -6,8 +6,9 @@ pass starts (a hook on the loss value), the engine
 
 1. builds the messages the active extensions need — columns of the loss-Hessian square root
    (exact, Monte-Carlo or empirical) at the model output — and backpropagates them to every
-   recorded layer output with autograd (batched over columns, chunked to fit ``memory_budget``),
-   which works for any graph autograd can differentiate (residuals, concatenations, shared layers);
+   recorded layer output with autograd (batched over columns, chunked to fit ``memory_budget``,
+   under a budget from gate to gate: :mod:`curvlib.engine.staging`), which works for any graph
+   autograd can differentiate (residuals, concatenations, shared layers);
 2. runs HesScale's diagonal backpropagation if requested (:mod:`curvlib.engine.diagonal_backprop`);
 3. lets each extension turn the messages into per-parameter results.
 
@@ -55,7 +56,11 @@ class curvature:
         *extensions: instances from :mod:`curvlib.extensions`.
         memory_budget: bytes the backpropagated columns and their per-layer intermediates may
             take at once; columns are processed in chunks to stay under it (results identical up
-            to round-off). ``None``: all columns at once.
+            to round-off), backpropagated from gate to gate where that fits more columns per chunk
+            (:mod:`curvlib.engine.staging`). ``None``: all columns at once. The chunk comes from an
+            estimate (:class:`ChunkMemory`) that does not count the convolution library's
+            workspace: on All-CNN-C (H100) the measured peak was 0.89× a 3.5 GB budget with TF32,
+            1.09× in float32.
         batch_coupled: ``"auto"`` (BatchNorm in train mode couples samples), ``True`` or ``False``.
         skip: modules whose parameters are skipped silently (e.g. layers an extension refuses).
         generator: ``torch.Generator`` for the Monte-Carlo samples (``DiagGGNMC``, ``fisher="mc"``), or
