@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from .extension import Extension
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
-from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
 from .losses import LossCall, check_loss_module
 from .side_stream import SideWork
+from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -126,7 +126,8 @@ class curvature:
         self._active = None
         self._in_backward = False
         self._modules: List[nn.Module] = []
-        self.last_chunk_size: Optional[int] = None
+        self.last_chunk_size: Optional[int] = None  # columns per chunk in the last backward pass
+        self.last_stages = None  # its stages (curvlib.engine.staging.Stage), None for one backward pass
 
     # ------------------------------------------------------------------------------------------
     # hooks
