@@ -293,6 +293,33 @@ def test_pointwise_means_equal_a_depthwise_convolution(size, stride, padding, se
         patch_mean.pointwise_means(x, _geometry.kernel_geometry(make_geometry(5, 5, size, 2)))
 
 
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+@pytest.mark.parametrize("layer", CASES, ids=str)
+def test_unfolded_chunk_equals_a_one_hot_convolution(layer, seed):
+    """The GGN kernel's unfolded chunk ``[n, G, O, D]`` against the patches a convolution with one-hot
+    filters extracts (float64, exact): strides, dilation, groups, asymmetric ("same") padding, 1-3
+    spatial dims."""
+    from curvlib.kernels import _geometry, ggn_unfolded
+
+    geometry = geometry_of(layer)
+    kg = _geometry.kernel_geometry(geometry)
+    x, _, _ = random_inputs(layer)
+    dims, groups = geometry.num_dims, geometry.groups
+    per_group = geometry.in_channels // groups
+    rows = per_group * math.prod(geometry.kernel_size)
+    # filter (g, c, k) copies input channel c of group g at kernel offset k: the rows d = (c, k0, k1, k2)
+    one_hot = torch.eye(rows, dtype=torch.float64).reshape(rows, per_group, *geometry.kernel_size)
+    conv = {1: tf.conv1d, 2: tf.conv2d, 3: tf.conv3d}[dims]
+    padded = tf.pad(x, [v for pair in reversed(geometry.padding) for v in pair])
+    patches = conv(padded, one_hot.repeat(groups, *(1,) * (dims + 1)), stride=geometry.stride,
+                   dilation=geometry.dilation, groups=groups)
+    expected = patches.reshape(x.shape[0], groups, rows, -1).transpose(2, 3)  # [n, G, O, D]
+    out = torch.full(expected.shape, float("nan"), dtype=torch.float64)
+    result = ggn_unfolded.unfold_chunk(x, kg, out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
 def test_autotune_cache_chooses_once():
     from curvlib.kernels.autotune import ConfigCache
 
