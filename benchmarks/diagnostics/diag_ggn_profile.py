@@ -1,0 +1,148 @@
+"""Where DiagGGNExact's device time goes: one end-to-end step profiled, by kernel category and by ATen op.
+
+    python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --memory-budget 3.5e9
+    python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --compare   # + fused-only, autotuned
+
+One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3d; batch 128) inside
+``curvlib.curvature(model, loss, DiagGGNExact(), memory_budget=...)``. Printed:
+
+- the step's wall time (median of ``--repeats`` after two warm-ups), its extra peak memory (allocator peak
+  during the step minus what was allocated before), the columns per chunk, the stages and the pathway the
+  automatic choice took for each layer's GGN diagonal;
+- with ``--compare``, the same for the fused kernel only (``exclude=("native",)``) and for measured
+  (autotuned) pathway decisions;
+- the device time of one profiled step summed by kernel category (cuDNN/cuBLAS products, copies and
+  other elementwise kernels, reductions, ReLU backward, curvlib's Triton kernels) and the ATen ops with
+  the most self device time, grouped by input shapes.
+
+Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import curvlib  # noqa: E402
+from curvlib import extensions as E  # noqa: E402
+from curvlib import pathways  # noqa: E402
+
+import end_to_end  # noqa: E402
+
+#: kernel-name fragments per category, first match wins (Triton kernels: names starting with "_")
+CATEGORIES = [
+    ("curvlib Triton GGN", ("_ggn_diag",)),
+    ("cuDNN layout transposes", ("nchwtonhwc", "nhwctonchw")),
+    ("cuDNN/cuBLAS products", ("dgrad", "wgrad", "fprop", "xmma", "gemm", "cutlass", "implicit")),
+    ("ReLU backward", ("threshold",)),
+    ("reductions", ("reduce_kernel",)),
+    ("copies and elementwise", ("elementwise", "copy", "memcpy", "memset")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return label
+    return "other Triton" if name.startswith("_") else "other"
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    make = {"all_cnn_c": end_to_end.all_cnn_c, "3c3d": end_to_end.three_c_three_d}[args.net]
+    model = make(args.classes).to(device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        with curvlib.curvature(model, loss_fn, E.DiagGGNExact(), memory_budget=args.memory_budget) as ctx:
+            model.zero_grad()
+            loss_fn(model(x), y).backward()
+        return ctx
+
+    return step
+
+
+def measure(label: str, step, repeats: int, **options) -> None:
+    pathways.clear()
+    with pathways.options(**options):
+        for _ in range(2):
+            ctx = step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() - base
+        choices = [decision.choice for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
+    stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
+    print(f"{label}: {statistics.median(times) * 1e3:.1f} ms, extra peak {peak / 1e9:.2f} GB, "
+          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, GGN pathways {choices}", flush=True)
+
+
+def profile(step) -> None:
+    pathways.clear()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals, counts = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        label = category(event.name)
+        totals[label] += event.device_time_total / 1e3
+        counts[label] += 1
+    print(f"\ndevice time of one step: {sum(totals.values()):.1f} ms")
+    for label, ms in totals.most_common():
+        print(f"  {label:26s} {ms:8.2f} ms  ({counts[label]} kernels)")
+    print("\nATen ops by self device time, grouped by input shapes:")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total", row_limit=30, max_name_column_width=34, max_shapes_column_width=70))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", choices=["ieee", "tf32", "default"], default="tf32")
+    parser.add_argument("--memory-budget", type=float, default=3.5e9)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--net", choices=("all_cnn_c", "3c3d"), default="all_cnn_c")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compare", action="store_true", help="also the fused kernel only and autotuned decisions")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("diag_ggn_profile.py needs a CUDA device")
+    end_to_end.set_global_precision(args.precision)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, precision {args.precision}, "
+          f"memory_budget {args.memory_budget:.3g} bytes, batch {args.batch}, {args.classes} classes")
+    step = build(args, torch.device("cuda"))
+    measure("automatic pathways (cost model)", step, args.repeats)
+    if args.compare:
+        measure("fused kernel only", step, args.repeats, exclude=("native",))
+        measure("automatic pathways (measured)", step, args.repeats, autotune=True)
+    profile(step)
+
+
+if __name__ == "__main__":
+    main()
