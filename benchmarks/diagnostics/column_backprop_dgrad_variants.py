@@ -44,12 +44,15 @@ import end_to_end  # noqa: E402
 
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 _TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+VARIANTS = ("bf16", "bf16-channels-last", "fp32-channels-last", "uninitialised-input", "transposed-conv")
 
 
 class DataGradients(TorchDispatchMode):
     """Reroute input-only ``convolution_backward`` calls of non-transposed convolutions (see the module docstring)."""
 
     def __init__(self, variant: str):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         super().__init__()
         self.variant, self.calls = variant, 0
 
@@ -83,8 +86,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", choices=["ieee", "tf32", "default"], default="tf32")
     parser.add_argument("--memory-budgets", type=float, nargs="+", default=[3.5e9])
-    parser.add_argument("--variants", nargs="+", default=["bf16", "bf16-channels-last", "fp32-channels-last",
-                                                          "uninitialised-input", "transposed-conv"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
