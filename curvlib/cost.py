@@ -34,7 +34,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 from .hyperparams import ConvGeometry
@@ -48,12 +48,15 @@ class Ceilings:
     bytes_per_s: float
     call_overhead_s: float = 0.0
     measured: bool = False
+    #: float32 products on TF32 matrix units (``None``: the device has none; products run at ``flops_per_s``)
+    tf32_flops_per_s: Optional[float] = None
 
 
 #: nominal ceilings until :func:`set_ceilings` (e.g. ``curvlib.profile.measure_ceilings``) replaces them:
-#: fp32 without tensor cores and HBM3 copy bandwidth of an H100; a few cores of a CPU
+#: fp32 without tensor cores, TF32 on them (399 TFLOP/s measured, ``benchmarks/results/h100-kernels``) and
+#: HBM3 copy bandwidth of an H100; a few cores of a CPU
 _CEILINGS: Dict[str, Ceilings] = {
-    "cuda": Ceilings(flops_per_s=5.0e13, bytes_per_s=2.5e12, call_overhead_s=5e-6),
+    "cuda": Ceilings(flops_per_s=5.0e13, bytes_per_s=2.5e12, call_overhead_s=5e-6, tf32_flops_per_s=4.0e14),
     "cpu": Ceilings(flops_per_s=5.0e10, bytes_per_s=1.0e10, call_overhead_s=2e-6),
 }
 
@@ -87,6 +90,16 @@ FLOP_EFFICIENCY = {
 }
 
 
+#: fraction of the TF32 rate (:attr:`Ceilings.tf32_flops_per_s`) a pathway reaches when its float32 products
+#: run on TF32 (``precision="tf32"``), calibrated on an H100 (``benchmarks/results/h100-2026-11-22-session12``):
+#: the native GGN diagonal's batched cuBLAS products ~300 TFLOP/s, the unfolded GGN kernel 110-130. Pairs not
+#: listed are priced at their float32 rate (not calibrated under TF32: their choice stays as without it)
+TF32_FLOP_EFFICIENCY = {
+    ("native", "ggn_diag"): 0.75,
+    ("fused", "ggn_diag"): 0.3,
+}
+
+
 def flop_efficiency(op: str, pathway: str) -> float:
     """Calibrated fraction of the fp32 rate that ``pathway`` reaches on ``op`` (see :data:`FLOP_EFFICIENCY`)."""
     return FLOP_EFFICIENCY.get((pathway, op), FLOP_EFFICIENCY.get(pathway, 1.0))
@@ -112,6 +125,8 @@ class Cost:
     overhead_s: float = 0.0
     notes: Dict[str, float] = field(default_factory=dict)
     flop_efficiency: float = 1.0
+    #: the products run on TF32 matrix units at this fraction of :attr:`Ceilings.tf32_flops_per_s` (``None``: float32)
+    tf32_flop_efficiency: Optional[float] = None
 
     def ideal_time(self, device_type: str = "cuda") -> float:
         """Roofline time on the device's ceilings from the minimum bytes (efficiency = this / measured)."""
@@ -121,7 +136,10 @@ class Cost:
     def estimated_time(self, device_type: str = "cuda") -> float:
         """Predicted time of the pathway: its own traffic on the roofline plus its fixed overhead."""
         c = ceilings(device_type)
-        rate = c.flops_per_s * self.flop_efficiency
+        if self.tf32_flop_efficiency is not None and c.tf32_flops_per_s is not None:
+            rate = c.tf32_flops_per_s * self.tf32_flop_efficiency
+        else:
+            rate = c.flops_per_s * self.flop_efficiency
         return max(self.flops / rate, self.bytes_moved / c.bytes_per_s) + self.overhead_s + c.call_overhead_s
 
 
@@ -183,12 +201,24 @@ def operation_cost(
     columns: int = 1,
     element_size: int = 4,
     chunk_bytes: Optional[float] = None,
+    precision: Optional[str] = None,
 ) -> Cost:
     """Analytic :class:`Cost` of ``op`` on ``pathway`` ``"native"``, ``"fused"``, ``"unfold"`` or (KFC of
     stride-1 layers) ``"lags"``.
 
-    (Tensor-network pathways take their FLOPs and intermediates from the planned path: :func:`network_cost`.)
+    ``precision="tf32"`` prices float32 products on the TF32 matrix units where the pair is calibrated
+    (:data:`TF32_FLOP_EFFICIENCY`). (Tensor-network pathways take their FLOPs and intermediates from the
+    planned path: :func:`network_cost`.)
     """
+    cost = _operation_cost(op, pathway, geometry, batch, columns, element_size, chunk_bytes)
+    tf32 = TF32_FLOP_EFFICIENCY.get((pathway, op))
+    if precision == "tf32" and element_size == 4 and tf32 is not None:
+        cost = replace(cost, tf32_flop_efficiency=tf32)
+    return cost
+
+
+def _operation_cost(op: str, pathway: str, geometry: ConvGeometry, batch: int, columns: int, element_size: int,
+                    chunk_bytes: Optional[float]) -> Cost:
     flops, min_bytes = minimum(op, geometry, batch, columns, element_size)
     z = _sizes(geometry, batch, columns)
     unfold_bytes = z["N"] * z["G"] * z["D"] * z["O"] * element_size

@@ -170,7 +170,7 @@ def _dispatch(
         device=first.device,
         analytic=lambda name: _cost.operation_cost(
             op, name, geometry, first.shape[0] if batch is None else batch, columns, first.element_size(),
-            chunk_bytes=_native_module._chunk_bytes(),
+            chunk_bytes=_native_module._chunk_bytes(), precision=key[-1],  # the key's effective precision
         ),
         element_size=first.element_size(),
         network=network,

@@ -239,6 +239,41 @@ def test_cost_model_counts(seed):
         cost.set_ceilings("cuda", 3.0)
 
 
+def test_cost_model_prices_tf32_where_calibrated():
+    """Under ``precision="tf32"`` the GGN diagonal's native and fused products run at their TF32 rates
+    (the H100 measurement: All-CNN-C's conv6, 64 locations, 10 columns, is faster fused, conv2 with 1024
+    locations native — float32 prices native first on both); other pairs, half precision and devices
+    without TF32 units keep their float32 price."""
+    conv2 = make_geometry(96, 96, (34, 34), 3)
+    conv6 = make_geometry(192, 192, (17, 17), 3, stride=2)
+    batch, columns = 128, 10
+
+    def seconds(op, pathway, geometry, precision, element_size=4, device="cuda"):
+        return cost.operation_cost(op, pathway, geometry, batch, columns, element_size,
+                                   precision=precision).estimated_time(device)
+
+    for precision in (None, "ieee"):
+        assert seconds("ggn_diag", "native", conv6, precision) < seconds("ggn_diag", "fused", conv6, precision)
+    assert seconds("ggn_diag", "fused", conv6, "tf32") < seconds("ggn_diag", "native", conv6, "tf32")
+    assert seconds("ggn_diag", "native", conv2, "tf32") < seconds("ggn_diag", "fused", conv2, "tf32")
+    # the fused kernel is compute-bound here: its time scales with the rate
+    roof = cost.ceilings("cuda")
+    ratio = (roof.tf32_flops_per_s * cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]) / (
+        roof.flops_per_s * cost.flop_efficiency("ggn_diag", "fused"))
+    fused_ieee, fused_tf32 = (cost.operation_cost("ggn_diag", "fused", conv6, batch, columns, precision=p)
+                              for p in ("ieee", "tf32"))
+    assert fused_tf32.tf32_flop_efficiency == cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]
+    overhead = fused_ieee.overhead_s + roof.call_overhead_s
+    assert math.isclose(fused_ieee.estimated_time("cuda") - overhead,
+                        ratio * (fused_tf32.estimated_time("cuda") - overhead), rel_tol=1e-9)
+    # uncalibrated pairs, bfloat16 inputs and a device without TF32 units: unchanged
+    assert seconds("kfc", "native", conv2, "tf32") == seconds("kfc", "native", conv2, "ieee")
+    assert seconds("ggn_diag", "fused", conv6, "tf32", 2) == seconds("ggn_diag", "fused", conv6, "ieee", 2)
+    assert seconds("ggn_diag", "fused", conv6, "tf32", device="cpu") == \
+        seconds("ggn_diag", "fused", conv6, "ieee", device="cpu")
+    assert cost.ceilings("cpu").tf32_flops_per_s is None
+
+
 def test_native_unfold_matches_torch_unfold(seed):
     torch.manual_seed(seed)
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)

@@ -56,6 +56,7 @@ def test_ceilings_positive_and_consistent_with_timed_copy_and_matmul(seed):
     for _ in range(3):
         c = measure_ceilings("cpu", quick=True, refresh=True)
         assert c.measured and c.flops_per_s > 0 and c.bytes_per_s > 0 and c.call_overhead_s > 0
+        assert c.tf32_flops_per_s is None  # no TF32 matrix units
         bandwidth = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src))
         rate = 2 * 384**3 / _median_time(lambda: a @ b)
         if 1 / 3 < c.bytes_per_s / bandwidth < 3 and 1 / 3 < c.flops_per_s / rate < 3:
@@ -149,6 +150,8 @@ def test_cuda_meters(seed):
     assert t.median_s > 0
     c = measure_ceilings(device, quick=True)
     assert c.flops_per_s > 1e11 and c.bytes_per_s > 1e10
+    if torch.cuda.get_device_capability(device)[0] >= 8:  # TF32 matrix units: faster than float32 FMA
+        assert c.tf32_flops_per_s > c.flops_per_s
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -61,10 +61,11 @@ def ideal_time(flops: float, min_bytes: float, ceilings: _cost.Ceilings) -> floa
 
 
 @contextlib.contextmanager
-def _highest_precision():
-    """fp32 matrix products without TF32 (what the fp32 FLOP counts assume)."""
+def _matmul_precision(value: str):
+    """fp32 matrix products at ``value`` (``"highest"``: without TF32, what the fp32 FLOP counts assume;
+    ``"high"``: on the TF32 matrix units)."""
     saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(value)
     try:
         yield
     finally:
@@ -80,11 +81,11 @@ def _copy_bandwidth(device, dtype, nbytes: int, repeats: int) -> float:
     return moved / timing.median_s
 
 
-def _matmul_rate(device, dtype, n: int, repeats: int) -> float:
+def _matmul_rate(device, dtype, n: int, repeats: int, tf32: bool = False) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     out = torch.empty(n, n, dtype=dtype, device=device)
-    with _highest_precision():
+    with _matmul_precision("high" if tf32 else "highest"):
         timing = time_call(lambda: torch.mm(a, b, out=out), device, repeats=repeats, warmup=1)
     return 2.0 * n**3 / timing.median_s
 
@@ -126,7 +127,7 @@ def measure_ceilings(
 
     Returns:
         :class:`curvlib.cost.Ceilings` with ``measured=True`` (``flops_per_s``, ``bytes_per_s``,
-        ``call_overhead_s``).
+        ``call_overhead_s``; on CUDA devices with TF32 matrix units and float32 also ``tf32_flops_per_s``).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -141,11 +142,14 @@ def measure_ceilings(
     threads = torch.get_num_threads() if device.type == "cpu" else None
     key = (str(device), dtype, copy_bytes, matmul_size, threads)
     if refresh or key not in _CACHE:
+        # TF32 matrix units: CUDA devices since Ampere, for float32 products
+        tf32 = device.type == "cuda" and dtype == torch.float32 and torch.cuda.get_device_capability(device)[0] >= 8
         _CACHE[key] = _cost.Ceilings(
             flops_per_s=_matmul_rate(device, dtype, matmul_size, repeats),
             bytes_per_s=_copy_bandwidth(device, dtype, copy_bytes, repeats),
             call_overhead_s=_call_overhead(device, repeats),
             measured=True,
+            tf32_flops_per_s=_matmul_rate(device, dtype, matmul_size, repeats, tf32=True) if tf32 else None,
         )
     result = _CACHE[key]
     if register:
