@@ -156,7 +156,8 @@ def test_cuda_meters(seed):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_profile_memory_and_time(seed):
-    """On the GPU: events time every entry; native kfc's extra memory holds the unfolded input it materialises."""
+    """On the GPU: events time every entry; native kfc's extra memory holds the unfolded chunk of samples it
+    materialises (:func:`curvlib.native.kfc_chunk_bytes`), and its largest intermediate is the cost model's."""
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4))
     x = torch.randn(16, 8, 32, 32)
     profile = profile_model(model, x, operations=("forward", "kfc", "ggn_diag"), pathways=("auto", "native"),
@@ -164,8 +165,14 @@ def test_cuda_profile_memory_and_time(seed):
     assert profile.device.startswith("cuda") and profile.settings["memory_method"] == "cuda"
     assert all(r.status == "ok" and r.time_s > 0 and r.memory_method == "cuda" for r in profile.rows)
     kfc = next(r for r in profile.rows if (r.layer, r.op, r.pathway) == ("0", "kfc", "native"))
-    unfolded = 16 * 8 * 9 * 32 * 32 * 4  # [N, C_in·K·K, O] float32
-    assert kfc.extra_bytes >= unfolded and kfc.largest_intermediate_bytes == unfolded
+    from curvlib.hyperparams import make_geometry
+    from curvlib.native import kfc_chunk_bytes
+
+    geometry = make_geometry(8, 16, (32, 32), 3, padding=1)
+    per_sample = 8 * 9 * 32 * 32 * 4  # [C_in·K·K, O] float32
+    samples = max(1, int(kfc_chunk_bytes(geometry, 16, 4) // per_sample))
+    assert kfc.extra_bytes >= samples * per_sample
+    assert kfc.largest_intermediate_bytes == cost.operation_cost("kfc", "native", geometry, 16).largest_intermediate_bytes
 
 
 # ----------------------------------------------------------------------------------------------

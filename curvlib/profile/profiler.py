@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import cost as _cost
+from .. import cuda_graphs as _cuda_graphs
 from .. import pathways as _pathways
 from ..contract import inspect_plans
 from ..hyperparams import make_geometry
@@ -131,7 +132,8 @@ def _measure_entry(row: ProfileRow, fn: Callable, record: LayerRecord, op: Opera
         fn()
     with inspect_plans() as plans:
         if memory:
-            m = measure_memory(fn, device)
+            with _cuda_graphs.eager():  # a replayed CUDA graph's temporaries live in its pool, unseen by the meter
+                m = measure_memory(fn, device)
             row.extra_bytes, row.memory_method, row.result_bytes = m.extra_bytes, m.method, m.result_bytes
         else:
             fn()
