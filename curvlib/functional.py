@@ -170,7 +170,8 @@ def _dispatch(
         device=first.device,
         analytic=lambda name: _cost.operation_cost(
             op, name, geometry, first.shape[0] if batch is None else batch, columns, first.element_size(),
-            chunk_bytes=_native_module._chunk_bytes(), precision=key[-1],  # the key's effective precision
+            chunk_bytes=_native_module._chunk_bytes(),
+            precision=_precision.effective_precision(precision) if first.is_cuda else None,
         ),
         element_size=first.element_size(),
         network=network,
