@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
@@ -98,6 +99,39 @@ TF32_FLOP_EFFICIENCY = {
     ("native", "ggn_diag"): 0.75,
     ("fused", "ggn_diag"): 0.3,
 }
+
+#: the same where the fused kernel runs its TMA form (a CUDA GPU of compute capability 9.0 or newer, output
+#: locations filling 16-byte rows: :func:`curvlib.kernels.ggn_unfolded.tma_supported`). Measured on an H100
+#: (``benchmarks/results/h100-2026-11-22-session13``): All-CNN-C's layers at 0.31 (10 columns, the chunks of
+#: DiagGGNExact under a 3.5 GB budget) to 0.61 (100 columns) of the TF32 rate
+TF32_FLOP_EFFICIENCY_TMA = {
+    ("fused", "ggn_diag"): 0.45,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device() -> bool:
+    """Whether the current CUDA device runs the GGN kernel's TMA form (Triton, compute capability >= 9.0)."""
+    import torch
+
+    from . import kernels  # here: the kernels import this module's users
+
+    if not (torch.cuda.is_available() and kernels.available()):
+        return False
+    from .kernels import ggn_unfolded
+
+    return ggn_unfolded.tma_supported(torch.device("cuda"))
+
+
+def tf32_flop_efficiency(op: str, pathway: str, geometry: ConvGeometry, element_size: int) -> Optional[float]:
+    """Calibrated fraction of the TF32 rate ``pathway`` reaches on ``op`` (``None``: not calibrated, priced
+    at the float32 rate); :data:`TF32_FLOP_EFFICIENCY_TMA` where the TMA kernel runs."""
+    if (pathway, op) in TF32_FLOP_EFFICIENCY_TMA and _tma_device():
+        from .kernels.ggn_unfolded import tma_shape_ok
+
+        if tma_shape_ok(math.prod(geometry.output_size), element_size):
+            return TF32_FLOP_EFFICIENCY_TMA[(pathway, op)]
+    return TF32_FLOP_EFFICIENCY.get((pathway, op))
 
 
 def flop_efficiency(op: str, pathway: str) -> float:
@@ -211,8 +245,8 @@ def operation_cost(
     planned path: :func:`network_cost`.)
     """
     cost = _operation_cost(op, pathway, geometry, batch, columns, element_size, chunk_bytes)
-    tf32 = TF32_FLOP_EFFICIENCY.get((pathway, op))
-    if precision == "tf32" and element_size == 4 and tf32 is not None:
+    tf32 = tf32_flop_efficiency(op, pathway, geometry, element_size) if precision == "tf32" else None
+    if element_size == 4 and tf32 is not None:
         cost = replace(cost, tf32_flop_efficiency=tf32)
     return cost
 

@@ -318,6 +318,11 @@ def test_unfolded_chunk_equals_a_one_hot_convolution(layer, seed):
     result = ggn_unfolded.unfold_chunk(x, kg, out)
     assert result.data_ptr() == out.data_ptr()
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    # K-major (the TMA form's chunk), written into a buffer whose rows are padded
+    padded = torch.full((*expected.shape[:2], rows, expected.shape[2] + 3), float("nan"), dtype=torch.float64)
+    result = ggn_unfolded.unfold_chunk(x, kg, padded[..., :-3], k_major=True)
+    torch.testing.assert_close(result, expected.transpose(2, 3), rtol=0, atol=0)
+    assert padded[..., -3:].isnan().all()  # the padding is left alone
 
 
 def test_autotune_cache_chooses_once():
@@ -489,6 +494,48 @@ def test_kernels_on_gpu_half_inputs(seed, dtype):
 def test_kernels_on_gpu_forced_splits(seed, layer):
     bad = {key: error for key, error in check_forced_splits(layer, "cuda").items() if not error < TOLERANCE["ieee"]}
     assert not bad, bad
+
+
+#: layers whose output locations fill 16-byte rows in float32 (the TMA form runs on them)
+TMA_CASES = [
+    CASES[-1],  # 64 locations
+    Layer("2d-grouped-strided-tma", (16, 16), (3, 3), stride=2, padding=1, groups=3, c_in=6, c_out=9, batch=5,
+          columns=6),  # 64 locations, 3 channels per group: tiles read the next group's channels
+    Layer("3d-odd-rows", (4, 6, 6), (3, 3, 3), padding=1, c_in=3, c_out=7, batch=3, columns=11),  # 144 locations, D = 81
+]
+
+
+@cuda
+@pytest.mark.parametrize("layer", TMA_CASES + CASES[:1], ids=str)
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_ggn_unfolded_tma_on_gpu(seed, layer, precision):
+    """The TMA form of the unfolded GGN kernel (Hopper and newer) against float64: per-sample and summed,
+    nested and flat loops, one-sample chunks and split batches, column blocks past ``C``; an ``s`` whose
+    address is not 16-byte aligned (and a layer whose locations are not) runs the pointer form instead."""
+    from curvlib.kernels import _geometry, ggn_unfolded, weight_diag
+
+    x, s, d = random_inputs(layer, torch.float32, "cuda")
+    kg = _geometry.kernel_geometry(geometry_of(layer))
+    if not ggn_unfolded.tma_supported(x.device):
+        pytest.skip("TMA needs compute capability 9.0 and Triton's host descriptors")
+    ref = references(layer, x, s, d)
+    errors = {}
+    per_sample_bytes = kg.groups * kg.output_numel * kg.rows * 4
+    configs = [c for c in ggn_unfolded.candidates(s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel,
+                                                  "mma", tma=True) if c.tma]
+    configs.append(ggn_unfolded.UnfoldedGGNConfig(4, 16, 32, 16, 4, 2, flat=True, tma=True))
+    misaligned = torch.empty(s.numel() + 1, device="cuda")[1:].view(s.shape).copy_(s)
+    for config in configs:
+        for per_sample in (False, True):
+            for chunk_bytes, split, s_in in ((per_sample_bytes, 1, s), (None, 2, s), (None, None, misaligned)):
+                ggn = weight_diag.ggn_diag(x, s_in, kg, per_sample, precision, config=config, split=split,
+                                           chunk_bytes=chunk_bytes)
+                shape = (x.shape[0], *layer.weight_shape) if per_sample else layer.weight_shape
+                key = (config, per_sample, chunk_bytes, split, s_in is misaligned)
+                errors[key] = relative_error(ggn.reshape(shape), ref[("ggn_diag", per_sample)])
+    bad = {key: error for key, error in errors.items() if not error < TOLERANCE[precision]}
+    assert not bad, bad
+    assert ggn_unfolded.tma_shape_ok(kg.output_numel, 4) == (layer in TMA_CASES)
 
 
 @cuda

@@ -258,11 +258,11 @@ def test_cost_model_prices_tf32_where_calibrated():
     assert seconds("ggn_diag", "native", conv2, "tf32") < seconds("ggn_diag", "fused", conv2, "tf32")
     # the fused kernel is compute-bound here: its time scales with the rate
     roof = cost.ceilings("cuda")
-    ratio = (roof.tf32_flops_per_s * cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]) / (
-        roof.flops_per_s * cost.flop_efficiency("ggn_diag", "fused"))
+    efficiency = cost.tf32_flop_efficiency("ggn_diag", "fused", conv6, 4)  # with TMA where this device has it
+    ratio = (roof.tf32_flops_per_s * efficiency) / (roof.flops_per_s * cost.flop_efficiency("ggn_diag", "fused"))
     fused_ieee, fused_tf32 = (cost.operation_cost("ggn_diag", "fused", conv6, batch, columns, precision=p)
                               for p in ("ieee", "tf32"))
-    assert fused_tf32.tf32_flop_efficiency == cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]
+    assert fused_tf32.tf32_flop_efficiency == efficiency
     overhead = fused_ieee.overhead_s + roof.call_overhead_s
     assert math.isclose(fused_ieee.estimated_time("cuda") - overhead,
                         ratio * (fused_tf32.estimated_time("cuda") - overhead), rel_tol=1e-9)
@@ -272,6 +272,24 @@ def test_cost_model_prices_tf32_where_calibrated():
     assert seconds("ggn_diag", "fused", conv6, "tf32", device="cpu") == \
         seconds("ggn_diag", "fused", conv6, "ieee", device="cpu")
     assert cost.ceilings("cpu").tf32_flops_per_s is None
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_cost_model_prices_the_tma_kernel_where_it_runs(monkeypatch, tma):
+    """The fused GGN diagonal's TF32 rate is the TMA kernel's on devices that run it, for layers whose
+    output locations fill 16-byte rows (64 here), and the pointer kernel's otherwise (49 locations)."""
+    monkeypatch.setattr(cost, "_tma_device", lambda: tma)
+    even = make_geometry(192, 192, (17, 17), 3, stride=2)  # 8 x 8 locations
+    odd = make_geometry(192, 192, (9, 9), 3)  # 7 x 7
+    fused, native = cost.TF32_FLOP_EFFICIENCY_TMA[("fused", "ggn_diag")], cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]
+    assert fused > native
+    assert cost.tf32_flop_efficiency("ggn_diag", "fused", even, 4) == (fused if tma else native)
+    assert cost.tf32_flop_efficiency("ggn_diag", "fused", odd, 4) == native
+    assert cost.tf32_flop_efficiency("ggn_diag", "fused", make_geometry(3, 4, (7, 7), 3), 2) == native  # 25 locations
+    assert cost.tf32_flop_efficiency("ggn_diag", "native", even, 4) == cost.TF32_FLOP_EFFICIENCY[("native", "ggn_diag")]
+    assert cost.tf32_flop_efficiency("kfc", "fused", even, 4) is None
+    priced = cost.operation_cost("ggn_diag", "fused", even, 128, 10, precision="tf32")
+    assert priced.tf32_flop_efficiency == (fused if tma else native)
 
 
 def test_native_unfold_matches_torch_unfold(seed):

@@ -77,3 +77,15 @@ def split_count(programs: int, work: int, device: torch.device, min_work: int, w
 def finish(result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Kernels accumulate in float32; return the caller's dtype."""
     return result if result.dtype == dtype else result.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def compute_capability(device: torch.device) -> tuple:
+    """``(major, minor)`` of a CUDA device; ``(0, 0)`` elsewhere."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())

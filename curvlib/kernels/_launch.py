@@ -23,6 +23,11 @@ def fast_launch_enabled() -> bool:
     return not INTERPRET and os.environ.get("CURVLIB_KERNEL_FAST_LAUNCH", "1") not in ("0", "")
 
 
+def _is_descriptor(value) -> bool:
+    """A host-side TMA descriptor (``triton.tools.tensor_descriptor.TensorDescriptor``)."""
+    return hasattr(value, "block_shape") and hasattr(value, "base")
+
+
 class Launcher:
     """``launcher(grid, *args, num_warps=..., num_stages=..., **constexprs)`` launches ``kernel``.
 
@@ -36,19 +41,29 @@ class Launcher:
         self._specialised = [i for i, name in enumerate(names) if name in specialised]
         params = getattr(kernel, "params", None)  # absent on the interpreter's kernels (no fast path there)
         self._constexpr_names = [name for name, param in zip(names, params or ()) if param.is_constexpr]
-        self._tensors = self._integers = None  # argument positions, from the first call
+        # argument positions of tensors, integers and TMA descriptors, per kind of the first argument
+        # (a kernel may take its operands as pointers or as descriptors)
+        self._positions: Dict[type, tuple] = {}
         self._compiled: Dict[tuple, tuple] = {}
 
     def _key(self, args, constexprs, num_warps, num_stages) -> tuple:
-        if self._tensors is None:
-            self._tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-            self._integers = [i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)]
+        positions = self._positions.get(type(args[0]))
+        if positions is None:
+            positions = self._positions[type(args[0])] = (
+                [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)],
+                [i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)],
+                [i for i, a in enumerate(args) if _is_descriptor(a)],
+            )
+        tensors, integers, descriptors = positions
         # what Triton specialises on: pointer dtype and 16-byte alignment; for the specialised integers
-        # divisibility by 16 and equality to 1; for every integer whether it fits 32 bits
+        # divisibility by 16 and equality to 1; for every integer whether it fits 32 bits; for TMA
+        # descriptors the element type, block shape and padding
         return (
-            tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in self._tensors),
+            tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensors),
+            tuple((args[i].base.dtype, tuple(args[i].block_shape), getattr(args[i], "padding", None))
+                  for i in descriptors),
             tuple((args[i] % 16 == 0, args[i] == 1) for i in self._specialised),
-            max((abs(args[i]) for i in self._integers), default=0) < 2**31,
+            max((abs(args[i]) for i in integers), default=0) < 2**31,
             tuple(constexprs.items()),
             num_warps,
             num_stages,

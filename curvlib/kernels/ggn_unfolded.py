@@ -14,6 +14,15 @@ The loops over samples and location blocks are either nested or one flat loop (`
 shape by the autotuner): the flat loop lets the software pipeline load the next sample's tiles
 while the squares of this one are added, which pays where a sample has only a few location blocks.
 
+On Hopper GPUs and newer (``tma``, :func:`tma_supported`) the tiles are loaded by the tensor memory
+accelerator from host-side descriptors, and the chunk is unfolded K-major, ``U [n, G, D, O]`` (locations
+contiguous): both operands then reach the matrix units from shared memory in the layout TF32
+``wgmma`` reads without a transpose. On an H100 this doubles the TF32 rate on All-CNN-C (conv2 with
+100 columns: 126 → 245 TFLOP/s; ``benchmarks/results/h100-2026-11-22-session13``). The descriptors
+zero-fill what lies outside ``S`` (columns past ``C``, locations past ``O``) and outside the chunk, so
+no masks are needed; rows of ``S`` past a group's channels read the next group's channels, which only
+reach result rows the store masks out.
+
 A program owns ``BLOCK_C`` columns × ``BLOCK_CO`` channels × ``BLOCK_D`` weight columns of one
 group and loops over the chunk's samples; the per-(column, sample) gradients ``J`` never leave
 registers. Programs that share a result tile (other column blocks, other chunks, split batches) add
@@ -36,24 +45,54 @@ import triton.language as tl
 
 from ._common import jacobian_rows, mma
 from ._geometry import KernelGeometry
-from ._host import cdiv, multiprocessors, next_power_of_2, unfolded_chunk_bytes
+from ._host import cdiv, compute_capability, multiprocessors, next_power_of_2, unfolded_chunk_bytes
 from ._launch import Launcher
+from ._triton import INTERPRET
+
+try:  # host-side tensor-memory-accelerator descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the pointer form only
+    TensorDescriptor = None
+
+#: TMA descriptors need 16-byte aligned strides (all but the last) and base addresses
+TMA_ALIGNMENT = 16
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether the TMA form of the kernel can run on ``device``: a CUDA GPU of compute capability 9.0
+    or newer, Triton's host-side descriptors, not the interpreter."""
+    return (TensorDescriptor is not None and not INTERPRET and device.type == "cuda"
+            and compute_capability(device) >= (9, 0))
+
+
+def tma_shape_ok(locations: int, element_size: int) -> bool:
+    """Whether ``S [C, N, C_out, O]`` (contiguous) has TMA-compatible strides: ``O`` entries a multiple of 16 bytes."""
+    return locations * element_size % TMA_ALIGNMENT == 0
 
 
 @triton.jit
-def _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
-                  BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr):
-    """``J + S[rows, n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop)."""
-    s_sample = s_ptr + tl.cast(n, tl.int64) * ssn + s_rows
-    u_sample = u_ptr + tl.cast(n, tl.int64) * sun + u_cols
-    o = o0 + tl.arange(0, BLOCK_O)
-    if EVEN_O:
-        s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
-        u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
+def _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun, tma_s_row, tma_u_row,
+                  tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``J + S[rows, n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop).
+
+    ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, n·C_out, O]`` and ``U [n·G, D, O]``, the
+    tiles start at ``(tma_c0, tma_s_row, o0)`` and ``(tma_u_row, tma_d0, o0)``; else pointers."""
+    if TMA:
+        s_tile = tl.reshape(s_src.load([tma_c0, tma_s_row, o0]), (BLOCK_C * BLOCK_CO, BLOCK_O))
+        u_tile = tl.trans(tl.reshape(u_src.load([tma_u_row, tma_d0, o0]), (BLOCK_D, BLOCK_O)))
     else:
-        valid_o = o < OT
-        s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
-        u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :], other=0.0)
+        s_sample = s_src + tl.cast(n, tl.int64) * ssn + s_rows
+        u_sample = u_src + tl.cast(n, tl.int64) * sun + u_cols
+        o = o0 + tl.arange(0, BLOCK_O)
+        if EVEN_O:
+            s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
+            u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
+        else:
+            valid_o = o < OT
+            s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
+            u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :],
+                             other=0.0)
     return mma(s_tile, u_tile, J, PRECISION)
 
 
@@ -73,11 +112,11 @@ def _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE: tl.c
 @triton.jit(do_not_specialize=["C", "COG", "D", "n_per_split", "n_count", "d_tiles", "co_tiles",
                                "out_row_stride", "ssn", "sun", "sug"])
 def _ggn_diag_unfolded_kernel(
-    u_ptr, s_ptr, out_ptr,
+    u_src, s_src, out_ptr,
     C, COG, D, OT, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
     ssc, ssn, ssch, sun, sug,
     PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     d_tile = pid % d_tiles
@@ -95,6 +134,13 @@ def _ggn_diag_unfolded_kernel(
     s_rows = r_c.to(tl.int64) * ssc + (g * COG + r_co).to(tl.int64) * ssch
     u_cols = g.to(tl.int64) * sug + d
 
+    # TMA tile origins: S rows (column block, sample n's channels of this tile), U rows (n, g)
+    G = tl.num_programs(1)
+    c0 = c_block * BLOCK_C
+    d0 = d_tile * BLOCK_D
+    channel0 = g * COG + co_tile * BLOCK_CO
+    channels = ssn // ssch  # C_out
+
     co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
     out_mask = (co < COG)[:, None] & valid_d[None, :]
     out_tile = out_ptr + (g * COG + co)[:, None] * D + d[None, :]
@@ -111,8 +157,9 @@ def _ggn_diag_unfolded_kernel(
             n_offset = step // o_steps
             o0 = (step - n_offset * o_steps) * BLOCK_O
             n = n_start + n_offset
-            J = _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
-                              BLOCK_O, EVEN_O, PRECISION)
+            J = _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
+                              n * channels + channel0, n * G + g, c0, d0,
+                              BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
             if o0 + BLOCK_O >= OT:  # the sample's last location block: J is complete
                 acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
                                    BLOCK_D)
@@ -121,8 +168,9 @@ def _ggn_diag_unfolded_kernel(
         for n in range(n_start, n_end):
             J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
             for o0 in range(0, OT, BLOCK_O):
-                J = _product_step(u_ptr, s_ptr, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
-                                  BLOCK_O, EVEN_O, PRECISION)
+                J = _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
+                                  n * channels + channel0, n * G + g, c0, d0,
+                                  BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
             acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO, BLOCK_D)
 
     if not PER_SAMPLE:
@@ -145,6 +193,7 @@ class UnfoldedGGNConfig:
     num_warps: int
     num_stages: int
     flat: bool = False  # one loop over (sample, location block) instead of nested loops
+    tma: bool = False  # TMA loads, K-major chunk (Hopper and newer, see tma_supported)
 
 
 #: ``(rows of J, block_co max, block_d, block_o, num_warps, num_stages, flat)`` per matrix-unit class,
@@ -164,25 +213,40 @@ _TILES = {
 }
 
 
-def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
+#: TMA tiles (K-major chunk), same fields, per matrix-unit class; tried first where TMA runs. The fastest
+#: on All-CNN-C's layers (H100, Triton 3.6, TF32, ``h100-2026-11-22-session13/tma_ggn_h100.txt``): 64
+#: locations per step on 256-1024 locations (three stages: four do not fit shared memory), 32 with the
+#: flat loop on 36-64; 16 or two column blocks of 64 channels on the small layers with 10 columns
+_TMA_TILES = {
+    "mma": [(128, 32, 128, 64, 8, 3, False), (128, 32, 128, 32, 8, 4, False), (128, 32, 128, 32, 8, 3, True),
+            (128, 32, 128, 16, 8, 4, False), (128, 64, 128, 16, 8, 4, True)],
+    "mma3": [(128, 32, 128, 32, 8, 3, False), (128, 32, 128, 32, 8, 3, True)],
+}
+
+
+def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False):
     """Tiles for ``columns`` columns, ``out_per_group`` output channels per group, ``rows`` = ``D`` and
-    ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first; none when one sample's
-    unfolded group has ``2³¹`` entries or more (the kernel's in-sample offsets are 32-bit)."""
+    ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first (the TMA tiles first when
+    ``tma``: see :func:`tma_supported` and :func:`tma_shape_ok`); none when one sample's unfolded group
+    has ``2³¹`` entries or more (the kernel's in-sample offsets are 32-bit)."""
     if locations * rows >= 2**31:
         return []
+    entries = [(*entry, True) for entry in _TMA_TILES.get(unit, ())] if tma else []
+    entries += [(*entry, False) for entry in _TILES[unit]]
     configs = []
-    for rows_of_j, co_max, block_d, block_o, warps, stages, flat in _TILES[unit]:
+    for rows_of_j, co_max, block_d, block_o, warps, stages, flat, use_tma in entries:
         block_co = min(next_power_of_2(out_per_group, minimum=1), co_max)
         block_c = max(cdiv(16, block_co), min(rows_of_j // block_co, next_power_of_2(columns, minimum=1)))
         block_d = min(block_d, next_power_of_2(rows))
         block_o = min(block_o, next_power_of_2(locations))
-        configs.append(UnfoldedGGNConfig(block_c, block_co, block_d, block_o, warps, stages, flat))
+        configs.append(UnfoldedGGNConfig(block_c, block_co, block_d, block_o, warps, stages, flat, use_tma))
     return list(dict.fromkeys(configs))
 
 
-def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor) -> torch.Tensor:
-    """Write the unfolded input of the samples ``x [n, C_in, *I]`` into ``out [n, G, O, D]`` (one
-    strided copy; rows ``d = (c, k0, k1, k2)`` ordered like ``weight.flatten(1)``) and return it."""
+def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor, k_major: bool = False) -> torch.Tensor:
+    """Write the unfolded input of the samples ``x [n, C_in, *I]`` into ``out [n, G, O, D]`` (``k_major``:
+    ``[n, G, D, O]``; ``out`` may be a slice of a padded buffer) in one strided copy, rows
+    ``d = (c, k0, k1, k2)`` ordered like ``weight.flatten(1)``, and return it."""
     n = x.shape[0]
     spatial = x.reshape(n, geometry.in_channels, *geometry.input_size)
     pads = []
@@ -198,8 +262,13 @@ def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor) -
     o0, o1, o2 = geometry.output_size
     windows = windows[:, :, :o0, :o1, :o2]  # [n, C, O0, O1, O2, K0, K1, K2]
     windows = windows.unflatten(1, (geometry.groups, geometry.channels_per_group))
-    target = out.view(n, geometry.groups, o0, o1, o2, geometry.channels_per_group, *geometry.kernel_size)
-    target.copy_(windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8))
+    rows = (geometry.channels_per_group, *geometry.kernel_size)
+    if k_major:
+        target = out.unflatten(3, (o0, o1, o2)).unflatten(2, rows)
+        target.copy_(windows.permute(0, 1, 2, 6, 7, 8, 3, 4, 5))
+    else:
+        target = out.unflatten(3, rows).unflatten(2, (o0, o1, o2))
+        target.copy_(windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8))
     return out
 
 
@@ -209,38 +278,60 @@ def chunk_samples(batch: int, geometry: KernelGeometry, element_size: int, chunk
     return max(1, min(batch, int(chunk_bytes // per_sample)))
 
 
+def _aligned(length: int, element_size: int) -> int:
+    """``length`` rounded up to a multiple of 16 bytes."""
+    step = max(1, TMA_ALIGNMENT // element_size)
+    return cdiv(length, step) * step
+
+
 def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
              config: UnfoldedGGNConfig, chunk_bytes: float = None, split: int = None) -> torch.Tensor:
     """GGN diagonal as a float32 ``[N or 1, C_out·D]`` buffer (see the module docstring).
 
     The chunk is unfolded in bfloat16 for ``precision="bf16"`` (the products round to it anyway), else
     in ``x.dtype``. ``chunk_bytes`` (default :func:`._host.unfolded_chunk_bytes`) and ``split`` (batch
-    slices per chunk) force the chunking (tests).
+    slices per chunk) force the chunking (tests). A TMA ``config`` whose requirements this ``s`` does not
+    meet (16-byte aligned address and location stride) runs the same tile with pointer loads.
     """
     s = s.contiguous()
     columns, batch = s.shape[0], s.shape[1]
     G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
     weight_numel = geometry.out_channels * D
     unit_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
-    samples = chunk_samples(batch, geometry, torch.finfo(unit_dtype).bits // 8,
-                            unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
-    buffer = torch.empty((samples, G, OT, D), device=x.device, dtype=unit_dtype)
+    unit_size = torch.finfo(unit_dtype).bits // 8
+    tma = config.tma and tma_supported(x.device) and tma_shape_ok(OT, s.element_size()) \
+        and s.data_ptr() % TMA_ALIGNMENT == 0
+    samples = chunk_samples(batch, geometry, unit_size, unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    if tma:  # K-major, each sample-group's rows padded to 16 bytes (the descriptor's stride)
+        buffer = torch.empty((samples, G, D, _aligned(OT, unit_size)), device=x.device, dtype=unit_dtype)[..., :OT]
+        s_rows = s.view(columns, batch * geometry.out_channels, OT)  # [C, N·C_out, O]
+    else:
+        buffer = torch.empty((samples, G, OT, D), device=x.device, dtype=unit_dtype)
     out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
     d_tiles, co_tiles = cdiv(D, config.block_d), cdiv(COG, config.block_co)
     programs = d_tiles * co_tiles * cdiv(columns, config.block_c) * G
     for n0 in range(0, batch, samples):
         n1 = min(batch, n0 + samples)
-        u = unfold_chunk(x[n0:n1], geometry, buffer[: n1 - n0])
+        u = unfold_chunk(x[n0:n1], geometry, buffer[: n1 - n0], k_major=tma)
         slices = split or max(1, min(n1 - n0, cdiv(2 * multiprocessors(x.device), programs)))
         n_per_split = cdiv(n1 - n0, slices)
         slices = cdiv(n1 - n0, n_per_split)
+        if tma:
+            chunk = s_rows[:, n0 * geometry.out_channels: n1 * geometry.out_channels]
+            s_src = TensorDescriptor(chunk, list(chunk.shape), list(chunk.stride()),
+                                     [config.block_c, config.block_co, config.block_o])
+            u_rows = u.flatten(0, 1)  # [n·G, D, O]
+            u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()),
+                                     [1, config.block_d, config.block_o])
+        else:
+            s_src, u_src = s[:, n0:], u
         _launch(
             (programs // G, G, slices),
-            u, s[:, n0:], out[n0:] if per_sample else out,
+            u_src, s_src, out[n0:] if per_sample else out,
             columns, COG, D, OT, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
             s.stride(0), s.stride(1), OT, u.stride(0), u.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
-            FLAT=config.flat, num_warps=config.num_warps, num_stages=config.num_stages,
+            FLAT=config.flat, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out

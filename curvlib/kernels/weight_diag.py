@@ -213,12 +213,12 @@ _HESSCALE = {
 }
 
 
-def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str):
+def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False):
     """Tiles of both GGN kernels, best guess first: the unfolded-chunk kernel's first on the matrix
     units and for float32 FMA with many output locations (where it won on All-CNN-C), else the
-    gathered kernel's."""
+    gathered kernel's (``tma``: the unfolded kernel's TMA tiles as well, first)."""
     gathered = gathered_candidates(columns, out_per_group, rows, locations, unit)
-    unfolded = ggn_unfolded.candidates(columns, out_per_group, rows, locations, unit)
+    unfolded = ggn_unfolded.candidates(columns, out_per_group, rows, locations, unit, tma=tma)
     if unit == "fma" and locations < 128:
         return gathered + unfolded
     return unfolded + gathered
@@ -288,7 +288,8 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
 
     if config is None:
         key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type)
-        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype))  # noqa: E731
+        tma = ggn_unfolded.tma_supported(x.device) and ggn_unfolded.tma_shape_ok(OT, s.element_size())
+        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma)  # noqa: E731
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
     return finish(out if per_sample else out[0], x.dtype)
