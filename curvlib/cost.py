@@ -270,12 +270,17 @@ def _operation_cost(op: str, pathway: str, geometry: ConvGeometry, batch: int, c
         extra = kfc_extra_bytes(geometry, z["N"], element_size, kfc_chunk_bytes(geometry, z["N"], element_size))
         return Cost(2.0 * lag_flops(geometry, batch, method), min_bytes, extra,
                     min_bytes + 4 * x_bytes, extra, overhead, flop_efficiency=flop_efficiency(op, pathway))
-    if pathway == "fused" and op == "ggn_diag":  # the unfolded-chunk kernel's chunk, at most
+    if pathway == "fused" and op == "ggn_diag":
         from .kernels._host import unfolded_chunk_bytes  # here: the kernels import this module's users
 
+        # the unfolded input is written in chunks of samples (extra memory: one chunk) and read once per
+        # block of rows (column, channel) — L2 hits not counted; the products run on whole row tiles, so
+        # padded rows count as work. With few columns the reads dominate (All-CNN-C conv2, 4 columns)
         per_sample = z["G"] * z["D"] * z["O"] * element_size
         chunk = min(unfold_bytes, max(per_sample, unfolded_chunk_bytes()))
-        return Cost(flops, min_bytes, chunk, min_bytes + 2 * chunk, chunk, overhead,
+        rows, row_blocks = _ggn_tile_rows(z["C"], z["E"])
+        padded = flops * rows / (z["C"] * z["E"])
+        return Cost(padded, min_bytes, chunk, min_bytes + (1 + row_blocks) * unfold_bytes, chunk, overhead,
                     flop_efficiency=flop_efficiency(op, pathway))
     if pathway == "fused" or (pathway == "native" and op in _FORWARD_LIKE):
         return Cost(flops, min_bytes, 0.0, min_bytes, 0.0, overhead, flop_efficiency=flop_efficiency(op, pathway))
@@ -300,6 +305,17 @@ def _operation_cost(op: str, pathway: str, geometry: ConvGeometry, batch: int, c
     elif op == "hesscale_weight_diag":
         extra, moved = 2 * unfold_bytes, min_bytes + 4 * unfold_bytes
     return Cost(flops, min_bytes, largest, moved, extra, overhead, flop_efficiency=flop_efficiency(op, pathway))
+
+
+def _ggn_tile_rows(columns: int, channels: int):
+    """``(rows, row blocks)`` of ``(column, channel)`` rows the fused GGN kernel computes for ``columns ×
+    channels`` useful ones: blocks of ``min(32, channels rounded up to a power of two)`` channels by as
+    many columns as fill 128 rows (at most the columns rounded up to a power of two), as
+    :func:`curvlib.kernels.ggn_unfolded.candidates` tiles them."""
+    block_co = min(32, 1 << max(0, channels - 1).bit_length())
+    block_c = max(-(-16 // block_co), min(128 // block_co, 1 << max(0, columns - 1).bit_length()))
+    column_blocks, channel_blocks = -(-columns // block_c), -(-channels // block_co)
+    return column_blocks * block_c * channel_blocks * block_co, channel_blocks
 
 
 def network_cost(

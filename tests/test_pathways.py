@@ -483,3 +483,26 @@ def _repeated_kfc_calls(checks, precision):
     with pathways.options(exclude=("native",)):  # new settings: a new choice among the available candidates
         F.kfc(torch.randn(3, 4, 9, 8, dtype=torch.float64), 3, padding=1)
     assert len(checks) == 2
+
+
+def test_fused_ggn_cost_counts_padded_rows_and_unfolded_reads(monkeypatch):
+    """The fused GGN diagonal computes whole tiles of (column, channel) rows and reads the unfolded input once
+    per channel block after writing it: with 4 columns of a 96-channel layer (All-CNN-C conv2) its traffic,
+    not its products, sets the price, and the native pathway wins, as measured on an H100; with 100 columns
+    and 64 channels no row is padded."""
+    conv2 = make_geometry(96, 96, (34, 34), 3)
+    unfolded = 128 * 864 * 1024 * 4
+    assert cost._ggn_tile_rows(4, 96) == (4 * 96, 3)
+    assert cost._ggn_tile_rows(10, 96) == (12 * 96, 3)  # 4 columns per block: 12 rows per channel
+    assert cost._ggn_tile_rows(100, 64) == (100 * 64, 2)
+    assert cost._ggn_tile_rows(3, 5) == (4 * 8, 1)  # 8 channels (a power of two) by 4 columns: 16 rows at least
+    few = cost.operation_cost("ggn_diag", "fused", conv2, 128, 4)
+    flops, min_bytes = cost.minimum("ggn_diag", conv2, 128, 4)
+    assert few.flops == flops and few.bytes_moved == min_bytes + 4 * unfolded
+    assert few.extra_bytes < unfolded / 4  # one chunk of samples
+    ten = cost.operation_cost("ggn_diag", "fused", conv2, 128, 10)
+    assert ten.flops == cost.minimum("ggn_diag", conv2, 128, 10)[0] * 12 / 10
+    with_tma = lambda c: cost.operation_cost("ggn_diag", "fused", conv2, 128, c, precision="tf32")  # noqa: E731
+    native = lambda c: cost.operation_cost("ggn_diag", "native", conv2, 128, c, precision="tf32")  # noqa: E731
+    monkeypatch.setattr(cost, "_tma_device", lambda: True)
+    assert native(4).estimated_time("cuda") < with_tma(4).estimated_time("cuda")
