@@ -127,7 +127,7 @@ def tf32_flop_efficiency(op: str, pathway: str, geometry: ConvGeometry, element_
     """Calibrated fraction of the TF32 rate ``pathway`` reaches on ``op`` (``None``: not calibrated, priced
     at the float32 rate); :data:`TF32_FLOP_EFFICIENCY_TMA` where the TMA kernel runs."""
     if (pathway, op) in TF32_FLOP_EFFICIENCY_TMA and _tma_device():
-        from .kernels.ggn_unfolded import tma_shape_ok
+        from .kernels._host import tma_shape_ok  # here: the kernels import this module's users
 
         if tma_shape_ok(math.prod(geometry.output_size), element_size):
             return TF32_FLOP_EFFICIENCY_TMA[(pathway, op)]

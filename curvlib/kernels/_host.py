@@ -23,6 +23,16 @@ def unfolded_chunk_bytes() -> float:
     return UNFOLDED_CHUNK_BYTES if budget is None else min(UNFOLDED_CHUNK_BYTES, budget / 3)
 
 
+#: TMA descriptors need 16-byte aligned strides (all but the last) and base addresses
+TMA_ALIGNMENT = 16
+
+
+def tma_shape_ok(locations: int, element_size: int) -> bool:
+    """Whether ``S [C, N, C_out, O]`` (contiguous) has TMA-compatible strides: ``O`` entries a multiple of
+    16 bytes (the GGN kernel's TMA form, :mod:`.ggn_unfolded`)."""
+    return locations * element_size % TMA_ALIGNMENT == 0
+
+
 @contextlib.contextmanager
 def poison_outputs():
     """Within this context, output buffers that a kernel must overwrite start as NaN (tests use it

@@ -45,7 +45,8 @@ import triton.language as tl
 
 from ._common import jacobian_rows, mma
 from ._geometry import KernelGeometry
-from ._host import cdiv, compute_capability, multiprocessors, next_power_of_2, unfolded_chunk_bytes
+from ._host import (TMA_ALIGNMENT, cdiv, compute_capability, multiprocessors, next_power_of_2, tma_shape_ok,
+                    unfolded_chunk_bytes)
 from ._launch import Launcher
 from ._triton import INTERPRET
 
@@ -54,10 +55,6 @@ try:  # host-side tensor-memory-accelerator descriptors (Triton >= 3.3)
 except ImportError:  # older Triton: the pointer form only
     TensorDescriptor = None
 
-#: TMA descriptors need 16-byte aligned strides (all but the last) and base addresses
-TMA_ALIGNMENT = 16
-
-
 def tma_supported(device: torch.device) -> bool:
     """Whether the TMA form of the kernel can run on ``device``: a CUDA GPU of compute capability 9.0
     or newer, Triton's host-side descriptors, not the interpreter."""
@@ -65,9 +62,6 @@ def tma_supported(device: torch.device) -> bool:
             and compute_capability(device) >= (9, 0))
 
 
-def tma_shape_ok(locations: int, element_size: int) -> bool:
-    """Whether ``S [C, N, C_out, O]`` (contiguous) has TMA-compatible strides: ``O`` entries a multiple of 16 bytes."""
-    return locations * element_size % TMA_ALIGNMENT == 0
 
 
 @triton.jit
