@@ -7,13 +7,13 @@ over its own tiles. Prints time, rate, extra peak memory and the chosen tile per
 
 import math
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import table_e3  # noqa: E402
+from _timing import cuda_median_ms  # noqa: E402
 from kernels import Inputs  # noqa: E402
 
 from curvlib import functional as CF  # noqa: E402
@@ -23,21 +23,12 @@ from curvlib.kernels import autotune, ggn_unfolded  # noqa: E402
 
 def measure(fn, repeats=5):
     """Median CUDA-event milliseconds, extra peak MiB of one more call, and its result."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = cuda_median_ms(fn, repeats=repeats, warmups=1)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     out = fn()
     torch.cuda.synchronize()
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - before) / 2**20, out
+    return ms, (torch.cuda.max_memory_allocated() - before) / 2**20, out
 
 
 def set_tf32_flags(on: bool) -> None:
