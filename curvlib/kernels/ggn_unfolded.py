@@ -18,7 +18,7 @@ On Hopper GPUs and newer (``tma``, :func:`tma_supported`) the tiles are loaded b
 accelerator from host-side descriptors, and the chunk is unfolded K-major, ``U [n, G, D, O]`` (locations
 contiguous): both operands then reach the matrix units from shared memory in the layout TF32
 ``wgmma`` reads without a transpose. On an H100 this doubles the TF32 rate on All-CNN-C (conv2 with
-100 columns: 126 → 245 TFLOP/s; ``benchmarks/results/h100-2026-11-22-session13``). The descriptors
+100 columns: 130 → 241 TFLOP/s; ``benchmarks/results/h100-2026-11-22-session13``). The descriptors
 zero-fill what lies outside ``S`` (columns past ``C``, locations past ``O``) and outside the chunk, so
 no masks are needed; rows of ``S`` past a group's channels read the next group's channels, which only
 reach result rows the store masks out.
@@ -208,7 +208,7 @@ _TILES = {
 
 
 #: TMA tiles (K-major chunk), same fields, per matrix-unit class; tried first where TMA runs. The fastest
-#: on All-CNN-C's layers (H100, Triton 3.6, TF32, ``h100-2026-11-22-session13/tma_ggn_h100.txt``): 64
+#: on All-CNN-C's layers (H100, Triton 3.6, TF32, ``h100-2026-11-22-session13/tma_layouts_experiment_h100.txt``): 64
 #: locations per step on 256-1024 locations (three stages: four do not fit shared memory), 32 with the
 #: flat loop on 36-64; 16 or two column blocks of 64 channels on the small layers with 10 columns
 _TMA_TILES = {
