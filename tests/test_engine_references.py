@@ -128,13 +128,14 @@ class SequenceOutput(nn.Module):
 
 
 def sequential_cnn(classes: int = 3) -> nn.Sequential:
+    """Convolutions at indices 0 and 3, the second after an explicit padding layer (non-zero value)."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.ReLU(),
-        nn.MaxPool2d(2),
+        nn.Sequential(nn.MaxPool2d(2), nn.ConstantPad2d((0, 1, 1, 0), 0.5)),
         nn.Conv2d(4, 4, 3, stride=2, groups=2),
         nn.Flatten(),
-        nn.Linear(4 * 1 * 1, classes),
+        nn.Linear(4 * 2 * 2, classes),
     )
 
 

@@ -34,10 +34,11 @@ def _cnn():
             nn.BatchNorm2d(4),
             nn.Tanh(),
             nn.MaxPool2d(2),
+            nn.ZeroPad2d((1, 0, 0, 1)),  # the engine's padding with a view backward
             nn.Conv2d(4, 4, 3, stride=2, groups=2),
             nn.Sigmoid(),
             nn.Flatten(),
-            nn.Linear(4, 3),
+            nn.Linear(4 * 2 * 2, 3),
         )
     ).eval()
 

@@ -1,7 +1,9 @@
 """The :class:`curvature` context manager: hooks that compute extensions during ``loss.backward()``.
 
 Inside the context, a forward hook on every module with parameters records its input and output,
-and a forward hook on the loss module records the model output and targets. When the backward
+and a forward hook on the loss module records the model output and targets; constant-padding
+modules get a backward that returns a view instead of a copy (:mod:`curvlib.engine.padding`: one
+copy fewer per column and padding layer). When the backward
 pass starts (a hook on the loss value), the engine
 
 1. builds the messages the active extensions need — columns of the loss-Hessian square root
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 from .extension import Extension
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
+from .padding import CONSTANT_PAD_TYPES, pad_with_view_backward
 from .side_stream import SideWork
 from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
 
@@ -144,6 +147,9 @@ class curvature:
                 ext.check(module)
         for module in self._modules:
             self._handles.append(module.register_forward_hook(self._record_layer))
+        for module in self.model.modules():  # padding whose backward is a view (curvlib.engine.padding)
+            if isinstance(module, CONSTANT_PAD_TYPES):
+                self._handles.append(module.register_forward_hook(pad_with_view_backward))
         self._handles.append(self.loss_fn.register_forward_hook(self._record_loss))
         return self
 

@@ -67,10 +67,16 @@ class _Context:
         self.ds = ds  # d per output (multi-output split family)
 
     def call(self, *grads) -> Tuple[Optional[Tensor], ...]:
-        return _as_tuple(self.node(*grads))
+        return _apply_node(self.node, *grads)
 
     def error(self, message: str) -> ValueError:
         return ValueError(f"HesScale: {self.name}: {message}")
+
+
+def _apply_node(node, *grads) -> Tuple[Optional[Tensor], ...]:
+    """The node's backward applied to ``grads`` (C++ nodes are callable, custom-``Function`` nodes have
+    ``apply``)."""
+    return _as_tuple(node(*grads) if callable(node) else node.apply(*grads))
 
 
 def _as_tuple(result) -> Tuple[Optional[Tensor], ...]:
@@ -484,6 +490,7 @@ _COPY_NODES = (
     "ReflectionPad3DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0",
     "ReplicationPad3DBackward0", "Im2ColBackward0", "Col2ImBackward0",
     "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
+    "ConstantPaddingBackward",  # the engine's padding with a view backward (curvlib.engine.padding)
     # sums and additions with unit coefficients
     "SumBackward0", "SumBackward1", "AddBackward1", "SubBackward1",
     # max selections (indices saved, no tie splitting)
@@ -696,7 +703,7 @@ def backpropagate_diagonal(
                     f"BatchNorm, dropout, reshapes/selections, additions and products with constants "
                     f"(see curvlib.engine.diagonal_backprop.supported_nodes())"
                 )
-            grads = _as_tuple(node(*gs))
+            grads = _apply_node(node, *gs)
             ctx = _Context(node, ds[0], gs[0], grads, need, gauss_newton, ds)
             d_children = list(rule(ctx))
             for slot, (child, nr) in enumerate(children):
