@@ -2,13 +2,15 @@
 
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --memory-budget 3.5e9
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --compare   # + fused-only, autotuned
+    python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --cudnn-benchmark   # cuDNN autotuned
 
 One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3d; batch 128) inside
 ``curvlib.curvature(model, loss, DiagGGNExact(), memory_budget=...)``. Printed:
 
 - the step's wall time (median of ``--repeats`` after two warm-ups), its extra peak memory (allocator peak
   during the step minus what was allocated before), the columns per chunk, the stages and the pathway the
-  automatic choice took for each layer's GGN diagonal;
+  automatic choice took for each layer's GGN diagonal (by configuration key, in the order the layers were
+  reached);
 - with ``--compare``, the same for the fused kernel only (``exclude=("native",)``) and for measured
   (autotuned) pathway decisions;
 - the device time of one profiled step summed by kernel category (cuDNN/cuBLAS products, copies and
@@ -91,10 +93,12 @@ def measure(label: str, step, repeats: int, **options) -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() - base
-        choices = [decision.choice for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
+        decisions = [decision for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
     stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
     print(f"{label}: {statistics.median(times) * 1e3:.1f} ms, extra peak {peak / 1e9:.2f} GB, "
-          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, GGN pathways {choices}", flush=True)
+          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}", flush=True)
+    for decision in decisions:  # in the order the layers were reached (the stages run the last layers first)
+        print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
 
 
 def profile(step) -> None:
@@ -130,11 +134,15 @@ def main(argv=None) -> None:
     parser.add_argument("--net", choices=("all_cnn_c", "3c3d"), default="all_cnn_c")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare", action="store_true", help="also the fused kernel only and autotuned decisions")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms per shape)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("diag_ggn_profile.py needs a CUDA device")
     end_to_end.set_global_precision(args.precision)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, precision {args.precision}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}, "
           f"memory_budget {args.memory_budget:.3g} bytes, batch {args.batch}, {args.classes} classes")
     step = build(args, torch.device("cuda"))
     measure("automatic pathways (cost model)", step, args.repeats)
