@@ -65,18 +65,19 @@ def tma_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun, tma_s_row, tma_u_row,
+def _product_step(u_src, s_src, J, n, s_n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun, tma_s_row, tma_u_row,
                   tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """``J + S[rows, n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop).
+    """``J + S[rows, s_n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop;
+    ``n`` counts the chunk's samples, ``s_n`` is the same sample's index in ``S``).
 
-    ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, n·C_out, O]`` and ``U [n·G, D, O]``, the
+    ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, N·C_out, O]`` and ``U [n·G, D, O]``, the
     tiles start at ``(tma_c0, tma_s_row, o0)`` and ``(tma_u_row, tma_d0, o0)``; else pointers."""
     if TMA:
         s_tile = tl.reshape(s_src.load([tma_c0, tma_s_row, o0]), (BLOCK_C * BLOCK_CO, BLOCK_O))
         u_tile = tl.trans(tl.reshape(u_src.load([tma_u_row, tma_d0, o0]), (BLOCK_D, BLOCK_O)))
     else:
-        s_sample = s_src + tl.cast(n, tl.int64) * ssn + s_rows
+        s_sample = s_src + tl.cast(s_n, tl.int64) * ssn + s_rows
         u_sample = u_src + tl.cast(n, tl.int64) * sun + u_cols
         o = o0 + tl.arange(0, BLOCK_O)
         if EVEN_O:
@@ -103,11 +104,11 @@ def _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE: tl.c
     return acc
 
 
-@triton.jit(do_not_specialize=["C", "COG", "D", "n_per_split", "n_count", "d_tiles", "co_tiles",
+@triton.jit(do_not_specialize=["C", "COG", "D", "n_offset", "n_per_split", "n_count", "d_tiles", "co_tiles",
                                "out_row_stride", "ssn", "sun", "sug"])
 def _ggn_diag_unfolded_kernel(
     u_src, s_src, out_ptr,
-    C, COG, D, OT, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
+    C, COG, D, OT, n_offset, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
     ssc, ssn, ssch, sun, sug,
     PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
@@ -148,24 +149,25 @@ def _ggn_diag_unfolded_kernel(
         o_steps = tl.cdiv(OT, BLOCK_O)
         J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
         for step in range(0, (n_end - n_start) * o_steps):
-            n_offset = step // o_steps
-            o0 = (step - n_offset * o_steps) * BLOCK_O
-            n = n_start + n_offset
-            J = _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
-                              n * channels + channel0, n * G + g, c0, d0,
+            sample = step // o_steps
+            o0 = (step - sample * o_steps) * BLOCK_O
+            n = n_start + sample
+            J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
+                              sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
                               BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
             if o0 + BLOCK_O >= OT:  # the sample's last location block: J is complete
-                acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
-                                   BLOCK_D)
+                acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C,
+                                   BLOCK_CO, BLOCK_D)
                 J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
     else:
         for n in range(n_start, n_end):
             J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
             for o0 in range(0, OT, BLOCK_O):
-                J = _product_step(u_src, s_src, J, n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun,
-                                  n * channels + channel0, n * G + g, c0, d0,
+                J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
+                                  sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
                                   BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
-            acc = _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO, BLOCK_D)
+            acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
+                               BLOCK_D)
 
     if not PER_SAMPLE:
         squares = tl.sum(tl.reshape(acc, (BLOCK_C, BLOCK_CO, BLOCK_D)), axis=0)
@@ -241,13 +243,35 @@ def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor, k
     """Write the unfolded input of the samples ``x [n, C_in, *I]`` into ``out [n, G, O, D]`` (``k_major``:
     ``[n, G, D, O]``; ``out`` may be a slice of a padded buffer) in one strided copy, rows
     ``d = (c, k0, k1, k2)`` ordered like ``weight.flatten(1)``, and return it."""
-    n = x.shape[0]
-    spatial = x.reshape(n, geometry.in_channels, *geometry.input_size)
+    _unfold_target(out, geometry, k_major).copy_(unfolded_view(x, geometry, k_major))
+    return out
+
+
+def _unfold_target(out: torch.Tensor, geometry: KernelGeometry, k_major: bool) -> torch.Tensor:
+    """``out [n, G, O, D]`` (``k_major``: ``[n, G, D, O]``) with ``D`` and ``O`` unflattened to the axes of
+    :func:`unfolded_view`."""
+    rows, locations = (geometry.channels_per_group, *geometry.kernel_size), geometry.output_size
+    if k_major:
+        return out.unflatten(3, locations).unflatten(2, rows)
+    return out.unflatten(3, rows).unflatten(2, locations)
+
+
+def _input_pads(geometry: KernelGeometry):
+    """``(left, right)`` zeros per spatial axis that the windows reach beyond the input."""
     pads = []
     for i, k, st, dl, p, o in zip(geometry.input_size, geometry.kernel_size, geometry.stride, geometry.dilation,
                                   geometry.pad_left, geometry.output_size):
-        right = max(0, (o - 1) * st + (k - 1) * dl + 1 - i - p)
-        pads.append((p, right))
+        pads.append((p, max(0, (o - 1) * st + (k - 1) * dl + 1 - i - p)))
+    return pads
+
+
+def unfolded_view(x: torch.Tensor, geometry: KernelGeometry, k_major: bool = False) -> torch.Tensor:
+    """The unfolded input of ``x [n, C_in, *I]`` as a strided view (of ``x``, or of a padded copy where the
+    convolution pads): ``[n, G, C_in/G, K0, K1, K2, O0, O1, O2]`` for ``k_major``, else
+    ``[n, G, O0, O1, O2, C_in/G, K0, K1, K2]``. Slices along ``n`` are the samples' unfolded inputs."""
+    n = x.shape[0]
+    spatial = x.reshape(n, geometry.in_channels, *geometry.input_size)
+    pads = _input_pads(geometry)
     if any(p != (0, 0) for p in pads):
         spatial = F.pad(spatial, [v for pair in reversed(pads) for v in pair])
     windows = spatial
@@ -256,14 +280,9 @@ def unfold_chunk(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor, k
     o0, o1, o2 = geometry.output_size
     windows = windows[:, :, :o0, :o1, :o2]  # [n, C, O0, O1, O2, K0, K1, K2]
     windows = windows.unflatten(1, (geometry.groups, geometry.channels_per_group))
-    rows = (geometry.channels_per_group, *geometry.kernel_size)
     if k_major:
-        target = out.unflatten(3, (o0, o1, o2)).unflatten(2, rows)
-        target.copy_(windows.permute(0, 1, 2, 6, 7, 8, 3, 4, 5))
-    else:
-        target = out.unflatten(3, rows).unflatten(2, (o0, o1, o2))
-        target.copy_(windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8))
-    return out
+        return windows.permute(0, 1, 2, 6, 7, 8, 3, 4, 5)
+    return windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8)
 
 
 def chunk_samples(batch: int, geometry: KernelGeometry, element_size: int, chunk_bytes: float) -> int:
@@ -304,26 +323,32 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
     d_tiles, co_tiles = cdiv(D, config.block_d), cdiv(COG, config.block_co)
     programs = d_tiles * co_tiles * cdiv(columns, config.block_c) * G
+    # built once per call, not per chunk (host time: a step of DiagGGNExact under a tight budget runs
+    # this for every chunk of columns and layer): the unfold target, the descriptors of all of S and
+    # the whole buffer (the kernel offsets S's rows by the chunk's first sample and reads only the
+    # chunk's rows of the buffer), and the window view where it is one of x (a padded input is
+    # padded chunk by chunk: a padded copy of all of x would be extra memory of x's size)
+    target = _unfold_target(buffer, geometry, k_major=tma)
+    pads = any(pair != (0, 0) for pair in _input_pads(geometry))
+    windows = None if pads else unfolded_view(x, geometry, k_major=tma)
+    if tma:
+        s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
+                                 [config.block_c, config.block_co, config.block_o])
+        u_rows = buffer.flatten(0, 1)  # [samples·G, D, O]
+        u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()), [1, config.block_d, config.block_o])
+    else:
+        s_src, u_src = s, buffer
     for n0 in range(0, batch, samples):
         n1 = min(batch, n0 + samples)
-        u = unfold_chunk(x[n0:n1], geometry, buffer[: n1 - n0], k_major=tma)
+        target[: n1 - n0].copy_(unfolded_view(x[n0:n1], geometry, tma) if pads else windows[n0:n1])
         slices = split or max(1, min(n1 - n0, cdiv(2 * multiprocessors(x.device), programs)))
         n_per_split = cdiv(n1 - n0, slices)
         slices = cdiv(n1 - n0, n_per_split)
-        if tma:
-            chunk = s_rows[:, n0 * geometry.out_channels: n1 * geometry.out_channels]
-            s_src = TensorDescriptor(chunk, list(chunk.shape), list(chunk.stride()),
-                                     [config.block_c, config.block_co, config.block_o])
-            u_rows = u.flatten(0, 1)  # [n·G, D, O]
-            u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()),
-                                     [1, config.block_d, config.block_o])
-        else:
-            s_src, u_src = s[:, n0:], u
         _launch(
             (programs // G, G, slices),
-            u_src, s_src, out[n0:] if per_sample else out,
-            columns, COG, D, OT, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
-            s.stride(0), s.stride(1), OT, u.stride(0), u.stride(1),
+            u_src, s_src, out,
+            columns, COG, D, OT, n0, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
+            s.stride(0), s.stride(1), OT, buffer.stride(0), buffer.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
             FLAT=config.flat, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,
