@@ -93,6 +93,24 @@ def test_context_replaces_padding_backward_only_inside_and_only_where_it_applies
     assert type(model[0](X).grad_fn).__name__ == "ConstantPadNdBackward0", "hook left after the context"
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_context_keeps_a_padding_output_an_earlier_hook_changed(in_place):
+    """A user's forward hook on the padding module, registered before the context, that returns another
+    output or changes it in place: the context must not undo it."""
+    model = _padded_net()
+    X = torch.randn(4, 2, 6, 6, dtype=DT)
+    if in_place:
+        handle = model[3].register_forward_hook(lambda module, inputs, output: output.mul_(2.0))
+    else:
+        handle = model[3].register_forward_hook(lambda module, inputs, output: output * 2.0)
+    expected = model(X)
+    with curvlib.curvature(model, nn.CrossEntropyLoss(), DiagGGNExact()):
+        result = model(X)
+    handle.remove()
+    assert torch.equal(result, expected)
+    assert not torch.equal(result, model(X)), "the hook had no effect: the test cannot tell"
+
+
 def test_padded_network_ggn_diagonal_and_gradient_unchanged_by_the_view_backward(monkeypatch):
     """DiagGGNExact and the gradient of a network with padding layers equal those computed with
     PyTorch's padding backward (the context's padding hooks switched off): same values, other backward."""

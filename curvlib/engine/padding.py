@@ -9,7 +9,7 @@ columns, batch 128) these copies took 13 ms of a 167 ms DiagGGNExact step on an 
 Inside :class:`curvlib.curvature`, a forward hook on every constant-padding module
 (``nn.ConstantPad{1,2,3}d``, ``nn.ZeroPad{1,2,3}d``) with non-negative pads replaces its output by
 :class:`ConstantPadding`: the same values, whose backward returns the gradient's inner window as a
-strided view. The next backward kernel (a ReLU mask, a data gradient) reads the view directly.
+strided view. An output that an earlier forward hook replaced or changed in place is kept. The next backward kernel (a ReLU mask, a data gradient) reads the view directly.
 Padding done with ``F.pad`` inside another module's ``forward`` keeps PyTorch's backward.
 
 >>> import torch
@@ -72,6 +72,16 @@ def pad_with_view_backward(module: nn.Module, inputs, output):
         return None
     x = inputs[0]
     pad = tuple(module.padding)
-    if not isinstance(x, Tensor) or not x.requires_grad or any(p < 0 for p in pad):
+    if not isinstance(x, Tensor) or not x.requires_grad or any(p < 0 for p in pad) or not _padded_from(output, x):
         return None
     return ConstantPadding.apply(x, pad, module.value)
+
+
+def _padded_from(output: Tensor, x: Tensor) -> bool:
+    """Whether ``output`` is PyTorch's padding of ``x`` itself, not something an earlier forward hook
+    returned or modified in place (that output is kept)."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != "ConstantPadNdBackward0" or not node.next_functions:
+        return False
+    source = node.next_functions[0][0]
+    return source is x.grad_fn if x.grad_fn is not None else getattr(source, "variable", None) is x
