@@ -3,6 +3,8 @@
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --memory-budget 3.5e9
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --compare   # + fused-only, autotuned
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --cudnn-benchmark   # cuDNN autotuned
+    python benchmarks/diagnostics/diag_ggn_profile.py --column-backward autograd     # vmap over autograd
+    python benchmarks/diagnostics/diag_ggn_profile.py --channels-last   # graph walk, channels-last dgrads
 
 One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3d; batch 128) inside
 ``curvlib.curvature(model, loss, DiagGGNExact(), memory_budget=...)``. Printed:
@@ -39,6 +41,7 @@ from torch import nn  # noqa: E402
 import curvlib  # noqa: E402
 from curvlib import extensions as E  # noqa: E402
 from curvlib import pathways  # noqa: E402
+from curvlib.engine.batched_rules import BackwardOptions  # noqa: E402
 
 import end_to_end  # noqa: E402
 
@@ -47,7 +50,7 @@ CATEGORIES = [
     ("curvlib Triton GGN", ("_ggn_diag",)),
     ("cuDNN layout transposes", ("nchwtonhwc", "nhwctonchw")),
     ("cuDNN/cuBLAS products", ("dgrad", "wgrad", "fprop", "xmma", "gemm", "cutlass", "implicit")),
-    ("ReLU backward", ("threshold",)),
+    ("ReLU backward", ("threshold", "where")),
     ("reductions", ("reduce_kernel",)),
     ("copies and elementwise", ("elementwise", "copy", "memcpy", "memset")),
 ]
@@ -70,7 +73,10 @@ def build(args, device):
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
-        with curvlib.curvature(model, loss_fn, E.DiagGGNExact(), memory_budget=args.memory_budget) as ctx:
+        ctx = curvlib.curvature(model, loss_fn, E.DiagGGNExact(), memory_budget=args.memory_budget,
+                                column_backward=args.column_backward)
+        ctx.backward_options = BackwardOptions(channels_last=args.channels_last)
+        with ctx:
             model.zero_grad()
             loss_fn(model(x), y).backward()
         return ctx
@@ -96,7 +102,8 @@ def measure(label: str, step, repeats: int, **options) -> None:
         decisions = [decision for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
     stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
     print(f"{label}: {statistics.median(times) * 1e3:.1f} ms, extra peak {peak / 1e9:.2f} GB, "
-          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}", flush=True)
+          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, "
+          f"column backward {ctx.last_column_backward}", flush=True)
     for decision in decisions:  # in the order the layers were reached (the stages run the last layers first)
         print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
 
@@ -136,13 +143,18 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", action="store_true", help="also the fused kernel only and autotuned decisions")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms per shape)")
+    parser.add_argument("--column-backward", choices=("auto", "graph", "autograd"), default="auto",
+                        help="curvature(column_backward=...): the engine's graph walk or vmap over autograd")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the graph walk's data gradients channels-last (BackwardOptions(channels_last=True))")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("diag_ggn_profile.py needs a CUDA device")
     end_to_end.set_global_precision(args.precision)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, precision {args.precision}, "
-          f"cudnn.benchmark {args.cudnn_benchmark}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}, column_backward {args.column_backward}, "
+          f"channels_last {args.channels_last}, "
           f"memory_budget {args.memory_budget:.3g} bytes, batch {args.batch}, {args.classes} classes")
     step = build(args, torch.device("cuda"))
     measure("automatic pathways (cost model)", step, args.repeats)

@@ -39,7 +39,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .batched_rules import BackwardOptions, UnsupportedNode
 from .extension import Extension
+from .graph_vjp import GraphVJP
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
 from .padding import CONSTANT_PAD_TYPES, pad_with_view_backward
@@ -47,6 +49,10 @@ from .side_stream import SideWork
 from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+#: values of ``curvature(column_backward=...)``
+COLUMN_BACKWARDS = ("auto", "graph", "autograd")
 
 
 class curvature:
@@ -71,6 +77,12 @@ class curvature:
         overlap: on CUDA, compute the quantities that need only the layer inputs (KFAC input factors)
             on a side stream while the backward passes run (same results; their temporaries then
             coexist with the backward passes'). They are complete when ``backward()`` returns.
+        column_backward: how chunks of columns are backpropagated. ``"graph"``: the engine walks the
+            autograd graph and applies a batched rule per node (:mod:`curvlib.engine.graph_vjp`;
+            raises ``ValueError`` where a node has none); ``"autograd"``: ``torch.func.vmap`` over
+            ``torch.autograd.grad`` (:func:`curvlib.engine.layers.batched_vjp`); ``"auto"`` (default):
+            the graph walk where every node on the way has a rule, else autograd. Same results up to
+            round-off; ``last_column_backward`` says which ran last.
 
     Example::
 
@@ -90,6 +102,7 @@ class curvature:
         skip: Sequence[nn.Module] = (),
         generator=None,
         overlap: bool = True,
+        column_backward: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -108,6 +121,13 @@ class curvature:
             raise ValueError(f"batch_coupled must be 'auto', True or False, got {batch_coupled!r}")
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        if column_backward not in COLUMN_BACKWARDS:
+            raise ValueError(f"column_backward must be one of {COLUMN_BACKWARDS}, got {column_backward!r}")
+        self.column_backward = column_backward
+        self.last_column_backward: Optional[str] = None  # "graph" or "autograd": how the last chunk ran
+        self.backward_options = BackwardOptions()  # layout of the graph walk (curvlib.engine.batched_rules)
+        self._plans: dict = {}
+        self._plan_cache: dict = {}
         self.overlap = overlap
         self._side: Optional[SideWork] = None
         self.model = model
@@ -262,9 +282,13 @@ class curvature:
         for ext in self.extensions:
             if ext.message in ("ggn_exact", "ggn_mc"):
                 column_extensions.setdefault(ext.message_key(), []).append(ext)
-        for key, extensions in column_extensions.items():
-            columns = self._columns(loss_call, key)
-            self._run_columns(loss_call, groups, columns, extensions, coupled)
+        try:
+            for key, extensions in column_extensions.items():
+                columns = self._columns(loss_call, key)
+                self._run_columns(loss_call, groups, columns, extensions, coupled)
+        finally:  # the plans hold the graph's nodes and the masks derived from them
+            self._plans.clear()
+            self._plan_cache.clear()
         for ext in self.extensions:
             if ext.message is None:
                 self._finish(ext, groups, [None] * 0)
@@ -318,11 +342,46 @@ class curvature:
         return (staged, stages) if staged > chunk else (chunk, None)
 
     def _vjp(self, output, inputs, vectors: Tensor, like) -> List[Tensor]:
+        # one vector (an MC sample, a chunk of one): autograd's own engine, less host time per pass
+        single = vectors.shape[0] == 1 and self.column_backward == "auto"
+        plan = None if single else self._graph_plan(output, inputs)
+        if plan is not None:
+            try:
+                grads = plan.run(vectors, like)
+                self.last_column_backward = "graph"
+                return grads
+            except UnsupportedNode as error:  # found while running (e.g. batch norm in training mode)
+                self._plans[self._plan_key(output, inputs)] = error
+                if self.column_backward == "graph":
+                    raise ValueError(f"column_backward='graph': {error}") from None
         self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
         try:
-            return batched_vjp(output, inputs, vectors, like=like)
+            grads = batched_vjp(output, inputs, vectors, like=like)
+            self.last_column_backward = "autograd"
+            return grads
         finally:
             self._engine_backprop = False
+
+    @staticmethod
+    def _plan_key(output, inputs) -> tuple:
+        def key(edge):
+            return (id(edge.grad_fn), edge.output_nr) if isinstance(edge, Tensor) else (id(edge.node), edge.output_nr)
+        return key(output), tuple(key(edge) for edge in inputs)
+
+    def _graph_plan(self, output, inputs) -> Optional[GraphVJP]:
+        """The graph walk for this pass (built once per backward pass and reused by every chunk), or
+        ``None`` where autograd runs it."""
+        if self.column_backward == "autograd":
+            return None
+        key = self._plan_key(output, inputs)
+        if key not in self._plans:
+            self._plans[key] = GraphVJP.build(output, inputs, self.backward_options, cache=self._plan_cache)
+            if self._plans[key] is None and self.column_backward == "graph":
+                raise ValueError("column_backward='graph': the graph between the model output and the layers "
+                                 "holds a node without a batched rule (curvlib.engine.batched_rules."
+                                 "supported_node_names()) or the layer outputs are not gradient edges")
+        plan = self._plans[key]
+        return plan if isinstance(plan, GraphVJP) else None
 
     def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor, stages=None):
         """Yield ``(group, messages)`` for every group: the backpropagated columns at its calls' outputs,

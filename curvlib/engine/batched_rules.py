@@ -1,0 +1,346 @@
+"""Batched backward rules of autograd nodes: the gradients of ``J`` vectors in one call per node.
+
+A rule takes the node, the gradient at the node's output ``g [J, *out]`` (the vectors' axis first) and
+which of the node's input slots need a gradient, and returns one gradient ``[J, *in]`` (or ``None``) per
+entry of ``node.next_functions``. Where the node's backward works sample by sample (convolutions,
+pooling) the rule folds ``J`` into the batch axis and runs one kernel on a ``J``-times larger batch;
+elementwise nodes broadcast their saved ``[N, ...]`` tensors over ``J``; shape nodes act on the axes
+after the first. :mod:`curvlib.engine.graph_vjp` walks the graph and calls these rules; it fits each
+result to the shape and dtype the receiving node expects (summing broadcast axes, as autograd does).
+
+The rules read the tensors a node saved for its backward (``node._saved_weight`` ...). What they derive
+from them — ReLU masks, weights in the channels-last layout — is computed once per graph and kept in
+``cache`` (one dict per backward pass of many chunks of vectors: the masks are ``N``-sized, the
+gradients ``J·N``-sized, so a mask read for every chunk costs ``1/J`` of a gradient's traffic).
+
+A node with no rule here, or one the rule cannot handle (a parameter's gradient, training-mode batch
+norm, a node with several differentiable outputs), raises :class:`UnsupportedNode`; the engine then
+runs the whole pass through ``torch.func.vmap`` over autograd instead.
+
+>>> import torch
+>>> x = torch.randn(3, 4, requires_grad=True)
+>>> node = torch.relu(x).grad_fn
+>>> g = torch.randn(5, 3, 4)                     # five vectors
+>>> rule_for(node)(node, g, [True], {}, BackwardOptions())[0].shape
+torch.Size([5, 3, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .padding import ConstantPadding, inner_window
+
+__all__ = ["BackwardOptions", "UnsupportedNode", "rule_for", "supported_node_names", "slot_shape"]
+
+
+class UnsupportedNode(Exception):
+    """A node (or a use of it) that :mod:`.graph_vjp` has no batched rule for; the caller falls back."""
+
+
+@dataclass(frozen=True)
+class BackwardOptions:
+    """How the batched backward runs.
+
+    ``channels_last``: 4-d and 5-d convolution data gradients on CUDA run on channels-last tensors (the
+    weights converted once per graph, ReLU masks likewise), so cuDNN's tensor-core kernels need no
+    layout transposes of the ``J·N``-sample gradients; the gradients handed on are channels-last.
+    """
+
+    channels_last: bool = False
+
+
+Rule = Callable[[object, Tensor, Sequence[bool], Dict, BackwardOptions], List[Optional[Tensor]]]
+
+
+def slot_shape(node, slot: int) -> torch.Size:
+    """Shape of the gradient that input slot ``slot`` of ``node`` passes on (one vector's)."""
+    child, number = node.next_functions[slot]
+    if child is None:
+        raise UnsupportedNode(f"{type(node).__name__}: slot {slot} has no node")
+    return torch.Size(child._input_metadata[number].shape)
+
+
+def _only(slots: int, need: Sequence[bool], index: int, node) -> bool:
+    """Whether slot ``index`` needs a gradient; raises where another slot of ``slots`` does."""
+    for slot in range(len(need)):
+        if slot != index and need[slot]:
+            raise UnsupportedNode(f"{type(node).__name__}: a gradient for input slot {slot}")
+    return need[index]
+
+
+def _cached(cache: Dict, node, name: str, make: Callable[[], Tensor]) -> Tensor:
+    key = (node, name)
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
+
+
+def _memory_format(t: Tensor, options: BackwardOptions) -> Optional[torch.memory_format]:
+    """The channels-last format for ``t`` (a batch of samples) where ``options`` asks for it, else ``None``."""
+    if not options.channels_last or not t.is_cuda:
+        return None
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+
+
+def _per_sample(g: Tensor) -> Tensor:
+    """``[J, N, ...]`` → ``[J·N, ...]`` (the vectors' axis folded into the batch)."""
+    return g.flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# rules
+
+
+def _convolution(node, g, need, cache, options):
+    if not _only(len(need), need, 0, node):
+        return [None] * len(need)
+    folded = _per_sample(g)
+    shape = (folded.shape[0], *slot_shape(node, 0)[1:])
+    weight_format = _memory_format(folded, options)
+    if weight_format is not None:
+        folded = folded.contiguous(memory_format=weight_format)
+        weight = _cached(cache, node, "weight", lambda: node._saved_weight.contiguous(memory_format=weight_format))
+    else:
+        weight = _cached(cache, node, "weight", lambda: node._saved_weight)
+    dummy = folded.new_empty(1).expand(shape)  # only the input's shape is read (as in torch.nn.grad)
+    grad = torch.ops.aten.convolution_backward(
+        folded, dummy, weight, None, node._saved_stride, node._saved_padding, node._saved_dilation,
+        node._saved_transposed, node._saved_output_padding, node._saved_groups, [True, False, False])[0]
+    return [grad.unflatten(0, g.shape[:2])] + [None] * (len(need) - 1)
+
+
+def _masked(node, g, cache, options, name: str, make_mask: Callable[[], Tensor]) -> Tensor:
+    def mask():
+        m = make_mask()
+        memory_format = _memory_format(m, options)
+        return m if memory_format is None else m.contiguous(memory_format=memory_format)
+
+    # where(), not a product: a zero of the mask stays a zero for infinite or NaN gradients, as in autograd
+    return torch.where(_cached(cache, node, name, mask), g, 0.0)
+
+
+def _relu(node, g, need, cache, options):
+    return [_masked(node, g, cache, options, "mask", lambda: node._saved_result > 0)]
+
+
+def _threshold(node, g, need, cache, options):
+    threshold = node._saved_threshold
+    return [_masked(node, g, cache, options, "mask", lambda: node._saved_self > threshold)] + [None] * (len(need) - 1)
+
+
+def _call_node(node, g, need, cache, options):
+    """Elementwise nodes: their own backward broadcasts the saved ``[N, ...]`` tensors over ``J``."""
+    out = node(g)
+    out = (out,) if isinstance(out, Tensor) or out is None else tuple(out)
+    return [o if n else None for o, n in zip(out, need)]
+
+
+def _identity(node, g, need, cache, options):
+    return [g] + [None] * (len(need) - 1)
+
+
+def _reshape(node, g, need, cache, options):
+    return [g.reshape(g.shape[0], *slot_shape(node, 0))] + [None] * (len(need) - 1)
+
+
+def _permute(node, g, need, cache, options):
+    dims = [d % len(node._saved_dims) for d in node._saved_dims]
+    inverse = sorted(range(len(dims)), key=dims.__getitem__)
+    return [g.permute(0, *(d + 1 for d in inverse))]
+
+
+def _transpose(node, g, need, cache, options):
+    rank = g.dim() - 1
+    return [g.transpose(node._saved_dim0 % rank + 1, node._saved_dim1 % rank + 1)]
+
+
+def _t(node, g, need, cache, options):
+    return [g.transpose(1, 2) if g.dim() == 3 else g]
+
+
+def _signed(value: int) -> int:
+    """A saved integer as PyTorch stores it for some nodes (``_saved_pad``: unsigned 64-bit) back to its sign."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _constant_pad(node, g, need, cache, options):
+    pad = [_signed(p) for p in node._saved_pad]
+    if all(p >= 0 for p in pad):
+        return [inner_window(g, pad)]
+    return [F.pad(g, [-p for p in pad])]  # negative pads cropped: their gradient is zero-padded back
+
+
+def _constant_padding(node, g, need, cache, options):
+    return [inner_window(g, node.pad), None, None][: len(need)]
+
+
+def _addmm(node, g, need, cache, options):
+    if not _only(len(need), need, 1, node):
+        return [None] * len(need)
+    mat2 = node._saved_mat2
+    grad = g @ mat2.transpose(0, 1).to(g.dtype)
+    alpha = node._saved_alpha
+    return [None, grad if alpha == 1 else grad * alpha, None]
+
+
+def _mm(node, g, need, cache, options):
+    if not _only(len(need), need, 0, node):
+        return [None] * len(need)
+    return [g @ node._saved_mat2.transpose(0, 1).to(g.dtype), None]
+
+
+def _reduce_dims(node, rank: int) -> List[int]:
+    dims = node._saved_dim
+    dims = list(range(rank)) if dims is None or len(dims) == 0 else [d % rank for d in dims]
+    return sorted(set(dims))
+
+
+def _expand_reduced(node, g, divide: bool):
+    sizes = list(node._saved_self_sym_sizes)
+    dims = _reduce_dims(node, len(sizes))
+    if not node._saved_keepdim:
+        for d in dims:
+            g = g.unsqueeze(d + 1)
+    g = g.expand(g.shape[0], *sizes)
+    return g / math.prod(sizes[d] for d in dims) if divide else g
+
+
+def _mean_dims(node, g, need, cache, options):
+    return [_expand_reduced(node, g, divide=True)]
+
+
+def _sum_dims(node, g, need, cache, options):
+    return [_expand_reduced(node, g, divide=False)]
+
+
+def _reduce_all(divide: bool) -> Rule:
+    def rule(node, g, need, cache, options):
+        sizes = slot_shape(node, 0)
+        g = g.reshape(g.shape[0], *([1] * len(sizes))).expand(g.shape[0], *sizes)
+        return [g / max(1, math.prod(sizes)) if divide else g]
+
+    return rule
+
+
+def _shape_only_input(node, folded: Tensor) -> Tensor:
+    """An uninitialised ``[J·N, ...]`` stand-in for the node's input: pooling backward kernels read only its
+    shape (and make it contiguous, which an expanded tensor is not: this one is, and costs no traffic)."""
+    return folded.new_empty((folded.shape[0], *slot_shape(node, 0)[1:]))
+
+
+def _avg_pool(op) -> Rule:
+    def rule(node, g, need, cache, options):
+        folded = _per_sample(g).contiguous()
+        grad = op(folded, _shape_only_input(node, folded), node._saved_kernel_size, node._saved_stride,
+                  node._saved_padding, node._saved_ceil_mode, node._saved_count_include_pad,
+                  node._saved_divisor_override)
+        return [grad.unflatten(0, g.shape[:2])]
+
+    return rule
+
+
+def _adaptive_avg_pool(op) -> Rule:
+    def rule(node, g, need, cache, options):
+        folded = _per_sample(g).contiguous()
+        return [op(folded, _shape_only_input(node, folded)).unflatten(0, g.shape[:2])]
+
+    return rule
+
+
+def _max_pool(spatial: int) -> Rule:
+    def rule(node, g, need, cache, options):
+        indices = node._saved_result1  # flat index of each window's maximum within its sample-channel
+        shape = slot_shape(node, 0)
+        locations = math.prod(shape[-spatial:])
+        flat_g = g.flatten(-spatial)
+        flat_i = indices.flatten(-spatial).expand_as(flat_g)
+        grad = flat_g.new_zeros((*flat_g.shape[:-1], locations)).scatter_add_(-1, flat_i, flat_g)
+        return [grad.reshape(g.shape[0], *shape)]
+
+    return rule
+
+
+def _batch_norm_eval(node, g, need, cache, options):
+    if getattr(node, "_saved_training", False):
+        raise UnsupportedNode(f"{type(node).__name__}: batch norm in training mode couples the samples")
+    if not _only(len(need), need, 0, node):
+        return [None] * len(need)
+
+    def scale():
+        eps = getattr(node, "_saved_eps", None)
+        eps = getattr(node, "_saved_epsilon", 1e-5) if eps is None else eps
+        running_var = node._saved_running_var
+        if running_var is None:
+            raise UnsupportedNode(f"{type(node).__name__}: no running variance")
+        factor = torch.rsqrt(running_var + eps)
+        weight = node._saved_weight
+        return factor if weight is None else factor * weight
+
+    factor = _cached(cache, node, "scale", scale).to(g.dtype)
+    shape = [1] * g.dim()
+    shape[2] = -1
+    return [g * factor.reshape(shape)] + [None] * (len(need) - 1)
+
+
+#: nodes whose own backward broadcasts correctly over a leading vectors' axis (elementwise, no reshapes)
+_ELEMENTWISE = (
+    "SigmoidBackward0", "TanhBackward0", "GeluBackward0", "SiluBackward0", "LeakyReluBackward0",
+    "LeakyReluBackward1", "EluBackward0", "EluBackward1", "CeluBackward0", "CeluBackward1",
+    "SoftplusBackward0", "HardtanhBackward0", "HardswishBackward0", "HardsigmoidBackward0", "MishBackward0",
+    "LogSigmoidBackward0", "ExpBackward0", "LogBackward0", "SqrtBackward0", "AbsBackward0", "PowBackward0",
+    "NegBackward0", "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "AddBackward0",
+    "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1", "NativeDropoutBackward0",
+    "ToCopyBackward0",
+)
+
+_RULES: Dict[str, Rule] = {
+    "ConvolutionBackward0": _convolution,
+    "ReluBackward0": _relu,
+    "ThresholdBackward0": _threshold,
+    **{name: _call_node for name in _ELEMENTWISE},
+    "CloneBackward0": _identity,
+    "AliasBackward0": _identity,
+    "ExpandBackward0": _identity,  # the broadcast axes are summed where the gradient is handed on
+    **{name: _reshape for name in (
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0", "SqueezeBackward1",
+        "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4", "UnsqueezeBackward0", "UnsqueezeBackward1")},
+    "PermuteBackward0": _permute,
+    "TransposeBackward0": _transpose,
+    "TBackward0": _t,
+    "ConstantPadNdBackward0": _constant_pad,
+    "AddmmBackward0": _addmm,
+    "MmBackward0": _mm,
+    "MeanBackward0": _reduce_all(divide=True),
+    "SumBackward0": _reduce_all(divide=False),
+    "MeanBackward1": _mean_dims,
+    "SumBackward1": _sum_dims,
+    "AvgPool2DBackward0": _avg_pool(torch.ops.aten.avg_pool2d_backward),
+    "AvgPool3DBackward0": _avg_pool(torch.ops.aten.avg_pool3d_backward),
+    "AdaptiveAvgPool2DBackward0": _adaptive_avg_pool(torch.ops.aten._adaptive_avg_pool2d_backward),
+    "AdaptiveAvgPool3DBackward0": _adaptive_avg_pool(torch.ops.aten._adaptive_avg_pool3d_backward),
+    "MaxPool2DWithIndicesBackward0": _max_pool(2),
+    "MaxPool3DWithIndicesBackward0": _max_pool(3),
+    "NativeBatchNormBackward0": _batch_norm_eval,
+    "NativeBatchNormLegitNoTrainingBackward0": _batch_norm_eval,
+    "CudnnBatchNormBackward0": _batch_norm_eval,
+}
+
+
+def rule_for(node) -> Optional[Rule]:
+    """The batched rule of ``node``, or ``None`` where there is none."""
+    if getattr(node, "_forward_cls", None) is ConstantPadding:
+        return _constant_padding
+    return _RULES.get(type(node).__name__)
+
+
+def supported_node_names() -> tuple:
+    """Names of the autograd node types with a batched rule (besides the engine's own padding)."""
+    return tuple(sorted(_RULES))

@@ -1,0 +1,200 @@
+"""Batched vector-Jacobian products by walking the autograd graph with batched rules per node.
+
+The engine backpropagates ``J`` columns (the loss Hessian's square root, MC samples) through the model
+at once. :func:`curvlib.engine.layers.batched_vjp` does it with ``torch.func.vmap`` over
+``torch.autograd.grad``; :class:`GraphVJP` does the same without autograd's engine: it walks the part of
+the graph between the source and the wanted edges in topological order and applies each node's batched
+rule (:mod:`.batched_rules`) to ``[J, ...]`` gradients. Why its own walk:
+
+- the layout and the kernels of the column backpropagation are the engine's to choose: autograd hands
+  each node a gradient in the layout of the forward pass (``channels_last`` moves the data gradients
+  to the layout cuDNN's tensor-core kernels use, see :class:`.BackwardOptions`);
+- what the nodes derive from their saved tensors (ReLU masks) is computed once for all chunks;
+- no per-call functorch and autograd-engine overhead.
+
+A plan (which nodes, in which order) is built once per ``(source, edges)`` and run for every chunk of
+columns. Where the graph between them holds a node without a batched rule, :meth:`GraphVJP.build`
+returns ``None`` and the caller uses ``vmap`` over autograd. Gradient hooks registered on tensors or
+nodes are not run (the engine's column passes are not the user's backward pass).
+
+>>> import torch
+>>> x = torch.randn(4, 3, requires_grad=True)
+>>> lin = torch.nn.Linear(3, 2)
+>>> h = torch.relu(lin(x)); out = h.sum(1) * 2
+>>> from torch.autograd.graph import get_gradient_edge
+>>> plan = GraphVJP.build(out, [get_gradient_edge(h)])
+>>> plan.run(torch.randn(5, 4), [h.shape])[0].shape
+torch.Size([5, 4, 2])
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .batched_rules import BackwardOptions, UnsupportedNode, rule_for
+
+__all__ = ["GraphVJP", "UnsupportedNode"]
+
+
+def _key(edge) -> Optional[Tuple[object, int]]:
+    """``(node, output_nr)`` of a gradient edge or of a tensor with a ``grad_fn``; ``None`` otherwise."""
+    if isinstance(edge, Tensor):
+        return None if edge.grad_fn is None else (edge.grad_fn, edge.output_nr)
+    node = getattr(edge, "node", None)
+    return None if node is None else (node, edge.output_nr)
+
+
+class GraphVJP:
+    """The batched backward pass from ``source`` to ``edges``: see the module docstring.
+
+    ``order``: the nodes to apply, in topological order; ``dependencies``: how many edges from nodes of
+    the walk lead to each; ``watched``: which ``edges`` entries each ``(node, output_nr)`` answers.
+    """
+
+    def __init__(self, root: Tuple[object, int], order: list, dependencies: Dict, watched: Dict,
+                 num_edges: int, options: BackwardOptions, cache: Dict):
+        self.root = root
+        self.order = order
+        self.dependencies = dependencies
+        self.watched = watched
+        self.num_edges = num_edges
+        self.options = options
+        self.cache = cache
+
+    @classmethod
+    def build(cls, source, edges: Sequence, options: BackwardOptions = BackwardOptions(),
+              cache: Optional[Dict] = None) -> Optional["GraphVJP"]:
+        """The plan, or ``None`` where the source or an edge is no graph node (a tensor without history,
+        a torch without gradient edges) or where a node on the way has no batched rule.
+
+        ``cache`` holds what rules derive from saved tensors (masks, converted weights); plans of one
+        backward graph may share it."""
+        if isinstance(edges, Tensor) or not all(hasattr(edge, "node") for edge in edges):
+            return None  # tensors (a torch without gradient edges): autograd's engine resolves them
+        root = _key(source)
+        keys = [_key(edge) for edge in edges]
+        if root is None or any(k is None for k in keys) or not hasattr(root[0], "_input_metadata"):
+            return None
+        watched: Dict[Tuple[object, int], List[int]] = {}
+        for index, key in enumerate(keys):
+            watched.setdefault(key, []).append(index)
+        watched_nodes = {node for node, _ in watched}
+        relevant = _relevant_nodes(root[0], watched_nodes)
+        if root[0] not in relevant:
+            relevant.add(root[0])  # nothing below is wanted: the plan returns zeros (or the source itself)
+        dependencies: Dict[object, int] = {node: 0 for node in relevant}
+        for node in relevant:
+            if not _leads_on(node, relevant):
+                continue
+            if rule_for(node) is None:
+                return None
+            for child, _ in node.next_functions:
+                if child in relevant:
+                    dependencies[child] += 1
+        order, ready, pending = [], [root[0]], dict(dependencies)
+        while ready:
+            node = ready.pop()
+            order.append(node)
+            for child, _ in node.next_functions if _leads_on(node, relevant) else ():
+                if child in relevant:
+                    pending[child] -= 1
+                    if pending[child] == 0:
+                        ready.append(child)
+        if len(order) != len(relevant):
+            return None  # part of the walk is reached only through nodes outside it (cannot happen in a DAG)
+        return cls(root, order, dependencies, watched, len(keys), options, {} if cache is None else cache)
+
+    def run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
+        """The gradients ``[J, *shape]`` at the edges for the vectors ``[J, *source shape]``. An edge the
+        walk does not reach gets zeros of ``like[i]`` (a tensor or size); ``like[i] = None`` marks an edge
+        that must be reached. Raises :class:`UnsupportedNode` where a rule cannot handle a node. Runs
+        without recording a graph (the saved tensors require gradients; the results need none)."""
+        with torch.no_grad():
+            return self._run(vectors, like)
+
+    def _run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
+        results: List[Optional[Tensor]] = [None] * self.num_edges
+        grads: Dict[object, List[Optional[Tensor]]] = {self.root[0]: _slots(self.root[0])}
+        grads[self.root[0]][self.root[1]] = vectors
+        relevant = self.dependencies
+        for node in self.order:
+            outputs = grads.pop(node, None)
+            if outputs is None:
+                continue
+            for number, g in enumerate(outputs):
+                if g is not None:
+                    for index in self.watched.get((node, number), ()):
+                        results[index] = g
+            if not _leads_on(node, relevant):
+                continue
+            g = outputs[0]
+            if any(other is not None for other in outputs[1:]):
+                raise UnsupportedNode(f"{type(node).__name__}: gradients at several outputs")
+            if g is None:
+                continue
+            need = [child is not None and child in relevant for child, _ in node.next_functions]
+            passed = rule_for(node)(node, g, need, self.cache, self.options)
+            for slot, (child, number) in enumerate(node.next_functions):
+                grad = passed[slot] if slot < len(passed) else None
+                if not need[slot] or grad is None:
+                    continue
+                grad = _fit(grad, child, number, node)
+                slots = grads.setdefault(child, _slots(child))
+                slots[number] = grad if slots[number] is None else slots[number] + grad
+        like = list(like)
+        for index, result in enumerate(results):
+            if result is None:
+                if like[index] is None:
+                    raise RuntimeError("GraphVJP: an edge that the backward pass must reach was not reached")
+                shape = like[index] if isinstance(like[index], torch.Size) else like[index].shape
+                results[index] = torch.zeros(vectors.shape[0], *shape, dtype=vectors.dtype, device=vectors.device)
+        return results
+
+
+def _slots(node) -> List[Optional[Tensor]]:
+    return [None] * max(1, len(node._input_metadata))
+
+
+def _leads_on(node, relevant) -> bool:
+    """Whether the walk goes on below ``node`` (some input slot leads to a node of the walk)."""
+    return any(child is not None and child in relevant for child, _ in node.next_functions)
+
+
+def _fit(grad: Tensor, child, number: int, node) -> Tensor:
+    """``grad [J, ...]`` in the shape and dtype ``child`` expects at its output ``number``: broadcast axes
+    summed, as autograd's engine does between nodes."""
+    metadata = child._input_metadata[number]
+    shape = torch.Size(metadata.shape)
+    if grad.shape[1:] != shape:
+        expected = torch.Size((grad.shape[0], *shape))
+        try:
+            grad = grad.sum_to_size(expected)
+        except RuntimeError:
+            grad = None
+        if grad is None or grad.shape != expected:
+            raise UnsupportedNode(f"{type(node).__name__}: passes a gradient of shape {tuple(grad.shape[1:]) if grad is not None else '?'}"
+                                  f" to a node that expects {tuple(shape)}")
+    if grad.dtype != metadata.dtype:
+        grad = grad.to(metadata.dtype)
+    return grad
+
+
+def _relevant_nodes(root, watched_nodes: set) -> set:
+    """Nodes from ``root`` down that are watched or lead to a watched node (iterative post-order)."""
+    leads: Dict[object, bool] = {}
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in leads and not expanded:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            leads.setdefault(node, False)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in leads)
+        else:
+            leads[node] = node in watched_nodes or any(leads.get(child, False) for child in children)
+    return {node for node, lead in leads.items() if lead}
