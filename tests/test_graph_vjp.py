@@ -196,18 +196,18 @@ def test_batch_norm_in_training_mode_is_unsupported_at_run_time():
         plan.run(torch.randn(2, *out.shape, dtype=DTYPE), [h.shape])
 
 
-def test_rules_derive_masks_once():
-    conv = nn.Conv2d(2, 3, 3).to(DTYPE)
-    h = conv(torch.randn(2, 2, 5, 5, dtype=DTYPE))
-    out = torch.relu(h).sum((2, 3))
+def test_rules_derive_from_saved_tensors_once():
+    conv1, conv2 = nn.Conv2d(2, 3, 3).to(DTYPE), nn.Conv2d(3, 2, 3).to(DTYPE)
+    h = conv1(torch.randn(2, 2, 7, 7, dtype=DTYPE))
+    out = conv2(torch.relu(h)).sum((2, 3))
     cache = {}
     plan = GraphVJP.build(out, [get_gradient_edge(h)], cache=cache)
     vectors = torch.randn(3, *out.shape, dtype=DTYPE)
     first = plan.run(vectors, [h.shape])[0]
-    masks = [value for (node, name), value in cache.items() if name == "mask"]
-    assert len(masks) == 1 and masks[0].dtype == torch.bool
-    torch.testing.assert_close(plan.run(vectors, [h.shape])[0], first)
-    assert [value for (node, name), value in cache.items() if name == "mask"][0] is masks[0]
+    derived = dict(cache)
+    assert {name for _, name in derived} >= {"weight", "hyperparameters", "result"}
+    torch.testing.assert_close(plan.run(2 * vectors, [h.shape])[0], 2 * first)
+    assert all(cache[key] is value for key, value in derived.items())  # the second chunk reused them
 
 
 def _cnn():

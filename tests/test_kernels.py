@@ -156,13 +156,20 @@ def check_forced_splits(layer: Layer, device):
                        ggn_unfolded.UnfoldedGGNConfig(2, 8, 16, 16, 4, 2, flat=True),
                        ggn_unfolded.UnfoldedGGNConfig(1, 16, 32, block_o, 4, 1, flat=True)):
             for per_sample in (False, True):
-                for chunk_bytes, split in ((per_sample_bytes, 1), (None, 2)):
-                    ggn = weight_diag.ggn_diag(x, s, kg, per_sample, "ieee", config=config, split=split,
+                # (and s stored channels last, as a channels-last column backpropagation leaves it)
+                for chunk_bytes, split, s_in in ((per_sample_bytes, 1, s), (None, 2, s), (None, 2, channels_last(s))):
+                    ggn = weight_diag.ggn_diag(x, s_in, kg, per_sample, "ieee", config=config, split=split,
                                                chunk_bytes=chunk_bytes)
                     key = ("ggn_diag", per_sample)
                     shape = (x.shape[0], *weight) if per_sample else weight
-                    errors[("ggn_unfolded", config, per_sample, chunk_bytes)] = relative_error(ggn.reshape(shape), ref[key])
+                    errors[("ggn_unfolded", config, per_sample, chunk_bytes, s_in is s)] = relative_error(
+                        ggn.reshape(shape), ref[key])
     return errors
+
+
+def channels_last(s: torch.Tensor) -> torch.Tensor:
+    """``s [C, N, C_out, *O]`` with the same values, stored ``[C, N, *O, C_out]``."""
+    return s.movedim(2, -1).contiguous().movedim(-1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,6 +509,8 @@ TMA_CASES = [
     Layer("2d-grouped-strided-tma", (16, 16), (3, 3), stride=2, padding=1, groups=3, c_in=6, c_out=9, batch=5,
           columns=6),  # 64 locations, 3 channels per group: tiles read the next group's channels
     Layer("3d-odd-rows", (4, 6, 6), (3, 3, 3), padding=1, c_in=3, c_out=7, batch=3, columns=11),  # 144 locations, D = 81
+    Layer("2d-grouped-12-channels", (8, 8), (3, 3), padding=1, groups=2, c_in=4, c_out=12, batch=3,
+          columns=5),  # C_out·4 bytes a multiple of 16 (channels-last s: rows of the channels 16-byte aligned)
 ]
 
 
@@ -525,13 +534,16 @@ def test_ggn_unfolded_tma_on_gpu(seed, layer, precision):
                                                   "mma", tma=True) if c.tma]
     configs.append(ggn_unfolded.UnfoldedGGNConfig(4, 16, 32, 16, 4, 2, flat=True, tma=True))
     misaligned = torch.empty(s.numel() + 1, device="cuda")[1:].view(s.shape).copy_(s)
+    s_cl = channels_last(s)  # runs the pointer form
+    assert ggn_unfolded.channels_last_view(s_cl) is not None and ggn_unfolded.channels_last_view(s) is None
     for config in configs:
         for per_sample in (False, True):
-            for chunk_bytes, split, s_in in ((per_sample_bytes, 1, s), (None, 2, s), (None, None, misaligned)):
+            for chunk_bytes, split, s_in in ((per_sample_bytes, 1, s), (None, 2, s), (None, None, misaligned),
+                                             (per_sample_bytes, 1, s_cl), (None, 2, s_cl)):
                 ggn = weight_diag.ggn_diag(x, s_in, kg, per_sample, precision, config=config, split=split,
                                            chunk_bytes=chunk_bytes)
                 shape = (x.shape[0], *layer.weight_shape) if per_sample else layer.weight_shape
-                key = (config, per_sample, chunk_bytes, split, s_in is misaligned)
+                key = (config, per_sample, chunk_bytes, split, s_in is misaligned, s_in is s_cl)
                 errors[key] = relative_error(ggn.reshape(shape), ref[("ggn_diag", per_sample)])
     bad = {key: error for key, error in errors.items() if not error < TOLERANCE[precision]}
     assert not bad, bad

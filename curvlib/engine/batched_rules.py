@@ -9,9 +9,8 @@ after the first. :mod:`curvlib.engine.graph_vjp` walks the graph and calls these
 result to the shape and dtype the receiving node expects (summing broadcast axes, as autograd does).
 
 The rules read the tensors a node saved for its backward (``node._saved_weight`` ...). What they derive
-from them — ReLU masks, weights in the channels-last layout — is computed once per graph and kept in
-``cache`` (one dict per backward pass of many chunks of vectors: the masks are ``N``-sized, the
-gradients ``J·N``-sized, so a mask read for every chunk costs ``1/J`` of a gradient's traffic).
+from them — saved tensors and weights in the channels-last layout, the nodes' hyper-parameters — is kept
+in ``cache`` (one dict per backward pass of many chunks of vectors), so each is derived once per step.
 
 A node with no rule here, or one the rule cannot handle (a parameter's gradient, training-mode batch
 norm, a node with several differentiable outputs), raises :class:`UnsupportedNode`; the engine then
@@ -49,7 +48,7 @@ class BackwardOptions:
     """How the batched backward runs.
 
     ``channels_last``: 4-d and 5-d convolution data gradients on CUDA run on channels-last tensors (the
-    weights converted once per graph, ReLU masks likewise), so cuDNN's tensor-core kernels need no
+    weights converted once per graph, the ReLU outputs likewise), so cuDNN's tensor-core kernels need no
     layout transposes of the ``J·N``-sample gradients; the gradients handed on are channels-last.
     """
 
@@ -103,7 +102,7 @@ def _convolution(node, g, need, cache, options):
     if not _only(len(need), need, 0, node):
         return [None] * len(need)
     folded = _per_sample(g)
-    shape = (folded.shape[0], *slot_shape(node, 0)[1:])
+    shape = (folded.shape[0], *_cached(cache, node, "input_shape", lambda: slot_shape(node, 0))[1:])
     weight_format = _memory_format(folded, options)
     if weight_format is not None:
         folded = folded.contiguous(memory_format=weight_format)
@@ -111,29 +110,35 @@ def _convolution(node, g, need, cache, options):
     else:
         weight = _cached(cache, node, "weight", lambda: node._saved_weight)
     dummy = folded.new_empty(1).expand(shape)  # only the input's shape is read (as in torch.nn.grad)
-    grad = torch.ops.aten.convolution_backward(
-        folded, dummy, weight, None, node._saved_stride, node._saved_padding, node._saved_dilation,
-        node._saved_transposed, node._saved_output_padding, node._saved_groups, [True, False, False])[0]
+    stride, padding, dilation, transposed, output_padding, groups = _cached(cache, node, "hyperparameters", lambda: (
+        node._saved_stride, node._saved_padding, node._saved_dilation, node._saved_transposed,
+        node._saved_output_padding, node._saved_groups))
+    grad = torch.ops.aten.convolution_backward(folded, dummy, weight, None, stride, padding, dilation, transposed,
+                                               output_padding, groups, [True, False, False])[0]
     return [grad.unflatten(0, g.shape[:2])] + [None] * (len(need) - 1)
 
 
-def _masked(node, g, cache, options, name: str, make_mask: Callable[[], Tensor]) -> Tensor:
-    def mask():
-        m = make_mask()
-        memory_format = _memory_format(m, options)
-        return m if memory_format is None else m.contiguous(memory_format=memory_format)
+def _in_layout(cache: Dict, node, name: str, saved: Callable[[], Tensor], options: BackwardOptions) -> Tensor:
+    """A saved ``[N, ...]`` tensor in the layout of the gradients it meets: as saved, or converted to
+    channels-last once per graph where ``options`` asks for it (an elementwise kernel on mixed layouts
+    runs at about half the bandwidth)."""
+    def convert():
+        t = saved()
+        memory_format = _memory_format(t, options)
+        return t if memory_format is None else t.contiguous(memory_format=memory_format)
 
-    # where(), not a product: a zero of the mask stays a zero for infinite or NaN gradients, as in autograd
-    return torch.where(_cached(cache, node, name, mask), g, 0.0)
+    return _cached(cache, node, name, convert)
 
 
 def _relu(node, g, need, cache, options):
-    return [_masked(node, g, cache, options, "mask", lambda: node._saved_result > 0)]
+    # autograd's own kernel, the saved output broadcast over the vectors (zero stays zero for NaN gradients)
+    result = _in_layout(cache, node, "result", lambda: node._saved_result, options)
+    return [torch.ops.aten.threshold_backward(g, result, 0)]
 
 
 def _threshold(node, g, need, cache, options):
-    threshold = node._saved_threshold
-    return [_masked(node, g, cache, options, "mask", lambda: node._saved_self > threshold)] + [None] * (len(need) - 1)
+    saved = _in_layout(cache, node, "self", lambda: node._saved_self, options)
+    return [torch.ops.aten.threshold_backward(g, saved, node._saved_threshold)] + [None] * (len(need) - 1)
 
 
 def _call_node(node, g, need, cache, options):

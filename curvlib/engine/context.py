@@ -286,7 +286,7 @@ class curvature:
             for key, extensions in column_extensions.items():
                 columns = self._columns(loss_call, key)
                 self._run_columns(loss_call, groups, columns, extensions, coupled)
-        finally:  # the plans hold the graph's nodes and the masks derived from them
+        finally:  # the plans hold the graph's nodes and what the rules derived from them
             self._plans.clear()
             self._plan_cache.clear()
         for ext in self.extensions:

@@ -9,7 +9,8 @@ rule (:mod:`.batched_rules`) to ``[J, ...]`` gradients. Why its own walk:
 - the layout and the kernels of the column backpropagation are the engine's to choose: autograd hands
   each node a gradient in the layout of the forward pass (``channels_last`` moves the data gradients
   to the layout cuDNN's tensor-core kernels use, see :class:`.BackwardOptions`);
-- what the nodes derive from their saved tensors (ReLU masks) is computed once for all chunks;
+- what the nodes derive from their saved tensors (weights and activations in another layout) and the
+  walk itself (order, rules, shapes) are resolved once for all chunks;
 - no per-call functorch and autograd-engine overhead.
 
 A plan (which nodes, in which order) is built once per ``(source, edges)`` and run for every chunk of
@@ -63,6 +64,23 @@ class GraphVJP:
         self.num_edges = num_edges
         self.options = options
         self.cache = cache
+        # what every chunk's pass needs per node, resolved once (the walk runs in Python: under a tight
+        # memory budget it runs for dozens of chunks per step): the outputs' watched edges, the rule,
+        # which slots need a gradient, and each needed slot's receiving node, shape and dtype
+        self.steps = [self._step(node) for node in order]
+
+    def _step(self, node) -> tuple:
+        outputs = max(1, len(node._input_metadata))
+        watched = [(number, self.watched[(node, number)]) for number in range(outputs) if (node, number) in self.watched]
+        if not _leads_on(node, self.dependencies):
+            return node, outputs, watched, None, None, ()
+        need = [child is not None and child in self.dependencies for child, _ in node.next_functions]
+        receivers = []
+        for slot, (child, number) in enumerate(node.next_functions):
+            if need[slot]:
+                metadata = child._input_metadata[number]
+                receivers.append((slot, child, number, torch.Size(metadata.shape), metadata.dtype))
+        return node, outputs, watched, rule_for(node), need, receivers
 
     @classmethod
     def build(cls, source, edges: Sequence, options: BackwardOptions = BackwardOptions(),
@@ -70,7 +88,7 @@ class GraphVJP:
         """The plan, or ``None`` where the source or an edge is no graph node (a tensor without history,
         a torch without gradient edges) or where a node on the way has no batched rule.
 
-        ``cache`` holds what rules derive from saved tensors (masks, converted weights); plans of one
+        ``cache`` holds what rules derive from saved tensors (converted weights, hyper-parameters); plans of one
         backward graph may share it."""
         if isinstance(edges, Tensor) or not all(hasattr(edge, "node") for edge in edges):
             return None  # tensors (a torch without gradient edges): autograd's engine resolves them
@@ -117,32 +135,33 @@ class GraphVJP:
 
     def _run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
         results: List[Optional[Tensor]] = [None] * self.num_edges
-        grads: Dict[object, List[Optional[Tensor]]] = {self.root[0]: _slots(self.root[0])}
-        grads[self.root[0]][self.root[1]] = vectors
-        relevant = self.dependencies
-        for node in self.order:
+        root, root_number = self.root
+        grads: Dict[object, List[Optional[Tensor]]] = {root: [None] * self.steps[0][1]}
+        grads[root][root_number] = vectors
+        for node, outputs_count, watched, rule, need, receivers in self.steps:
             outputs = grads.pop(node, None)
             if outputs is None:
                 continue
-            for number, g in enumerate(outputs):
-                if g is not None:
-                    for index in self.watched.get((node, number), ()):
-                        results[index] = g
-            if not _leads_on(node, relevant):
+            for number, indices in watched:
+                if outputs[number] is not None:
+                    for index in indices:
+                        results[index] = outputs[number]
+            if rule is None:
                 continue
             g = outputs[0]
-            if any(other is not None for other in outputs[1:]):
+            if outputs_count > 1 and any(other is not None for other in outputs[1:]):
                 raise UnsupportedNode(f"{type(node).__name__}: gradients at several outputs")
             if g is None:
                 continue
-            need = [child is not None and child in relevant for child, _ in node.next_functions]
-            passed = rule_for(node)(node, g, need, self.cache, self.options)
-            for slot, (child, number) in enumerate(node.next_functions):
+            passed = rule(node, g, need, self.cache, self.options)
+            for slot, child, number, shape, dtype in receivers:
                 grad = passed[slot] if slot < len(passed) else None
-                if not need[slot] or grad is None:
+                if grad is None:
                     continue
-                grad = _fit(grad, child, number, node)
-                slots = grads.setdefault(child, _slots(child))
+                grad = _fit(grad, shape, dtype, node)
+                slots = grads.get(child)
+                if slots is None:
+                    slots = grads[child] = [None] * max(1, len(child._input_metadata))
                 slots[number] = grad if slots[number] is None else slots[number] + grad
         like = list(like)
         for index, result in enumerate(results):
@@ -154,20 +173,14 @@ class GraphVJP:
         return results
 
 
-def _slots(node) -> List[Optional[Tensor]]:
-    return [None] * max(1, len(node._input_metadata))
-
-
 def _leads_on(node, relevant) -> bool:
     """Whether the walk goes on below ``node`` (some input slot leads to a node of the walk)."""
     return any(child is not None and child in relevant for child, _ in node.next_functions)
 
 
-def _fit(grad: Tensor, child, number: int, node) -> Tensor:
-    """``grad [J, ...]`` in the shape and dtype ``child`` expects at its output ``number``: broadcast axes
-    summed, as autograd's engine does between nodes."""
-    metadata = child._input_metadata[number]
-    shape = torch.Size(metadata.shape)
+def _fit(grad: Tensor, shape: torch.Size, dtype: torch.dtype, node) -> Tensor:
+    """``grad [J, ...]`` in the ``shape`` and ``dtype`` the receiving node expects: broadcast axes summed,
+    as autograd's engine does between nodes."""
     if grad.shape[1:] != shape:
         expected = torch.Size((grad.shape[0], *shape))
         try:
@@ -177,8 +190,8 @@ def _fit(grad: Tensor, child, number: int, node) -> Tensor:
         if grad is None or grad.shape != expected:
             raise UnsupportedNode(f"{type(node).__name__}: passes a gradient of shape {tuple(grad.shape[1:]) if grad is not None else '?'}"
                                   f" to a node that expects {tuple(shape)}")
-    if grad.dtype != metadata.dtype:
-        grad = grad.to(metadata.dtype)
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
     return grad
 
 

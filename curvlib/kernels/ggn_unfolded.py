@@ -65,14 +65,15 @@ def tma_supported(device: torch.device) -> bool:
 
 
 @triton.jit
-def _product_step(u_src, s_src, J, n, s_n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sun, tma_s_row, tma_u_row,
-                  tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
+def _product_step(u_src, s_src, J, n, s_n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sso, sun, tma_s_row,
+                  tma_u_row, tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """``J + S[rows, s_n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop;
     ``n`` counts the chunk's samples, ``s_n`` is the same sample's index in ``S``).
 
     ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, N·C_out, O]`` and ``U [n·G, D, O]``, the
-    tiles start at ``(tma_c0, tma_s_row, o0)`` and ``(tma_u_row, tma_d0, o0)``; else pointers."""
+    tiles start at ``(tma_c0, tma_s_row, o0)`` and ``(tma_u_row, tma_d0, o0)``; else pointers, ``S``'s
+    locations ``sso`` apart (1, or ``C_out`` where ``S`` is stored channels last)."""
     if TMA:
         s_tile = tl.reshape(s_src.load([tma_c0, tma_s_row, o0]), (BLOCK_C * BLOCK_CO, BLOCK_O))
         u_tile = tl.trans(tl.reshape(u_src.load([tma_u_row, tma_d0, o0]), (BLOCK_D, BLOCK_O)))
@@ -81,11 +82,12 @@ def _product_step(u_src, s_src, J, n, s_n, o0, s_rows, valid_r, u_cols, valid_d,
         u_sample = u_src + tl.cast(n, tl.int64) * sun + u_cols
         o = o0 + tl.arange(0, BLOCK_O)
         if EVEN_O:
-            s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None], other=0.0)
+            s_tile = tl.load(s_sample[:, None] + (o * sso)[None, :], mask=valid_r[:, None], other=0.0)
             u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_d[None, :], other=0.0)
         else:
             valid_o = o < OT
-            s_tile = tl.load(s_sample[:, None] + o[None, :], mask=valid_r[:, None] & valid_o[None, :], other=0.0)
+            s_tile = tl.load(s_sample[:, None] + (o * sso)[None, :], mask=valid_r[:, None] & valid_o[None, :],
+                             other=0.0)
             u_tile = tl.load(u_sample[None, :] + (o * D)[:, None], mask=valid_o[:, None] & valid_d[None, :],
                              other=0.0)
     return mma(s_tile, u_tile, J, PRECISION)
@@ -109,7 +111,7 @@ def _add_squares(J, acc, out_tile, n, out_row_stride, out_mask, PER_SAMPLE: tl.c
 def _ggn_diag_unfolded_kernel(
     u_src, s_src, out_ptr,
     C, COG, D, OT, n_offset, n_count, n_per_split, d_tiles, co_tiles, out_row_stride,
-    ssc, ssn, ssch, sun, sug,
+    ssc, ssn, ssch, sso, sun, sug,
     PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -134,7 +136,7 @@ def _ggn_diag_unfolded_kernel(
     c0 = c_block * BLOCK_C
     d0 = d_tile * BLOCK_D
     channel0 = g * COG + co_tile * BLOCK_CO
-    channels = ssn // ssch  # C_out
+    channels = ssn // ssch  # C_out (used by the TMA form, which reads S with the locations contiguous)
 
     co = co_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
     out_mask = (co < COG)[:, None] & valid_d[None, :]
@@ -153,7 +155,7 @@ def _ggn_diag_unfolded_kernel(
             o0 = (step - sample * o_steps) * BLOCK_O
             n = n_start + sample
             J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
-                              sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
+                              sso, sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
                               BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
             if o0 + BLOCK_O >= OT:  # the sample's last location block: J is complete
                 acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C,
@@ -164,7 +166,7 @@ def _ggn_diag_unfolded_kernel(
             J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
             for o0 in range(0, OT, BLOCK_O):
                 J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
-                                  sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
+                                  sso, sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
                                   BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
             acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
                                BLOCK_D)
@@ -174,7 +176,7 @@ def _ggn_diag_unfolded_kernel(
         tl.atomic_add(out_tile, squares, mask=out_mask, sem="relaxed")
 
 
-_launch = Launcher(_ggn_diag_unfolded_kernel, specialised=["OT", "ssc", "ssch"])
+_launch = Launcher(_ggn_diag_unfolded_kernel, specialised=["OT", "ssc", "ssch", "sso"])
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,15 @@ def unfolded_view(x: torch.Tensor, geometry: KernelGeometry, k_major: bool = Fal
     return windows.permute(0, 1, 3, 4, 5, 2, 6, 7, 8)
 
 
+def channels_last_view(s: torch.Tensor):
+    """``s [C, N, C_out, *O]`` as a ``[C, N, O, C_out]`` view where its memory is in that order (messages
+    of a channels-last backward pass: :class:`curvlib.engine.batched_rules.BackwardOptions`), else ``None``."""
+    if s.dim() < 4 or s.stride(2) != 1:
+        return None
+    moved = s.movedim(2, -1)
+    return moved.reshape(s.shape[0], s.shape[1], -1, s.shape[2]) if moved.is_contiguous() else None
+
+
 def chunk_samples(batch: int, geometry: KernelGeometry, element_size: int, chunk_bytes: float) -> int:
     """Samples per unfolded chunk: as many as fit ``chunk_bytes``, at least one."""
     per_sample = geometry.groups * geometry.output_numel * geometry.rows * element_size
@@ -306,13 +317,18 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     slices per chunk) force the chunking (tests). A TMA ``config`` whose requirements this ``s`` does not
     meet (16-byte aligned address and location stride) runs the same tile with pointer loads.
     """
-    s = s.contiguous()
     columns, batch = s.shape[0], s.shape[1]
     G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
+    s_cl = channels_last_view(s)  # [C, N, O, C_out] where s is stored channels last, else None
+    if s_cl is None:
+        s = s.contiguous()
     weight_numel = geometry.out_channels * D
     unit_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
     unit_size = torch.finfo(unit_dtype).bits // 8
-    tma = config.tma and tma_supported(x.device) and tma_shape_ok(OT, s.element_size()) \
+    # the TMA form reads S's tiles with the locations contiguous: TF32 wgmma takes its shared-memory
+    # operands K-major only (a channels-last tile, permuted for the product, made Triton 3.6 emit an
+    # illegal instruction on an H100), so a channels-last S runs the pointer form
+    tma = config.tma and s_cl is None and tma_supported(x.device) and tma_shape_ok(OT, s.element_size()) \
         and s.data_ptr() % TMA_ALIGNMENT == 0
     samples = chunk_samples(batch, geometry, unit_size, unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
     if tma:  # K-major, each sample-group's rows padded to 16 bytes (the descriptor's stride)
@@ -348,7 +364,8 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
             (programs // G, G, slices),
             u_src, s_src, out,
             columns, COG, D, OT, n0, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
-            s.stride(0), s.stride(1), OT, buffer.stride(0), buffer.stride(1),
+            s.stride(0), s.stride(1), 1 if s_cl is not None else OT, geometry.out_channels if s_cl is not None else 1,
+            buffer.stride(0), buffer.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
             FLAT=config.flat, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,

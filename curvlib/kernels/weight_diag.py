@@ -255,15 +255,22 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     the kernel, its tile and the batch split, ``chunk_bytes`` the unfolded kernel's chunk (tests);
     else chosen per shape.
     """
-    x, s = x.contiguous(), s.contiguous()
+    x = x.contiguous()
     columns, batch = s.shape[0], s.shape[1]
     G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
     weight_numel = geometry.out_channels * D
-    s_strides = (s.stride(0), s.stride(1), OT)
+    # s stored channels last (a channels-last column backpropagation) is read as it is by the unfolded
+    # kernel; the gathered kernel reads s [C, N, C_out, O] with the locations contiguous
+    channels_last = ggn_unfolded.channels_last_view(s) is not None
+    dense = []
 
     def launch(cfg, split=split):
         if isinstance(cfg, ggn_unfolded.UnfoldedGGNConfig):
             return ggn_unfolded.ggn_diag(x, s, geometry, per_sample, precision, cfg, chunk_bytes, split)
+        if not dense:
+            dense.append(s.contiguous())
+        s_dense = dense[0]
+        s_strides = (s_dense.stride(0), s_dense.stride(1), OT)
         d_tiles, co_tiles = cdiv(D, cfg.block_d), cdiv(COG, cfg.block_co)
         if per_sample:
             slices, atomic = batch, False
@@ -275,7 +282,7 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
         _launch_ggn(
             (d_tiles * co_tiles, G, slices),
-            x, s, out,
+            x, s_dense, out,
             columns, batch, COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, n_per_split, d_tiles,
             weight_numel if per_sample else 0,
             *s_strides, *_weight_strides(geometry), *geometry.spatial_args(),
@@ -287,8 +294,9 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         return out
 
     if config is None:
-        key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type)
-        tma = ggn_unfolded.tma_supported(x.device) and ggn_unfolded.tma_shape_ok(OT, s.element_size())
+        key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type, channels_last)
+        tma = ggn_unfolded.tma_supported(x.device) and not channels_last and \
+            ggn_unfolded.tma_shape_ok(OT, s.element_size())
         options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma)  # noqa: E731
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
