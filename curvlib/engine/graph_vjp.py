@@ -123,7 +123,10 @@ class GraphVJP:
                         ready.append(child)
         if len(order) != len(relevant):
             return None  # part of the walk is reached only through nodes outside it (cannot happen in a DAG)
-        return cls(root, order, dependencies, watched, len(keys), options, {} if cache is None else cache)
+        try:
+            return cls(root, order, dependencies, watched, len(keys), options, {} if cache is None else cache)
+        except AttributeError:  # a node without the input metadata the walk reads (an older torch)
+            return None
 
     def run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
         """The gradients ``[J, *shape]`` at the edges for the vectors ``[J, *source shape]``. An edge the
