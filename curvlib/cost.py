@@ -245,7 +245,8 @@ def operation_cost(
     planned path: :func:`network_cost`.)
     """
     cost = _operation_cost(op, pathway, geometry, batch, columns, element_size, chunk_bytes)
-    tf32 = tf32_flop_efficiency(op, pathway, geometry, element_size) if precision == "tf32" else None
+    # "bf16": cuBLAS/cuDNN run float32 on TF32; the fused kernels' bf16 rate is at least that
+    tf32 = tf32_flop_efficiency(op, pathway, geometry, element_size) if precision in ("tf32", "bf16") else None
     if element_size == 4 and tf32 is not None:
         cost = replace(cost, tf32_flop_efficiency=tf32)
     return cost

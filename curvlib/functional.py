@@ -206,7 +206,7 @@ def _kfc_by_lags(x: Tensor, geometry) -> Tensor:
     Under memory limits its temporaries go in chunks (:func:`curvlib.lag_gram.kfc_chunk_bytes`)."""
     precision = _precision.effective_precision(_pathways.settings().precision)
     chunk_bytes = _lag_gram.kfc_chunk_bytes(geometry, x.shape[0], x.element_size())
-    if x.is_cuda and precision == "tf32" and not _lag_gram.triton_usable(x.dtype, x.device, x.numel()):
+    if x.is_cuda and precision in ("tf32", "bf16") and not _lag_gram.triton_usable(x.dtype, x.device, x.numel()):
         return _lag_gram.kfc_by_lags(x, geometry, lag_method="conv", chunk_bytes=chunk_bytes)
     return _lag_gram.kfc_by_lags(x, geometry, lag_method="auto", precision=precision if x.is_cuda else "ieee",
                                  chunk_bytes=chunk_bytes)

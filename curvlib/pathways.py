@@ -145,8 +145,10 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
         repeats: timed calls per candidate when measuring.
         exclude: candidates never chosen automatically (e.g. ``("fused",)``).
         precision: float32 products of every pathway on CUDA (:mod:`curvlib.precision`): ``"ieee"``
-            (exact), ``"tf32"`` (matrix units, relative errors about ``1e-3``) or ``None`` (follow
-            PyTorch's global flags; the default, also settable with ``CURVLIB_PRECISION``).
+            (exact), ``"tf32"`` (matrix units, relative errors about ``1e-3``), ``"bf16"`` (fused
+            kernels on bfloat16 operands and bfloat16 column passes in :class:`curvlib.curvature`,
+            about ``1e-2``) or ``None`` (follow PyTorch's global flags; the default, also settable
+            with ``CURVLIB_PRECISION``).
     """
     _check_settings(autotune, memory_budget, cache_file, repeats, exclude, precision, memory_fraction)
     global _SETTINGS

@@ -11,7 +11,14 @@ are exact, cuDNN convolutions use TF32.
 curvlib follows PyTorch's flags unless told otherwise (``precision=None``, the default), so its
 native pathway computes what ``torch.nn.functional`` computes. :func:`curvlib.pathways.configure`
 (``precision="ieee"`` or ``"tf32"``) overrides them for curvlib's contractions only — cuBLAS and
-cuDNN calls, tensor networks and the fused kernels — leaving the user's model untouched:
+cuDNN calls, tensor networks and the fused kernels — leaving the user's model untouched.
+
+``"bf16"`` goes further, for the curvature of float32 models where ``1e-2`` relative errors are
+acceptable: curvlib's fused kernels round their operands to bfloat16 (float32 accumulation, twice the
+TF32 rate), cuBLAS and cuDNN run float32 calls as for ``"tf32"`` (they have no bfloat16 mode for float32
+tensors), and :class:`curvlib.curvature` carries the backpropagated columns in bfloat16 where the
+extensions reading them accept it (the GGN/Fisher diagonals): half the memory traffic of the
+column passes, whose errors then add up over the model's depth.
 
 >>> from curvlib import pathways
 >>> with pathways.options(precision="tf32"):   # KFAC factors, GGN diagonals, ... on the matrix units
@@ -31,7 +38,7 @@ __all__ = ["PRECISIONS", "check_precision", "matmul_allows_tf32", "effective_pre
            "backend_flags"]
 
 #: values of ``precision=``: ``None`` follows PyTorch's global flags
-PRECISIONS = (None, "ieee", "tf32")
+PRECISIONS = (None, "ieee", "tf32", "bf16")
 
 # torch >= 2.9 has per-backend ``fp32_precision`` strings; mixing them with the legacy ``allow_tf32``
 # flags makes PyTorch raise, so only one of the two APIs is ever touched here
@@ -99,10 +106,13 @@ def effective_precision(precision: Optional[str]) -> str:
 @contextlib.contextmanager
 def fp32_precision(precision: Optional[str], device: torch.device) -> Iterator[None]:
     """Within the block, float32 cuBLAS products and cuDNN convolutions on CUDA use ``precision``
-    (``None`` or a CPU device: nothing changes). The previous flags are restored afterwards."""
+    (``"bf16"``: TF32, the libraries' fastest float32 mode; ``None`` or a CPU device: nothing changes).
+    The previous flags are restored afterwards."""
     if precision is None or device.type != "cuda":
         yield
         return
+    if precision == "bf16":
+        precision = "tf32"
     if _NEW_API:
         matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
         saved = (matmul.fp32_precision, conv.fp32_precision)

@@ -27,6 +27,7 @@ def _check_samples(mc_samples) -> int:
 class _DiagGGN(Extension):
     per_sample = False
     keeps_location_gram = True
+    low_precision_messages = True  # the weight diagonals square in float32 (ModuleCalls.ggn_diag_terms)
 
     def accumulate(self, group, messages, state):
         add_into(state, group.ggn_diag_terms(messages, per_sample=self.per_sample))

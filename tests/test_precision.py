@@ -45,14 +45,15 @@ def test_environment_value_sets_the_default():
     assert run.stdout.strip() == "tf32"
 
 
-@pytest.mark.parametrize("value", ["tf32", "ieee"])
+@pytest.mark.parametrize("value", ["tf32", "ieee", "bf16"])
 def test_context_sets_and_restores_the_cuda_flags(value):
-    # setting the flags needs no GPU; only CUDA devices are affected
+    # setting the flags needs no GPU; only CUDA devices are affected. "bf16": the libraries run TF32
     before = _flags()
     with precision.fp32_precision(value, torch.device("cuda")):
         inside = _flags()
     assert _flags() == before
-    expected = (value, value) if precision._NEW_API else (value == "tf32", value == "tf32")
+    flag = "tf32" if value == "bf16" else value
+    expected = (flag, flag) if precision._NEW_API else (flag == "tf32", flag == "tf32")
     assert inside == expected
     with pytest.raises(RuntimeError):
         with precision.fp32_precision(value, torch.device("cuda")):
@@ -92,6 +93,7 @@ def test_backend_flags_read_what_torch_backends_say(matmul, conv, generic):
 def test_effective_precision_follows_pytorch_for_none():
     assert precision.effective_precision("ieee") == "ieee"
     assert precision.effective_precision("tf32") == "tf32"
+    assert precision.effective_precision("bf16") == "bf16"
     with precision.fp32_precision("tf32", torch.device("cuda")):
         assert precision.matmul_allows_tf32()
         assert precision.effective_precision(None) == "tf32"
@@ -110,7 +112,7 @@ def test_fused_pathway_receives_the_precision(monkeypatch):
     fake = types.SimpleNamespace(supports=lambda *args, **kwargs: True, kfc=kfc)
     monkeypatch.setattr(F, "_kernels", lambda: fake)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    for value, expected in (("tf32", "tf32"), ("ieee", "ieee")):
+    for value, expected in (("tf32", "tf32"), ("ieee", "ieee"), ("bf16", "bf16")):
         with pathways.options(precision=value):
             F.kfc(x, 3, padding=1, pathway="fused")
         assert seen[-1] == expected
@@ -123,8 +125,10 @@ def test_precision_setting_changes_nothing_on_the_cpu():
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
     s = torch.randn(2, 3, 5, 5, 5, dtype=torch.float64)
     reference = F.ggn_diag(x, s, 3, pathway="native")
+    for value in ("tf32", "bf16"):
+        with pathways.options(precision=value):
+            torch.testing.assert_close(F.ggn_diag(x, s, 3), reference, rtol=1e-12, atol=1e-12)
     with pathways.options(precision="tf32"):
-        torch.testing.assert_close(F.ggn_diag(x, s, 3), reference, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(F.kfc(x, 3, padding=1, pathway="tn"), F.kfc(x, 3, padding=1, pathway="native"))
 
 
@@ -176,7 +180,8 @@ def test_lags_pathway_method_and_precision(monkeypatch):
     cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"),
                                       numel=lambda: 10, shape=(2, 3, 6, 6), element_size=lambda: 4)
     for usable, setting, expected in [(True, "tf32", ("auto", "tf32")), (True, "ieee", ("auto", "ieee")),
-                                      (False, "tf32", ("conv", "ieee")), (False, "ieee", ("auto", "ieee"))]:
+                                      (False, "tf32", ("conv", "ieee")), (False, "ieee", ("auto", "ieee")),
+                                      (True, "bf16", ("auto", "bf16")), (False, "bf16", ("conv", "ieee"))]:
         monkeypatch.setattr(lag_gram, "triton_usable", lambda *args, usable=usable: usable)
         seen.clear()
         with pathways.options(precision=setting):

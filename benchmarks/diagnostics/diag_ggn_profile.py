@@ -5,6 +5,7 @@
     python benchmarks/diagnostics/diag_ggn_profile.py --precision tf32 --cudnn-benchmark   # cuDNN autotuned
     python benchmarks/diagnostics/diag_ggn_profile.py --column-backward autograd     # vmap over autograd
     python benchmarks/diagnostics/diag_ggn_profile.py --channels-last   # graph walk, channels-last dgrads
+    python benchmarks/diagnostics/diag_ggn_profile.py --curvlib-precision bf16 --accuracy   # bf16 columns
 
 One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3d; batch 128) inside
 ``curvlib.curvature(model, loss, DiagGGNExact(), memory_budget=...)``. Printed:
@@ -15,6 +16,8 @@ One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3
   reached);
 - with ``--compare``, the same for the fused kernel only (``exclude=("native",)``) and for measured
   (autotuned) pathway decisions;
+- with ``--accuracy``, the relative error of each parameter's diagonal against a float64 step (``--curvlib-precision``:
+  ``pathways.configure(precision=...)``, e.g. ``bf16`` for bfloat16 column passes);
 - the device time of one profiled step summed by kernel category (cuDNN/cuBLAS products, copies and
   other elementwise kernels, reductions, ReLU backward, curvlib's Triton kernels) and the ATen ops with
   the most self device time, grouped by input shapes.
@@ -72,16 +75,35 @@ def build(args, device):
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step():
+    def step(dtype=torch.float32):
         ctx = curvlib.curvature(model, loss_fn, E.DiagGGNExact(), memory_budget=args.memory_budget,
                                 column_backward=args.column_backward)
         ctx.backward_options = BackwardOptions(channels_last=args.channels_last)
         with ctx:
             model.zero_grad()
-            loss_fn(model(x), y).backward()
+            loss_fn(model(x.to(dtype)), y).backward()
         return ctx
 
-    return step
+    return step, model
+
+
+def accuracy(step, model) -> None:
+    """Relative error (Frobenius) of each parameter's diagonal from ``step`` against a float64 step."""
+    step()
+    got = [p.diag_ggn_exact.double() for p in model.parameters()]
+    model.double()
+    try:
+        with pathways.options(precision=None):
+            step(torch.float64)
+        expected = [p.diag_ggn_exact for p in model.parameters()]
+    finally:
+        model.float()
+    errors = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
+    total = (sum(((g - e) ** 2).sum() for g, e in zip(got, expected)) ** 0.5
+             / sum((e ** 2).sum() for e in expected) ** 0.5).item()
+    print(f"relative error against float64: all parameters {total:.2e}, per parameter max {max(errors):.2e}, "
+          f"median {statistics.median(errors):.2e}")
+    print("    " + " ".join(f"{e:.1e}" for e in errors))
 
 
 def measure(label: str, step, repeats: int, **options) -> None:
@@ -103,7 +125,7 @@ def measure(label: str, step, repeats: int, **options) -> None:
     stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
     print(f"{label}: {statistics.median(times) * 1e3:.1f} ms, extra peak {peak / 1e9:.2f} GB, "
           f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, "
-          f"column backward {ctx.last_column_backward}", flush=True)
+          f"column backward {ctx.last_column_backward}, messages {ctx.last_message_dtype}", flush=True)
     for decision in decisions:  # in the order the layers were reached (the stages run the last layers first)
         print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
 
@@ -147,6 +169,9 @@ def main(argv=None) -> None:
                         help="curvature(column_backward=...): the engine's graph walk or vmap over autograd")
     parser.add_argument("--channels-last", action="store_true",
                         help="the graph walk's data gradients channels-last (BackwardOptions(channels_last=True))")
+    parser.add_argument("--curvlib-precision", choices=("none", "ieee", "tf32", "bf16"), default="none",
+                        help="pathways.configure(precision=...): bf16 carries the columns in bfloat16")
+    parser.add_argument("--accuracy", action="store_true", help="also the error against a float64 step")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("diag_ggn_profile.py needs a CUDA device")
@@ -154,10 +179,13 @@ def main(argv=None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, precision {args.precision}, "
           f"cudnn.benchmark {args.cudnn_benchmark}, column_backward {args.column_backward}, "
-          f"channels_last {args.channels_last}, "
+          f"channels_last {args.channels_last}, curvlib precision {args.curvlib_precision}, "
           f"memory_budget {args.memory_budget:.3g} bytes, batch {args.batch}, {args.classes} classes")
-    step = build(args, torch.device("cuda"))
+    pathways.configure(precision=None if args.curvlib_precision == "none" else args.curvlib_precision)
+    step, model = build(args, torch.device("cuda"))
     measure("automatic pathways (cost model)", step, args.repeats)
+    if args.accuracy:
+        accuracy(step, model)
     if args.compare:
         measure("fused kernel only", step, args.repeats, exclude=("native",))
         measure("automatic pathways (measured)", step, args.repeats, autotune=True)

@@ -50,9 +50,28 @@ class BackwardOptions:
     ``channels_last``: 4-d and 5-d convolution data gradients on CUDA run on channels-last tensors (the
     weights converted once per graph, the ReLU outputs likewise), so cuDNN's tensor-core kernels need no
     layout transposes of the ``J·N``-sample gradients; the gradients handed on are channels-last.
+
+    ``message_dtype``: the floating dtype the gradients of float32 tensors are carried in (``None``:
+    their own). ``torch.bfloat16`` halves the bytes of every pass and runs the data gradients on the
+    bf16 matrix units; each node's result is rounded to it (relative error about ``4e-3`` per node,
+    accumulating over the depth), while products accumulate in float32. What a rule derives from
+    float32 saved tensors (weights, ReLU outputs) is converted once per graph. Gradients of tensors of
+    other dtypes (float64, half) keep theirs.
     """
 
     channels_last: bool = False
+    message_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(f"channels_last must be a bool, got {self.channels_last!r}")
+        dtype = self.message_dtype
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"message_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+    def carried(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a gradient of a tensor of ``dtype`` is carried in."""
+        return self.message_dtype if self.message_dtype is not None and dtype == torch.float32 else dtype
 
 
 Rule = Callable[[object, Tensor, Sequence[bool], Dict, BackwardOptions], List[Optional[Tensor]]]
@@ -106,9 +125,9 @@ def _convolution(node, g, need, cache, options):
     weight_format = _memory_format(folded, options)
     if weight_format is not None:
         folded = folded.contiguous(memory_format=weight_format)
-        weight = _cached(cache, node, "weight", lambda: node._saved_weight.contiguous(memory_format=weight_format))
-    else:
-        weight = _cached(cache, node, "weight", lambda: node._saved_weight)
+    # the weight in the gradients' dtype (cuDNN multiplies equal dtypes) and layout, converted once per graph
+    weight = _cached(cache, node, "weight", lambda: node._saved_weight.to(
+        folded.dtype, memory_format=weight_format or torch.preserve_format))
     dummy = folded.new_empty(1).expand(shape)  # only the input's shape is read (as in torch.nn.grad)
     stride, padding, dilation, transposed, output_padding, groups = _cached(cache, node, "hyperparameters", lambda: (
         node._saved_stride, node._saved_padding, node._saved_dilation, node._saved_transposed,
@@ -119,13 +138,17 @@ def _convolution(node, g, need, cache, options):
 
 
 def _in_layout(cache: Dict, node, name: str, saved: Callable[[], Tensor], options: BackwardOptions) -> Tensor:
-    """A saved ``[N, ...]`` tensor in the layout of the gradients it meets: as saved, or converted to
-    channels-last once per graph where ``options`` asks for it (an elementwise kernel on mixed layouts
-    runs at about half the bandwidth)."""
+    """A saved ``[N, ...]`` tensor in the layout and dtype of the gradients it meets: as saved, or
+    converted once per graph where ``options`` asks for channels-last (an elementwise kernel on mixed
+    layouts runs at about half the bandwidth) or another message dtype (a float32 operand would
+    promote the result back to float32)."""
     def convert():
         t = saved()
         memory_format = _memory_format(t, options)
-        return t if memory_format is None else t.contiguous(memory_format=memory_format)
+        dtype = options.carried(t.dtype)
+        if memory_format is None and dtype == t.dtype:
+            return t
+        return t.to(dtype, memory_format=memory_format or torch.preserve_format)
 
     return _cached(cache, node, name, convert)
 
@@ -142,10 +165,32 @@ def _threshold(node, g, need, cache, options):
 
 
 def _call_node(node, g, need, cache, options):
-    """Elementwise nodes: their own backward broadcasts the saved ``[N, ...]`` tensors over ``J``."""
-    out = node(g)
+    """Elementwise nodes: their own backward broadcasts the saved ``[N, ...]`` tensors over ``J``. It runs
+    in the dtype of the node's output (some backward kernels insist on it; a gradient carried in a
+    message dtype is converted back where it is handed on)."""
+    expected = node._input_metadata[0].dtype
+    out = node(g if g.dtype == expected else g.to(expected))
     out = (out,) if isinstance(out, Tensor) or out is None else tuple(out)
     return [o if n else None for o, n in zip(out, need)]
+
+
+def _elementwise(node, g, need, cache, options):
+    """Elementwise nodes. One input (activations, ``x * 2``, ``x.exp()``, dropout): the gradient is ``g``
+    times the node's per-element derivative, which is the node's backward of ones — computed once per
+    graph and broadcast over ``J`` (some backward kernels reject a batched gradient: oneDNN's float32
+    GELU on CPUs), in the gradients' dtype and layout. Several inputs (products, sums of two tensors):
+    :func:`_call_node`."""
+    if len(need) != 1:
+        return _call_node(node, g, need, cache, options)
+
+    def derivative():
+        metadata = node._input_metadata[0]
+        factor = node(torch.ones(metadata.shape, dtype=metadata.dtype, device=metadata.device))
+        factor = factor[0] if isinstance(factor, (tuple, list)) else factor
+        memory_format = _memory_format(factor, options)
+        return factor.to(options.carried(factor.dtype), memory_format=memory_format or torch.preserve_format)
+
+    return [g * _cached(cache, node, "derivative", derivative)]
 
 
 def _identity(node, g, need, cache, options):
@@ -310,7 +355,7 @@ _RULES: Dict[str, Rule] = {
     "ConvolutionBackward0": _convolution,
     "ReluBackward0": _relu,
     "ThresholdBackward0": _threshold,
-    **{name: _call_node for name in _ELEMENTWISE},
+    **{name: _elementwise for name in _ELEMENTWISE},
     "CloneBackward0": _identity,
     "AliasBackward0": _identity,
     "ExpandBackward0": _identity,  # the broadcast axes are summed where the gradient is handed on

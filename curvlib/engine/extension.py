@@ -14,6 +14,9 @@ An extension declares
   kept across chunks; ``messages`` holds one tensor per call);
 - ``finalize(group, state) -> {param_name: result}``: the per-parameter results;
 - optionally ``check(module)`` to refuse modules it does not support with a clear error;
+- optionally ``low_precision_messages = True`` if ``accumulate`` handles messages carried in a lower
+  precision than the layer outputs' (bfloat16 columns of a float32 model, see
+  :class:`~curvlib.engine.context.curvature`); results must still be in the parameters' dtype;
 - optionally ``input_factor``: ``"expand"``/``"reduce"`` if ``finalize`` reads the group's KFAC input
   factors (:meth:`~curvlib.engine.layers.ModuleCalls.kfac_input`); the engine then starts them when the
   backward pass starts, on a side CUDA stream (:mod:`curvlib.engine.side_stream`), and ``finalize``
@@ -43,6 +46,8 @@ class Extension:
     #: counts it against ``memory_budget``)
     keeps_location_gram: bool = False
     input_factor: Optional[str] = None
+    #: accepts messages in a lower precision than the layer outputs (the engine then may carry them so)
+    low_precision_messages: bool = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` if ``module`` (a module with parameters) is not supported."""

@@ -68,6 +68,7 @@ class GraphVJP:
         # memory budget it runs for dozens of chunks per step): the outputs' watched edges, the rule,
         # which slots need a gradient, and each needed slot's receiving node, shape and dtype
         self.steps = [self._step(node) for node in order]
+        self._own_dtype: set = set()  # nodes whose kernels lack the message dtype here (see _apply)
 
     def _step(self, node) -> tuple:
         outputs = max(1, len(node._input_metadata))
@@ -79,7 +80,7 @@ class GraphVJP:
         for slot, (child, number) in enumerate(node.next_functions):
             if need[slot]:
                 metadata = child._input_metadata[number]
-                receivers.append((slot, child, number, torch.Size(metadata.shape), metadata.dtype))
+                receivers.append((slot, child, number, torch.Size(metadata.shape), self.options.carried(metadata.dtype)))
         return node, outputs, watched, rule_for(node), need, receivers
 
     @classmethod
@@ -132,9 +133,26 @@ class GraphVJP:
         """The gradients ``[J, *shape]`` at the edges for the vectors ``[J, *source shape]``. An edge the
         walk does not reach gets zeros of ``like[i]`` (a tensor or size); ``like[i] = None`` marks an edge
         that must be reached. Raises :class:`UnsupportedNode` where a rule cannot handle a node. Runs
-        without recording a graph (the saved tensors require gradients; the results need none)."""
+        without recording a graph (the saved tensors require gradients; the results need none).
+
+        The gradients of float32 tensors are in ``options.message_dtype`` where that is set
+        (:class:`.BackwardOptions`), the vectors included."""
         with torch.no_grad():
-            return self._run(vectors, like)
+            return self._run(vectors.to(self.options.carried(vectors.dtype)), like)
+
+    def _apply(self, rule, node, g: Tensor, need) -> list:
+        """``rule`` on ``g``; where ``g`` is carried in a message dtype that a kernel of this device lacks
+        (CPU pooling in bfloat16), in the node's own dtype (its result is converted back by :func:`_fit`)."""
+        own = node._input_metadata[0].dtype
+        if node in self._own_dtype:
+            return rule(node, g.to(own), need, self.cache, self.options)
+        try:
+            return rule(node, g, need, self.cache, self.options)
+        except NotImplementedError:
+            if g.dtype == own:
+                raise
+            self._own_dtype.add(node)
+            return rule(node, g.to(own), need, self.cache, self.options)
 
     def _run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
         results: List[Optional[Tensor]] = [None] * self.num_edges
@@ -156,7 +174,7 @@ class GraphVJP:
                 raise UnsupportedNode(f"{type(node).__name__}: gradients at several outputs")
             if g is None:
                 continue
-            passed = rule(node, g, need, self.cache, self.options)
+            passed = self._apply(rule, node, g, need)
             for slot, child, number, shape, dtype in receivers:
                 grad = passed[slot] if slot < len(passed) else None
                 if grad is None:
@@ -182,8 +200,8 @@ def _leads_on(node, relevant) -> bool:
 
 
 def _fit(grad: Tensor, shape: torch.Size, dtype: torch.dtype, node) -> Tensor:
-    """``grad [J, ...]`` in the ``shape`` and ``dtype`` the receiving node expects: broadcast axes summed,
-    as autograd's engine does between nodes."""
+    """``grad [J, ...]`` in the ``shape`` the receiving node expects and in ``dtype`` (the node's, or the
+    message dtype it is carried in): broadcast axes summed, as autograd's engine does between nodes."""
     if grad.shape[1:] != shape:
         expected = torch.Size((grad.shape[0], *shape))
         try:

@@ -26,7 +26,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +110,7 @@ class LayerCall:
         self.node = y.grad_fn
         self.edge = _gradient_edge(y)
         self.parameters = direct_parameters(module)
+        self._x_as: Optional[Tuple[torch.dtype, Tensor]] = None  # the input in a message dtype (conv_input_as)
         if self.kind == "conv":
             transposed = isinstance(module, CONV_TRANSPOSE_TYPES)
             self.hyper = dict(
@@ -138,6 +139,20 @@ class LayerCall:
             return self.x.reshape(n, -1, self.x.shape[-1]).transpose(1, 2)
         return self.x
 
+    def conv_input_as(self, dtype: torch.dtype) -> Tensor:
+        """:meth:`conv_input` in ``dtype``, converted once per backward pass (for messages carried in a
+        lower precision, whose products take both operands in it)."""
+        x = self.conv_input()
+        if x.dtype == dtype:
+            return x
+        if self._x_as is None or self._x_as[0] != dtype:
+            self._x_as = (dtype, x.to(dtype))
+        return self._x_as[1]
+
+    def in_output_dtype(self, s: Tensor) -> Tensor:
+        """``s`` in the layer output's dtype (the engine may carry messages in a lower precision)."""
+        return s if s.dtype == self.y.dtype else s.to(self.y.dtype)
+
     def conv_message(self, s: Tensor) -> Tensor:
         """``s`` ``[C, *y.shape]`` as ``[C, N, C_out, *O]`` (Linear: ``[C, N, D_out, T]``)."""
         if self.kind == "linear":
@@ -161,9 +176,10 @@ class LayerCall:
         return math.prod(shape)
 
     def bias_columns(self, s: Tensor) -> Tensor:
-        """Per (column, sample) bias gradients ``[C, N, C_out]``: ``s`` summed over output locations."""
+        """Per (column, sample) bias gradients ``[C, N, C_out]``: ``s`` summed over output locations,
+        in the output's dtype (float32 sums of messages carried in bfloat16)."""
         s = self.conv_message(s)
-        return s.flatten(3).sum(3)
+        return s.flatten(3).sum(3, dtype=self.y.dtype)
 
     # ------------------------------------------------------------------------------------------
     # quantities
@@ -209,10 +225,11 @@ class LayerCall:
     def ggn_diag(self, s: Tensor, per_sample: bool = False) -> Dict[str, Tensor]:
         """GGN diagonal ``Σ_{c,n} (J_{c,n})²`` per parameter (``[N, *param]`` summed over c if ``per_sample``)."""
         if self.kind == "generic":
-            return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(s).items()}
+            return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(self.in_output_dtype(s)).items()}
         result = {}
         if "weight" in self.parameters:
-            result["weight"] = self._to_weight(self._chunked_weight_diag(s, per_sample), 1 if per_sample else 0)
+            diag = self._chunked_weight_diag(s, per_sample).to(self.y.dtype)
+            result["weight"] = self._to_weight(diag, 1 if per_sample else 0)
         if "bias" in self.parameters:
             result["bias"] = _square_sum(self.bias_columns(s), per_sample)
         return result
@@ -227,11 +244,13 @@ class LayerCall:
         and far leaner than the single GGN-diagonal network, which computes the per-column
         gradients twice (no common-subexpression elimination) and keeps them all at once.
         """
-        x, message = self.conv_input(), self.conv_message(s)
         if not self.hyper["transposed"]:
             # the functional op's automatic pathway: unfold once + chunked matrix products (native)
-            # or the fused kernel on GPUs; its per-(column, sample) gradients stay in bounded chunks
+            # or the fused kernel on GPUs; its per-(column, sample) gradients stay in bounded chunks.
+            # Messages carried in bfloat16 meet the input in bfloat16 (products accumulate in float32)
+            x, message = self.conv_input_as(s.dtype), self.conv_message(s)
             return F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, **self._kwargs())
+        x, message = self.conv_input(), self.conv_message(self.in_output_dtype(s))
         weight_numel = self.module.weight.numel()
         chunk = max(1, int(GGN_CHUNK_BYTES // max(1, x.shape[0] * weight_numel * x.element_size())))
         total = None
@@ -275,7 +294,7 @@ class LayerCall:
         """The columns' location Gram ``[N, G, E, O, O]`` of ``s`` ``[C, *y.shape]``."""
         from .. import native  # here: the engine imports the native pathway lazily
 
-        message = self.conv_message(s)
+        message = self.conv_message(self.in_output_dtype(s))
         kwargs = self._kwargs()
         self._gram_geometry = F._weight_side(
             self.conv_input(), message, "s", self.kernel_size, kwargs["stride"], kwargs["padding"], kwargs["dilation"],
@@ -549,6 +568,7 @@ class ModuleCalls:
 
     def ggn_diag(self, messages: Sequence[Tensor], per_sample: bool = False) -> Dict[str, Tensor]:
         if self.by_columns:
+            messages = [call.in_output_dtype(s) for call, s in zip(self.calls, messages)]
             return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(messages).items()}
         return self.calls[0].ggn_diag(messages[0], per_sample)
 
