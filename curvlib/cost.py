@@ -240,14 +240,18 @@ def operation_cost(
     """Analytic :class:`Cost` of ``op`` on ``pathway`` ``"native"``, ``"fused"``, ``"unfold"`` or (KFC of
     stride-1 layers) ``"lags"``.
 
-    ``precision="tf32"`` prices float32 products on the TF32 matrix units where the pair is calibrated
-    (:data:`TF32_FLOP_EFFICIENCY`). (Tensor-network pathways take their FLOPs and intermediates from the
+    ``precision="tf32"`` (or ``"bf16"``) prices float32 products on the TF32 matrix units where the pair is
+    calibrated (:data:`TF32_FLOP_EFFICIENCY`); on a GPU (``precision`` not ``None``: the functional
+    operations pass ``None`` on CPUs) 16-bit products are priced so whatever the setting. (Tensor-network pathways take their FLOPs and intermediates from the
     planned path: :func:`network_cost`.)
     """
     cost = _operation_cost(op, pathway, geometry, batch, columns, element_size, chunk_bytes)
-    # "bf16": cuBLAS/cuDNN run float32 on TF32; the fused kernels' bf16 rate is at least that
-    tf32 = tf32_flop_efficiency(op, pathway, geometry, element_size) if precision in ("tf32", "bf16") else None
-    if element_size == 4 and tf32 is not None:
+    # the matrix units: float32 products under "tf32" (and "bf16", whose library calls on float32 run TF32),
+    # and 16-bit products on a GPU always; their rate is priced at the calibrated TF32 one (a lower bound for
+    # 16-bit operands, which run at twice the TF32 rate: the choice between pathways is as under TF32)
+    matrix_units = (element_size == 4 and precision in ("tf32", "bf16")) or (element_size == 2 and precision is not None)
+    tf32 = tf32_flop_efficiency(op, pathway, geometry, element_size) if matrix_units else None
+    if tf32 is not None:
         cost = replace(cost, tf32_flop_efficiency=tf32)
     return cost
 

@@ -242,8 +242,8 @@ def test_cost_model_counts(seed):
 def test_cost_model_prices_tf32_where_calibrated():
     """Under ``precision="tf32"`` the GGN diagonal's native and fused products run at their TF32 rates
     (the H100 measurement: All-CNN-C's conv6, 64 locations, 10 columns, is faster fused, conv2 with 1024
-    locations native — float32 prices native first on both); other pairs, half precision and devices
-    without TF32 units keep their float32 price."""
+    locations native — float32 prices native first on both); 16-bit inputs on a GPU are priced on the
+    matrix units too; other pairs and devices without TF32 units keep their float32 price."""
     conv2 = make_geometry(96, 96, (34, 34), 3)
     conv6 = make_geometry(192, 192, (17, 17), 3, stride=2)
     batch, columns = 128, 10
@@ -266,9 +266,18 @@ def test_cost_model_prices_tf32_where_calibrated():
     overhead = fused_ieee.overhead_s + roof.call_overhead_s
     assert math.isclose(fused_ieee.estimated_time("cuda") - overhead,
                         ratio * (fused_tf32.estimated_time("cuda") - overhead), rel_tol=1e-9)
-    # uncalibrated pairs, bfloat16 inputs and a device without TF32 units: unchanged
+    # uncalibrated pairs and a device without TF32 units: unchanged
     assert seconds("kfc", "native", conv2, "tf32") == seconds("kfc", "native", conv2, "ieee")
+    # "bf16" (library calls on float32 run TF32) prices float32 products like "tf32"
+    assert seconds("ggn_diag", "fused", conv6, "bf16") == seconds("ggn_diag", "fused", conv6, "tf32")
+    # bfloat16 inputs run on the matrix units whatever the setting (a GPU: precision not None), at least
+    # at the TF32 rate; precision None (the CPU) keeps the float32 price
     assert seconds("ggn_diag", "fused", conv6, "tf32", 2) == seconds("ggn_diag", "fused", conv6, "ieee", 2)
+    for pathway in ("fused", "native"):
+        half = cost.operation_cost("ggn_diag", pathway, conv6, batch, columns, 2, precision="ieee")
+        assert half.tf32_flop_efficiency == cost.tf32_flop_efficiency("ggn_diag", pathway, conv6, 2) is not None
+        assert cost.operation_cost("ggn_diag", pathway, conv6, batch, columns, 2).tf32_flop_efficiency is None
+    assert seconds("ggn_diag", "fused", conv6, "ieee", 2) < seconds("ggn_diag", "fused", conv6, None, 2)
     assert seconds("ggn_diag", "fused", conv6, "tf32", device="cpu") == \
         seconds("ggn_diag", "fused", conv6, "ieee", device="cpu")
     assert cost.ceilings("cpu").tf32_flops_per_s is None

@@ -149,6 +149,8 @@ def profile(step) -> None:
     print(f"\ndevice time of one step: {sum(totals.values()):.1f} ms")
     for label, ms in totals.most_common():
         print(f"  {label:26s} {ms:8.2f} ms  ({counts[label]} kernels)")
+    print("\nATen ops by self device time:")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=50))
     print("\nATen ops by self device time, grouped by input shapes:")
     print(prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_device_time_total", row_limit=30, max_name_column_width=34, max_shapes_column_width=70))
