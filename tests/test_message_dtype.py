@@ -24,25 +24,28 @@ from curvlib.engine.layers import LayerCall, ModuleCalls
 from test_graph_vjp import MODELS, Lambda, forward_recording, looped_vjp, randomize
 
 BF16 = BackwardOptions(message_dtype=torch.bfloat16)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_graph_walk_carries_float32_gradients_in_the_message_dtype(name):
+def test_graph_walk_carries_float32_gradients_in_the_message_dtype(name, device):
     make, shape, watched = MODELS[name]
-    layers = randomize(make())
+    layers = randomize([layer.to(device) for layer in make()])
     for layer in layers:
         layer.train(isinstance(layer, nn.Dropout))
-    torch.manual_seed(torch.seed() % 2**31)
-    x = torch.randn(*shape)
-    out, outputs = forward_recording(layers, x)
-    vectors = torch.randn(4, *out.shape)
+    x = torch.randn(*shape, device=device)
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        out, outputs = forward_recording(layers, x)
+    vectors = torch.randn(4, *out.shape, device=device)
     plan = GraphVJP.build(out, [get_gradient_edge(outputs[i]) for i in watched], BF16)
     got = plan.run(vectors, [outputs[i].shape for i in watched])
-    expected = looped_vjp(out, [outputs[i] for i in watched], vectors)  # float32, exact per vector
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        expected = looped_vjp(out, [outputs[i] for i in watched], vectors)  # float32, exact per vector
     for g, e in zip(got, expected):
         assert g.dtype == torch.bfloat16
         error = relative_error(g, e)
@@ -109,9 +112,10 @@ def _results(model, savefield):
 @pytest.mark.parametrize("make", [_cnn, _shared], ids=["cnn", "shared"])
 @pytest.mark.parametrize("extension", [ext.DiagGGNExact, ext.BatchDiagGGNExact])
 @pytest.mark.parametrize("budget", [None, 1e5])
-def test_engine_diagonals_from_bfloat16_messages(make, extension, budget):
-    model = make()
-    X, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_diagonals_from_bfloat16_messages(make, extension, budget, device):
+    model = make().to(device)
+    X, y = torch.randn(6, 3, 8, 8, device=device), torch.randint(0, 5, (6,), device=device)
     reference = copy.deepcopy(model).double()
     _run(reference, X, y, [extension()])
     # "graph": chunks of one column too (in "auto" they run on autograd, in float32)
@@ -159,6 +163,20 @@ def test_fallback_to_autograd_hands_on_float32_messages():
     assert ctx.last_column_backward == "autograd" and ctx.last_message_dtype == torch.float32
     for got, expected in zip(_results(model, "diag_ggn_exact"), _results(reference, "diag_ggn_exact")):
         assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 setting acts on CUDA devices")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_precision_setting_carries_bfloat16_columns_on_cuda(channels_last):
+    model = _cnn().cuda()
+    X, y = torch.randn(6, 3, 8, 8, device="cuda"), torch.randint(0, 5, (6,), device="cuda")
+    reference = copy.deepcopy(model).double()
+    _run(reference, X, y, [ext.DiagGGNExact()])
+    with pathways.options(precision="bf16"):
+        ctx = _run(model, X, y, [ext.DiagGGNExact()], BackwardOptions(channels_last=channels_last))
+    assert ctx.last_message_dtype == torch.bfloat16
+    for got, expected in zip(_results(model, "diag_ggn_exact"), _results(reference, "diag_ggn_exact")):
+        assert got.dtype == torch.float32 and relative_error(got, expected) < 3e-2
 
 
 def test_bf16_precision_setting_leaves_cpu_passes_in_float32():
