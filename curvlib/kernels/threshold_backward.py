@@ -122,7 +122,9 @@ def threshold_backward(g: torch.Tensor, saved: torch.Tensor, threshold: float) -
     block_i = min(next_power_of_2(inner), 128)
     block_r = max(1, 4096 // block_i)
     grid = (cdiv(rows, block_r), cdiv(inner, block_i))
-    _launch(grid, g, saved, out, float(threshold), rows, inner, sizes[1], sizes[2], sizes[3],
+    # compared as PyTorch does: the threshold rounded to the activation's dtype (0.3 in bfloat16 is 0.30078)
+    threshold = torch.tensor(float(threshold), dtype=saved.dtype).item()
+    _launch(grid, g, saved, out, threshold, rows, inner, sizes[1], sizes[2], sizes[3],
             gs[0], gs[1], gs[2], gs[3], gs[4], ss[0], ss[1], ss[2], ss[3], ss[4],
             BLOCK_R=block_r, BLOCK_I=block_i, num_warps=8)
     return out.permute(inverse)
