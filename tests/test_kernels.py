@@ -550,6 +550,51 @@ def test_ggn_unfolded_tma_on_gpu(seed, layer, precision):
     assert ggn_unfolded.tma_shape_ok(kg.output_numel, 4) == (layer in TMA_CASES)
 
 
+#: channels-last ``s`` of 16-bit entries runs the TMA form where ``C_out`` fills 16-byte rows (multiples of 8)
+CHANNELS_LAST_TMA_CASES = [
+    Layer("2d-16-channels", (8, 8), (3, 3), padding=1, c_in=4, c_out=16, batch=3, columns=5),
+    Layer("2d-grouped-8-per-group", (9, 9), (3, 3), stride=2, padding=1, groups=2, c_in=4, c_out=16, batch=4,
+          columns=6),  # 25 locations (not a multiple of the tile), tiles of 8 channels (16 bytes)
+    Layer("3d-8-channels", (4, 5, 6), (3, 3, 3), padding=1, c_in=3, c_out=8, batch=2, columns=3),
+    Layer("2d-12-channels", (6, 6), (3, 3), padding=1, c_in=2, c_out=12, batch=3, columns=4),  # pointer form
+]
+
+
+@cuda
+@pytest.mark.parametrize("layer", CHANNELS_LAST_TMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ggn_unfolded_channels_last_half_on_gpu(seed, layer, dtype):
+    """The unfolded GGN kernel on ``s`` stored channels last in 16-bit (a bf16 column backpropagation):
+    TMA tiles of ``[C, N, O, C_out]`` transposed for the product where the channels fill 16-byte rows,
+    the pointer form elsewhere; against float64 on the same rounded inputs, per-sample and summed,
+    nested and flat loops, one-sample chunks and split batches."""
+    from curvlib.kernels import _geometry, ggn_unfolded, weight_diag
+
+    x, s, d = random_inputs(layer, dtype, "cuda")
+    kg = _geometry.kernel_geometry(geometry_of(layer))
+    if not ggn_unfolded.tma_supported(x.device):
+        pytest.skip("TMA needs compute capability 9.0 and Triton's host descriptors")
+    ref = references(layer, x, s, d)
+    s_cl = channels_last(s)
+    view = ggn_unfolded.channels_last_view(s_cl)
+    configs = [c for c in ggn_unfolded.candidates(s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel,
+                                                  "mma", tma=True) if c.tma]
+    configs.append(ggn_unfolded.UnfoldedGGNConfig(4, 8, 32, 16, 4, 2, flat=True, tma=True))
+    assert all(ggn_unfolded.channels_last_tma_ok(view, c.block_co) == (layer.c_out % 8 == 0) for c in configs)
+    per_sample_bytes = kg.groups * kg.output_numel * kg.rows * 2
+    errors = {}
+    for config in configs:
+        for per_sample in (False, True):
+            for chunk_bytes, split in ((per_sample_bytes, 1), (None, 2)):
+                ggn = weight_diag.ggn_diag(x, s_cl, kg, per_sample, "ieee", config=config, split=split,
+                                           chunk_bytes=chunk_bytes)
+                shape = (x.shape[0], *layer.weight_shape) if per_sample else layer.weight_shape
+                errors[(config, per_sample, chunk_bytes)] = relative_error(ggn.reshape(shape),
+                                                                           ref[("ggn_diag", per_sample)])
+    bad = {key: error for key, error in errors.items() if not error < (2e-2 if dtype == torch.bfloat16 else 4e-3)}
+    assert not bad, bad
+
+
 @cuda
 def test_fast_launch_matches_jit_dispatch(seed, monkeypatch):
     """Launching the cached compiled kernel directly gives what Triton's dispatch gives."""

@@ -49,7 +49,7 @@ def test_graph_walk_carries_float32_gradients_in_the_message_dtype(name, device)
     for g, e in zip(got, expected):
         assert g.dtype == torch.bfloat16
         error = relative_error(g, e)
-        assert error < 3e-2, (name, error)
+        assert error < 6e-2, (name, error)  # up to 22 nodes, each rounding to bfloat16
     assert max(relative_error(g, e) for g, e in zip(got, expected)) > 1e-4  # rounded: the option took effect
 
 

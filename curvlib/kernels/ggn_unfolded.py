@@ -66,15 +66,22 @@ def tma_supported(device: torch.device) -> bool:
 
 @triton.jit
 def _product_step(u_src, s_src, J, n, s_n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn, sso, sun, tma_s_row,
-                  tma_u_row, tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                  tma_co0, tma_u_row, tma_c0, tma_d0, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr,
+                  TMA: tl.constexpr, S_CL: tl.constexpr):
     """``J + S[rows, s_n, o0:o0+BLOCK_O] @ U[n, o0:o0+BLOCK_O, cols]`` (one step of the location loop;
     ``n`` counts the chunk's samples, ``s_n`` is the same sample's index in ``S``).
 
-    ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, N·C_out, O]`` and ``U [n·G, D, O]``, the
-    tiles start at ``(tma_c0, tma_s_row, o0)`` and ``(tma_u_row, tma_d0, o0)``; else pointers, ``S``'s
-    locations ``sso`` apart (1, or ``C_out`` where ``S`` is stored channels last)."""
-    if TMA:
+    ``TMA``: ``s_src`` and ``u_src`` are descriptors of ``S [C, N·C_out, O]`` (``S_CL``: ``S [C, N, O, C_out]``,
+    a channels-last ``S`` of 16-bit entries, whose tile is transposed for the product) and ``U [n·G, D, O]``;
+    the tiles start at ``(tma_c0, tma_s_row, o0)`` (``S_CL``: ``(tma_c0, s_n, o0, tma_co0)``) and
+    ``(tma_u_row, tma_d0, o0)``; else pointers, ``S``'s locations ``sso`` apart (1, or ``C_out`` where ``S``
+    is stored channels last)."""
+    if TMA and S_CL:
+        s_cl = tl.reshape(s_src.load([tma_c0, s_n, o0, tma_co0]), (BLOCK_C, BLOCK_O, BLOCK_CO))
+        s_tile = tl.reshape(tl.permute(s_cl, (0, 2, 1)), (BLOCK_C * BLOCK_CO, BLOCK_O))
+        u_tile = tl.trans(tl.reshape(u_src.load([tma_u_row, tma_d0, o0]), (BLOCK_D, BLOCK_O)))
+    elif TMA:
         s_tile = tl.reshape(s_src.load([tma_c0, tma_s_row, o0]), (BLOCK_C * BLOCK_CO, BLOCK_O))
         u_tile = tl.trans(tl.reshape(u_src.load([tma_u_row, tma_d0, o0]), (BLOCK_D, BLOCK_O)))
     else:
@@ -114,6 +121,7 @@ def _ggn_diag_unfolded_kernel(
     ssc, ssn, ssch, sso, sun, sug,
     PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
+    S_CL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     d_tile = pid % d_tiles
@@ -155,8 +163,8 @@ def _ggn_diag_unfolded_kernel(
             o0 = (step - sample * o_steps) * BLOCK_O
             n = n_start + sample
             J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
-                              sso, sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
-                              BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
+                              sso, sun, (n_offset + n) * channels + channel0, channel0, n * G + g, c0, d0,
+                              BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA, S_CL)
             if o0 + BLOCK_O >= OT:  # the sample's last location block: J is complete
                 acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C,
                                    BLOCK_CO, BLOCK_D)
@@ -166,8 +174,8 @@ def _ggn_diag_unfolded_kernel(
             J = tl.zeros((BLOCK_C * BLOCK_CO, BLOCK_D), dtype=tl.float32)
             for o0 in range(0, OT, BLOCK_O):
                 J = _product_step(u_src, s_src, J, n, n_offset + n, o0, s_rows, valid_r, u_cols, valid_d, OT, D, ssn,
-                                  sso, sun, (n_offset + n) * channels + channel0, n * G + g, c0, d0,
-                                  BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA)
+                                  sso, sun, (n_offset + n) * channels + channel0, channel0, n * G + g, c0, d0,
+                                  BLOCK_C, BLOCK_CO, BLOCK_D, BLOCK_O, EVEN_O, PRECISION, TMA, S_CL)
             acc = _add_squares(J, acc, out_tile, n_offset + n, out_row_stride, out_mask, PER_SAMPLE, BLOCK_C, BLOCK_CO,
                                BLOCK_D)
 
@@ -296,6 +304,15 @@ def channels_last_view(s: torch.Tensor):
     return moved.reshape(s.shape[0], s.shape[1], -1, s.shape[2]) if moved.is_contiguous() else None
 
 
+def channels_last_tma_ok(s_cl: torch.Tensor, block_co: int) -> bool:
+    """Whether TMA can read ``s_cl [C, N, O, C_out]`` (:func:`channels_last_view`) in tiles of ``block_co``
+    channels: 16-bit entries (the product takes the transposed tile from shared memory), a 16-byte aligned
+    address and strides, and tiles of at least 16 bytes along the channels."""
+    size = s_cl.element_size()
+    return (size == 2 and block_co * size >= TMA_ALIGNMENT and s_cl.data_ptr() % TMA_ALIGNMENT == 0
+            and all(stride * size % TMA_ALIGNMENT == 0 for stride in s_cl.stride()[:-1]))
+
+
 def chunk_samples(batch: int, geometry: KernelGeometry, element_size: int, chunk_bytes: float) -> int:
     """Samples per unfolded chunk: as many as fit ``chunk_bytes``, at least one."""
     per_sample = geometry.groups * geometry.output_numel * geometry.rows * element_size
@@ -327,13 +344,17 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     unit_size = torch.finfo(unit_dtype).bits // 8
     # the TMA form reads S's tiles with the locations contiguous: TF32 wgmma takes its shared-memory
     # operands K-major only (a channels-last tile, permuted for the product, made Triton 3.6 emit an
-    # illegal instruction on an H100), so a channels-last S runs the pointer form
-    tma = config.tma and s_cl is None and tma_supported(x.device) and tma_shape_ok(OT, s.element_size()) \
-        and s.data_ptr() % TMA_ALIGNMENT == 0
+    # illegal instruction on an H100). 16-bit operands may be transposed in shared memory: a channels-last
+    # S of 16-bit entries (bf16 column passes) is read by TMA as [C, N, O, C_out] tiles (channel blocks of
+    # at least 16 bytes); other channels-last S run the pointer form
+    tma_cl = config.tma and s_cl is not None and channels_last_tma_ok(s_cl, config.block_co) \
+        and tma_supported(x.device)
+    tma = tma_cl or (config.tma and s_cl is None and tma_supported(x.device) and tma_shape_ok(OT, s.element_size())
+                     and s.data_ptr() % TMA_ALIGNMENT == 0)
     samples = chunk_samples(batch, geometry, unit_size, unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
     if tma:  # K-major, each sample-group's rows padded to 16 bytes (the descriptor's stride)
         buffer = torch.empty((samples, G, D, _aligned(OT, unit_size)), device=x.device, dtype=unit_dtype)[..., :OT]
-        s_rows = s.view(columns, batch * geometry.out_channels, OT)  # [C, N·C_out, O]
+        s_rows = None if tma_cl else s.view(columns, batch * geometry.out_channels, OT)  # [C, N·C_out, O]
     else:
         buffer = torch.empty((samples, G, OT, D), device=x.device, dtype=unit_dtype)
     out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
@@ -347,7 +368,10 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     target = _unfold_target(buffer, geometry, k_major=tma)
     pads = any(pair != (0, 0) for pair in _input_pads(geometry))
     windows = None if pads else unfolded_view(x, geometry, k_major=tma)
-    if tma:
+    if tma_cl:
+        s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
+                                 [config.block_c, 1, config.block_o, config.block_co])
+    elif tma:
         s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
                                  [config.block_c, config.block_co, config.block_o])
         u_rows = buffer.flatten(0, 1)  # [samples·G, D, O]
@@ -368,6 +392,6 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
             buffer.stride(0), buffer.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
-            FLAT=config.flat, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,
+            FLAT=config.flat, TMA=tma, S_CL=tma_cl, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out

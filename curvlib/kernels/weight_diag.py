@@ -295,8 +295,9 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
 
     if config is None:
         key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type, channels_last)
-        tma = ggn_unfolded.tma_supported(x.device) and not channels_last and \
-            ggn_unfolded.tma_shape_ok(OT, s.element_size())
+        # TMA tiles: S with its locations in 16-byte rows, or channels-last S of 16-bit entries
+        tma = ggn_unfolded.tma_supported(x.device) and (
+            s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(OT, s.element_size()))
         options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma)  # noqa: E731
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
