@@ -368,12 +368,13 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     target = _unfold_target(buffer, geometry, k_major=tma)
     pads = any(pair != (0, 0) for pair in _input_pads(geometry))
     windows = None if pads else unfolded_view(x, geometry, k_major=tma)
-    if tma_cl:
-        s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
-                                 [config.block_c, 1, config.block_o, config.block_co])
-    elif tma:
-        s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
-                                 [config.block_c, config.block_co, config.block_o])
+    if tma:
+        if tma_cl:
+            s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
+                                     [config.block_c, 1, config.block_o, config.block_co])
+        else:
+            s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
+                                     [config.block_c, config.block_co, config.block_o])
         u_rows = buffer.flatten(0, 1)  # [samples·G, D, O]
         u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()), [1, config.block_d, config.block_o])
     else:
