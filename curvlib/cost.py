@@ -242,8 +242,8 @@ def operation_cost(
 
     ``precision="tf32"`` (or ``"bf16"``) prices float32 products on the TF32 matrix units where the pair is
     calibrated (:data:`TF32_FLOP_EFFICIENCY`); on a GPU (``precision`` not ``None``: the functional
-    operations pass ``None`` on CPUs) 16-bit products are priced so whatever the setting. (Tensor-network pathways take their FLOPs and intermediates from the
-    planned path: :func:`network_cost`.)
+    operations pass ``None`` on CPUs) 16-bit products are priced so whatever the setting.
+    (Tensor-network pathways take their FLOPs and intermediates from the planned path: :func:`network_cost`.)
     """
     cost = _operation_cost(op, pathway, geometry, batch, columns, element_size, chunk_bytes)
     # the matrix units: float32 products under "tf32" (and "bf16", whose library calls on float32 run TF32),

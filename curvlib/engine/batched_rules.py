@@ -203,7 +203,8 @@ def _elementwise(node, g, need, cache, options):
     """Elementwise nodes. One input (activations, ``x * 2``, ``x.exp()``, dropout): the gradient is ``g``
     times the node's per-element derivative, which is the node's backward of ones — computed once per
     graph and broadcast over ``J`` (some backward kernels reject a batched gradient: oneDNN's float32
-    GELU on CPUs), in the gradients' dtype and layout. Several inputs (products, sums of two tensors):
+    GELU on CPUs), in the gradients' dtype and layout. (A NaN gradient times a zero derivative stays NaN,
+    where a node's own masked backward may give zero.) Several inputs (products, sums of two tensors):
     :func:`_call_node`."""
     if len(need) != 1:
         return _call_node(node, g, need, cache, options)
