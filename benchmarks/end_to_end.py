@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import curvlib  # noqa: E402
 from curvlib import extensions as E  # noqa: E402
+from curvlib import precision as _precision  # noqa: E402
 
 
 def three_c_three_d(num_classes: int = 10) -> nn.Module:
@@ -142,11 +143,7 @@ def set_global_precision(precision: str) -> None:
     ``"default"`` leaves PyTorch's defaults (exact cuBLAS products, TF32 cuDNN convolutions)."""
     if precision == "default":
         return
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    _precision.set_fp32_precision(precision)
 
 
 def main(argv=None):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as tf
 
 from curvlib import functional as F
+from curvlib import precision
 
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
+precision.set_fp32_precision("ieee")
 device = torch.device("cuda")
 LAYERS = [(3, 96, 34, 1), (96, 96, 34, 1), (96, 96, 33, 2), (96, 192, 18, 1), (192, 192, 18, 1), (192, 192, 17, 2), (192, 192, 8, 1)]
 N, C = 128, 100

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from curvlib import functional as CF  # noqa: E402
 from curvlib import kernels  # noqa: E402
+from curvlib import precision as _precision  # noqa: E402
 from curvlib.hyperparams import make_geometry  # noqa: E402
 
 import table_e3  # noqa: E402
@@ -213,14 +214,7 @@ def _free():
 
 def set_tf32(enabled: bool):
     """TF32 for PyTorch's float32 matrix products (off for every measured implementation)."""
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends, "fp32_precision"):
-        torch.backends.fp32_precision = mode
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    _precision.set_fp32_precision("tf32" if enabled else "ieee")
 
 
 def ceilings(device) -> dict:

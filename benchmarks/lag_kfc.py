@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 from curvlib import native  # noqa: E402
+from curvlib import precision as _precision  # noqa: E402
 from curvlib.hyperparams import make_geometry  # noqa: E402
 from curvlib.lag_gram import (kfc_by_lags, lag_flops, resolve_lag_method, supports_lags, triton_usable,  # noqa: E402
                                unfold_flops)
@@ -248,8 +249,7 @@ def main(argv=None) -> None:
     both_methods = device.type == "cuda" if args.both_methods is None else args.both_methods
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    _precision.set_fp32_precision("ieee")
     layers = [quick_layer(layer) if args.quick else layer for layer in LAYERS if layer.net in args.nets]
     if args.batch:
         layers = [layer._replace(batch=args.batch) for layer in layers]

@@ -68,6 +68,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 from curvlib import cuda_graphs  # noqa: E402
 from curvlib import functional as CF  # noqa: E402
 from curvlib import pathways  # noqa: E402
+from curvlib import precision as _precision  # noqa: E402
 from curvlib.contract import inspect_plans  # noqa: E402
 
 import table_e3  # noqa: E402
@@ -466,15 +467,8 @@ def _free(device: torch.device):
 
 def disable_tf32():
     """float32 everywhere: TF32 off for cuBLAS and cuDNN (new API where present, else the legacy flags)."""
-    torch.set_float32_matmul_precision("highest")
-    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: do not mix with the legacy flags
-        torch.backends.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        return "off (fp32_precision=ieee)"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return "off (allow_tf32=False)"
+    _precision.set_fp32_precision("ieee")
+    return "off (fp32_precision=ieee)" if _precision._NEW_API else "off (allow_tf32=False)"
 
 
 def device_name(device: torch.device) -> str:

@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 import torch
 
 __all__ = ["PRECISIONS", "check_precision", "matmul_allows_tf32", "effective_precision", "fp32_precision",
-           "backend_flags"]
+           "backend_flags", "set_fp32_precision", "saved_fp32_flags"]
 
 #: values of ``precision=``: ``None`` follows PyTorch's global flags
 PRECISIONS = (None, "ieee", "tf32", "bf16")
@@ -101,6 +101,51 @@ def effective_precision(precision: Optional[str]) -> str:
     if precision is not None:
         return precision
     return "tf32" if matmul_allows_tf32() else "ieee"
+
+
+def _flag_owners() -> tuple:
+    """The ``torch.backends`` objects whose ``fp32_precision`` a global setting changes: cuBLAS, cuDNN
+    convolutions, cuDNN RNNs."""
+    return (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
+@contextlib.contextmanager
+def saved_fp32_flags() -> Iterator[None]:
+    """Within the block, PyTorch's float32 precision flags may change; afterwards they are exactly as
+    before (for scripts and tests that set them globally with :func:`set_fp32_precision`)."""
+    if _NEW_API:
+        owners = _flag_owners()
+        saved = [owner.fp32_precision for owner in owners]
+    else:  # pragma: no cover - torch < 2.9
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        if _NEW_API:
+            for owner, value in zip(owners, saved):
+                owner.fp32_precision = value
+        else:  # pragma: no cover
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def set_fp32_precision(precision: str) -> None:
+    """Set PyTorch's float32 precision of cuBLAS products and cuDNN convolutions and RNNs globally to
+    ``"ieee"`` or ``"tf32"``, through one flag API only. For benchmark scripts that measure every
+    implementation at one precision; :func:`fp32_precision` is the scoped version curvlib uses itself.
+
+    With torch >= 2.9 the new per-backend flags are set. PyTorch's legacy readers then work only while
+    they report TF32: ``torch.backends.cudnn.allow_tf32`` (and ``torch.backends.cudnn.flags(...)``, which
+    reads it first) raise a ``RuntimeError`` after ``"ieee"``. Use the new flags, or :func:`fp32_precision`.
+
+    >>> set_fp32_precision("ieee")   # exact float32 everywhere, e.g. before timing against a baseline
+    """
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if _NEW_API:
+        for owner in _flag_owners():
+            owner.fp32_precision = precision
+    else:  # pragma: no cover - torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
 @contextlib.contextmanager

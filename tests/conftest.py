@@ -55,6 +55,17 @@ def pytest_runtest_makereport(item, call):
         )
 
 
+@pytest.fixture(autouse=True)
+def _float32_flags_restored():
+    """PyTorch's float32 precision flags as they were before each test: benchmark scripts run in-process
+    set them globally, and a later ``torch.backends.cudnn.flags`` raises once cuDNN's convolution and RNN
+    flags disagree (which test ran before is up to pytest-xdist's scheduling)."""
+    from curvlib.precision import saved_fp32_flags
+
+    with saved_fp32_flags():
+        yield
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed for this test (base seed mixed with the node id); torch's generator is seeded with it."""

@@ -15,6 +15,7 @@ from curvlib.engine import curvature
 from curvlib.engine.batched_rules import BackwardOptions, UnsupportedNode, rule_for, supported_node_names
 from curvlib.engine.graph_vjp import GraphVJP
 from curvlib.engine.padding import ConstantPadding
+from curvlib.precision import fp32_precision
 
 DTYPE = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -265,5 +266,5 @@ def test_column_backward_argument_is_checked():
 def test_channels_last_data_gradients_on_cuda():
     layers = [layer.to("cuda", torch.float32) for layer in all_cnn_like()]
     out, outputs = forward_recording(layers, torch.randn(3, 3, 8, 8, device="cuda"))
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with fp32_precision("ieee", torch.device("cuda")):
         check(out, [outputs[i] for i in (1, 4, 7)], options=BackwardOptions(channels_last=True), tol=1e-4)

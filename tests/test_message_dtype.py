@@ -20,6 +20,7 @@ from curvlib.engine.batched_rules import BackwardOptions
 from curvlib.engine.context import ChunkMemory
 from curvlib.engine.graph_vjp import GraphVJP
 from curvlib.engine.layers import LayerCall, ModuleCalls
+from curvlib.precision import fp32_precision
 
 from test_graph_vjp import MODELS, Lambda, forward_recording, looped_vjp, randomize
 
@@ -39,12 +40,12 @@ def test_graph_walk_carries_float32_gradients_in_the_message_dtype(name, device)
     for layer in layers:
         layer.train(isinstance(layer, nn.Dropout))
     x = torch.randn(*shape, device=device)
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with fp32_precision("ieee", torch.device(device)):
         out, outputs = forward_recording(layers, x)
     vectors = torch.randn(4, *out.shape, device=device)
     plan = GraphVJP.build(out, [get_gradient_edge(outputs[i]) for i in watched], BF16)
     got = plan.run(vectors, [outputs[i].shape for i in watched])
-    with torch.backends.cudnn.flags(allow_tf32=False):
+    with fp32_precision("ieee", torch.device(device)):
         expected = looped_vjp(out, [outputs[i] for i in watched], vectors)  # float32, exact per vector
     for g, e in zip(got, expected):
         assert g.dtype == torch.bfloat16

@@ -61,6 +61,39 @@ def test_context_sets_and_restores_the_cuda_flags(value):
     assert _flags() == before
 
 
+def _global_flags():
+    if precision._NEW_API:
+        return tuple(owner.fp32_precision for owner in (torch.backends.cuda.matmul, torch.backends.cudnn.conv,
+                                                         torch.backends.cudnn.rnn))
+    return _flags()
+
+
+@pytest.mark.parametrize("value", ["ieee", "tf32"])
+def test_global_setter_sets_every_backend_and_the_saver_restores_them(value):
+    """Benchmark scripts set the flags globally (one API only); ``saved_fp32_flags`` undoes it exactly,
+    also after an error — the suite's autouse fixture relies on it (a script run in-process used to leave
+    cuDNN convolutions at "ieee", and a later test's ``torch.backends.cudnn.flags`` raised)."""
+    other = "ieee" if value == "tf32" else "tf32"
+    precision.set_fp32_precision(other)
+    before = _global_flags()
+    with pytest.raises(RuntimeError, match="inside"):
+        with precision.saved_fp32_flags():
+            precision.set_fp32_precision(value)
+            expected = (value,) * 3 if precision._NEW_API else (value == "tf32",) * 2
+            assert _global_flags() == expected
+            with precision.fp32_precision(other, torch.device("cuda")):  # the scoped setting nests
+                assert _flags()[0] == (other if precision._NEW_API else other == "tf32")
+            assert _global_flags() == expected
+            raise RuntimeError("inside")
+    assert _global_flags() == before
+
+
+@pytest.mark.parametrize("bad", ["bf16", "highest", None])
+def test_global_setter_rejects_other_values(bad):
+    with pytest.raises(ValueError, match="precision must be 'ieee' or 'tf32'"):
+        precision.set_fp32_precision(bad)
+
+
 def test_context_leaves_the_flags_alone_on_the_cpu_and_for_none():
     before = _flags()
     with precision.fp32_precision("tf32", torch.device("cpu")):

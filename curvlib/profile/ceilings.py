@@ -32,6 +32,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import cost as _cost
+from .. import precision as _precision
 from .timing import check_count, synchronize, time_call
 
 __all__ = ["measure_ceilings", "ideal_time", "clear_cache", "DEFAULT_SIZES"]
@@ -64,12 +65,11 @@ def ideal_time(flops: float, min_bytes: float, ceilings: _cost.Ceilings) -> floa
 def _matmul_precision(value: str):
     """fp32 matrix products at ``value`` (``"highest"``: without TF32, what the fp32 FLOP counts assume;
     ``"high"``: on the TF32 matrix units)."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
+    # restored through the flags themselves: set_float32_matmul_precision(saved) would turn an inherited
+    # ("none") cuBLAS flag into an explicit one
+    with _precision.saved_fp32_flags():
+        torch.set_float32_matmul_precision(value)
         yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def _copy_bandwidth(device, dtype, nbytes: int, repeats: int) -> float:
