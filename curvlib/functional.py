@@ -181,10 +181,12 @@ def _dispatch(
 
 def _config_key(op: str, geometry: ConvGeometry, tensors: Sequence[Tensor], options: tuple = ()) -> tuple:
     """The configuration an automatic choice is cached for (float32 precision included: TF32 changes
-    which candidate is fastest)."""
+    which candidate is fastest; and whether each tensor is contiguous: channels-last columns change
+    what a pathway's copies cost)."""
     first = tensors[0]
     precision = _precision.effective_precision(_pathways.settings().precision) if first.is_cuda else None
-    return (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options, precision)
+    return (op, geometry, tuple(t.shape for t in tensors), first.dtype, first.device, options, precision,
+            tuple(t.is_contiguous() for t in tensors))
 
 
 def _in_precision(run, precision: str, device: torch.device):

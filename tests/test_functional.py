@@ -340,6 +340,23 @@ def test_ggn_gram(layer, route, seed):
     assert_close(F.ggn_gram(x, s, layer.kernel, **layer.hyper(), **route), expected, name="ggn_gram")
 
 
+@by_layer
+def test_ggn_diag_and_gram_of_channels_innermost_columns(layer, seed):
+    """Columns stored channels-last (``[C, N, *O, C_out]`` in memory, what the graph walk's channels-last
+    data gradients produce): the native pathway takes another sample-major copy; same results."""
+    x, w, s, vjps = _ggn_setup(layer)
+    k = s.dim() - 3
+    inner = s.permute(0, 1, *range(3, 3 + k), 2).contiguous().permute(0, 1, 2 + k, *range(2, 2 + k))
+    assert torch.equal(inner, s) and (s.shape[2] == 1 or inner.stride(2) == 1)
+    pathway = "native" if not layer.transposed else "auto"
+    got = F.ggn_diag(x, inner, layer.kernel, **layer.hyper(), pathway=pathway)
+    assert_close(got, (vjps**2).sum((0, 1)).reshape(w.shape), name="ggn_diag")
+    got = F.ggn_diag(x, inner, layer.kernel, **layer.hyper(), per_sample=True, pathway=pathway)
+    assert_close(got, (vjps**2).sum(0).reshape(x.shape[0], *w.shape), name="ggn_diag(per_sample=True)")
+    got = F.ggn_gram(x, inner, layer.kernel, **layer.hyper(), pathway=pathway)
+    assert_close(got, torch.einsum("cnw,dmw->cndm", vjps, vjps), name="ggn_gram")
+
+
 def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 

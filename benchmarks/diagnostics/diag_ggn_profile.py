@@ -130,15 +130,16 @@ def measure(label: str, step, repeats: int, **options) -> None:
         print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
 
 
-def profile(step) -> None:
+def profile(step, exclude=()) -> None:
     pathways.clear()
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-        step()
+    with pathways.options(exclude=tuple(exclude)):
+        for _ in range(2):
+            step()
         torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            step()
+            torch.cuda.synchronize()
     totals, counts = collections.Counter(), collections.Counter()
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
@@ -174,6 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--curvlib-precision", choices=("none", "ieee", "tf32", "bf16"), default="none",
                         help="pathways.configure(precision=...): bf16 carries the columns in bfloat16")
     parser.add_argument("--accuracy", action="store_true", help="also the error against a float64 step")
+    parser.add_argument("--profile-exclude", nargs="*", default=[], metavar="PATHWAY",
+                        help="pathways the profiled step may not use (e.g. native: the fused kernel only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("diag_ggn_profile.py needs a CUDA device")
@@ -191,7 +194,8 @@ def main(argv=None) -> None:
     if args.compare:
         measure("fused kernel only", step, args.repeats, exclude=("native",))
         measure("automatic pathways (measured)", step, args.repeats, autotune=True)
-    profile(step)
+    print(f"\nprofiled step: pathways excluded {args.profile_exclude or 'none'}")
+    profile(step, args.profile_exclude)
 
 
 if __name__ == "__main__":
