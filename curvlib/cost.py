@@ -109,6 +109,18 @@ TF32_FLOP_EFFICIENCY_TMA = {
 }
 
 
+#: the same for 16-bit operands (bf16 column passes, half models), as fractions of the TF32 rate: measured on
+#: an H100 (``benchmarks/results/h100-2026-11-22-session17``, All-CNN-C's 3×3 layers, 21 channels-last bf16
+#: columns): the fused kernel's TMA form with its 16-bit tiles 250-330 TFLOP/s of useful products (0.8 of the
+#: TF32 rate on its padded row tiles); the native pathway 140-230 TFLOP/s all told — its batched products run
+#: near the bf16 peak, but the copies of the columns, the unfold and the squared norms around them, which the
+#: roofline's max() lets overlap, run one after another (0.5 priced on the products)
+SIXTEEN_BIT_FLOP_EFFICIENCY = {
+    ("native", "ggn_diag"): 0.5,
+    ("fused", "ggn_diag"): 0.8,  # where the TMA form runs; else the TF32 entries
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _tma_device() -> bool:
     """Whether the current CUDA device runs the GGN kernel's TMA form (Triton, compute capability >= 9.0)."""
@@ -125,12 +137,16 @@ def _tma_device() -> bool:
 
 def tf32_flop_efficiency(op: str, pathway: str, geometry: ConvGeometry, element_size: int) -> Optional[float]:
     """Calibrated fraction of the TF32 rate ``pathway`` reaches on ``op`` (``None``: not calibrated, priced
-    at the float32 rate); :data:`TF32_FLOP_EFFICIENCY_TMA` where the TMA kernel runs."""
+    at the float32 rate); :data:`TF32_FLOP_EFFICIENCY_TMA` where the TMA kernel runs,
+    :data:`SIXTEEN_BIT_FLOP_EFFICIENCY` for 16-bit operands."""
+    sixteen_bit = SIXTEEN_BIT_FLOP_EFFICIENCY.get((pathway, op)) if element_size == 2 else None
+    if sixteen_bit is not None and pathway != "fused":
+        return sixteen_bit
     if (pathway, op) in TF32_FLOP_EFFICIENCY_TMA and _tma_device():
         from .kernels._host import tma_shape_ok  # here: the kernels import this module's users
 
         if tma_shape_ok(math.prod(geometry.output_size), element_size):
-            return TF32_FLOP_EFFICIENCY_TMA[(pathway, op)]
+            return TF32_FLOP_EFFICIENCY_TMA[(pathway, op)] if sixteen_bit is None else sixteen_bit
     return TF32_FLOP_EFFICIENCY.get((pathway, op))
 
 

@@ -366,9 +366,15 @@ def column_gradients(x: Tensor, s: Tensor, geometry: ConvGeometry, chunk_bytes: 
         e = e1 - e0
         if channels_inner:
             # channels-last s: the sample-major copy keeps the channels innermost (a transposing copy
-            # runs at about a quarter of the bandwidth); J comes out [N, G, D, C, E], returned permuted
-            sb = s[:, :, g0:g1, e0:e1].permute(1, 2, 4, 0, 3).reshape(n, g1 - g0, o, c * e)
-            J = torch.matmul(u[:, g0:g1], sb).view(n, g1 - g0, d, c, e).permute(0, 1, 3, 4, 2)
+            # runs at about a quarter of the bandwidth); J comes out [N, G, D, C, E], returned permuted.
+            # Its rows are padded to 16 bytes: cuBLAS falls back to slow kernels on unaligned leading
+            # dimensions (C·E = 21·115 bf16: 2.8 ms instead of about 0.5 ms, H100)
+            ce = c * e
+            row = -(-ce * s.element_size() // 16) * 16 // s.element_size()
+            sb = s.new_empty(n, g1 - g0, o, row)
+            sb[..., :ce].view(n, g1 - g0, o, c, e).copy_(s[:, :, g0:g1, e0:e1].permute(1, 2, 4, 0, 3))
+            sb[..., ce:].zero_()  # the padding's products are dropped; zeros keep them finite
+            J = torch.matmul(u[:, g0:g1], sb)[..., :ce].view(n, g1 - g0, d, c, e).permute(0, 1, 3, 4, 2)
         else:
             sb = s[:, :, g0:g1, e0:e1].permute(1, 2, 0, 3, 4).reshape(n, g1 - g0, c * e, o)
             J = torch.matmul(sb, u[:, g0:g1].transpose(-1, -2)).view(n, g1 - g0, c, e, d)
@@ -389,12 +395,22 @@ def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, per_sample: bool = Fa
     out = x.new_empty((n, g, per_group, d) if per_sample else (g, per_group, d))
     chunk = _chunk_bytes() if chunk_bytes is None else chunk_bytes
     for g0, g1, e0, e1, J in column_gradients(x, s, geometry, chunk):
-        # the squared norm reads J once (square-then-sum reads it twice and writes it once more)
         if per_sample:
-            out[:, g0:g1, e0:e1] = torch.linalg.vector_norm(J, dim=2).square_()
+            out[:, g0:g1, e0:e1] = _squared_norm(J, (2,))
         else:
-            out[g0:g1, e0:e1] = torch.linalg.vector_norm(J, dim=(0, 2)).square_()
+            out[g0:g1, e0:e1] = _squared_norm(J, (0, 2))
     return out.view(*((n,) if per_sample else ()), *geometry.weight_shape)
+
+
+def _squared_norm(t: Tensor, dims: Tuple[int, ...]) -> Tensor:
+    """``Σ t²`` over ``dims`` (the other dimensions in their order), reduced over ``t`` viewed in its
+    memory order: the squared norm reads ``t`` once (square-then-sum reads it twice and writes it once
+    more), and PyTorch's reduction of a permuted view can be 15x slower than of the same memory in order
+    (channels-last column gradients ``[N, G, C, E, D]`` stored ``[N, G, D, C, E]``: 4.9 vs 0.29 ms, H100)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    kept = [i for i in order if i not in dims]
+    reduced = torch.linalg.vector_norm(t.permute(order), dim=[order.index(i) for i in dims]).square_()
+    return reduced.permute([kept.index(i) for i in sorted(kept)])
 
 
 def location_gram(s: Tensor, geometry: ConvGeometry) -> Tensor:

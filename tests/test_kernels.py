@@ -550,6 +550,23 @@ def test_ggn_unfolded_tma_on_gpu(seed, layer, precision):
     assert ggn_unfolded.tma_shape_ok(kg.output_numel, 4) == (layer in TMA_CASES)
 
 
+def test_ggn_unfolded_tiles_for_sixteen_bit_operands_come_first():
+    """16-bit products (bf16 column passes) try the tiles with 128 locations per step first; TF32 tiles
+    follow; without TMA or with float32 operands they are not offered."""
+    pytest.importorskip("triton")
+    from curvlib.kernels import ggn_unfolded
+
+    args = (21, 96, 864, 1024, "mma")
+    plain = ggn_unfolded.candidates(*args, tma=True)
+    sixteen = ggn_unfolded.candidates(*args, tma=True, sixteen_bit=True)
+    assert sixteen[0].block_o == 128 and sixteen[0].num_stages == 4 and sixteen[0].flat and sixteen[0].tma
+    assert all(c in sixteen for c in plain) and len(sixteen) > len(plain)
+    assert all(c.block_o <= 64 for c in plain)
+    assert ggn_unfolded.candidates(*args, tma=False, sixteen_bit=True) == ggn_unfolded.candidates(*args, tma=False)
+    small = ggn_unfolded.candidates(21, 96, 864, 36, "mma", tma=True, sixteen_bit=True)
+    assert small[0].block_o == 64  # capped at the locations' power of two
+
+
 #: channels-last ``s`` of 16-bit entries runs the TMA form where ``C_out`` fills 16-byte rows (multiples of 8)
 CHANNELS_LAST_TMA_CASES = [
     Layer("2d-16-channels", (8, 8), (3, 3), padding=1, c_in=4, c_out=16, batch=3, columns=5),
@@ -578,7 +595,7 @@ def test_ggn_unfolded_channels_last_half_on_gpu(seed, layer, dtype):
     s_cl = channels_last(s)
     view = ggn_unfolded.channels_last_view(s_cl)
     configs = [c for c in ggn_unfolded.candidates(s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel,
-                                                  "mma", tma=True) if c.tma]
+                                                  "mma", tma=True, sixteen_bit=True) if c.tma]
     configs.append(ggn_unfolded.UnfoldedGGNConfig(4, 8, 32, 16, 4, 2, flat=True, tma=True))
     assert all(ggn_unfolded.channels_last_tma_ok(view, c.block_co) == (layer.c_out % 8 == 0) for c in configs)
     per_sample_bytes = kg.groups * kg.output_numel * kg.rows * 2

@@ -301,6 +301,28 @@ def test_cost_model_prices_the_tma_kernel_where_it_runs(monkeypatch, tma):
     assert priced.tf32_flop_efficiency == (fused if tma else native)
 
 
+def test_cost_model_prices_sixteen_bit_ggn_products(monkeypatch):
+    """bf16 columns (21 per chunk, All-CNN-C's 3×3 layers): the fused kernel's TMA form is priced at its
+    measured 16-bit rate and chosen over the native pathway, whose batched products run near the bf16 peak
+    but whose copies and norms run one after another (H100, seventeenth session: conv2 1.57 against 2.0 ms).
+    Float32 operands keep the TF32 prices; without the TMA form the fused price is the pointer kernel's."""
+    monkeypatch.setattr(cost, "_tma_device", lambda: True)
+    sixteen = cost.SIXTEEN_BIT_FLOP_EFFICIENCY
+    for ci, co, size, stride in ((96, 96, 34, 1), (96, 96, 33, 2), (96, 192, 18, 1), (192, 192, 18, 1)):
+        geometry = make_geometry(ci, co, (size, size), 3, stride=stride)
+        priced = {p: cost.operation_cost("ggn_diag", p, geometry, 128, 21, 2, chunk_bytes=1e9, precision="bf16")
+                  for p in ("native", "fused")}
+        assert priced["native"].tf32_flop_efficiency == sixteen[("native", "ggn_diag")]
+        assert priced["fused"].tf32_flop_efficiency == sixteen[("fused", "ggn_diag")]
+        assert priced["fused"].estimated_time("cuda") < priced["native"].estimated_time("cuda"), geometry
+        as_float32 = cost.operation_cost("ggn_diag", "fused", geometry, 128, 21, 4, precision="tf32")
+        assert as_float32.tf32_flop_efficiency == cost.TF32_FLOP_EFFICIENCY_TMA[("fused", "ggn_diag")]
+    monkeypatch.setattr(cost, "_tma_device", lambda: False)
+    geometry = make_geometry(96, 96, (34, 34), 3)
+    assert cost.tf32_flop_efficiency("ggn_diag", "fused", geometry, 2) == cost.TF32_FLOP_EFFICIENCY[("fused", "ggn_diag")]
+    assert cost.tf32_flop_efficiency("ggn_diag", "native", geometry, 2) == sixteen[("native", "ggn_diag")]
+
+
 def test_native_ggn_cost_counts_the_permuted_messages(monkeypatch):
     """The native GGN diagonal copies ``s`` sample-major before its batched product: on a layer with few
     weight columns and many locations (All-CNN-C's first layer, 10 columns of batch 128) that copy

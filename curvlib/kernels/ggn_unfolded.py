@@ -229,15 +229,24 @@ _TMA_TILES = {
     "mma3": [(128, 32, 128, 32, 8, 3, False), (128, 32, 128, 32, 8, 3, True)],
 }
 
+#: TMA tiles for 16-bit operands (bf16 column passes, half models), tried before the others: twice the
+#: locations per step of the TF32 tiles fit shared memory, and the flat loop wins on every All-CNN-C layer
+#: with 21 columns (H100, Triton 3.6, channels-last bf16 ``S``; ``h100-2026-11-22-session17/ggn_tiles.txt``:
+#: 128 locations and four stages 252-276 → 292-329 TFLOP/s on 256-1024 locations, 64 on the 8×8 layers)
+_TMA_TILES_16BIT = [(128, 32, 128, 128, 8, 4, True), (128, 32, 128, 64, 8, 4, True)]
 
-def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False):
+
+def candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False,
+               sixteen_bit: bool = False):
     """Tiles for ``columns`` columns, ``out_per_group`` output channels per group, ``rows`` = ``D`` and
     ``locations`` = ``O`` on the matrix-unit class ``unit``, best guess first (the TMA tiles first when
-    ``tma``: see :func:`tma_supported` and :func:`tma_shape_ok`); none when one sample's unfolded group
-    has ``2³¹`` entries or more (the kernel's in-sample offsets are 32-bit)."""
+    ``tma``: see :func:`tma_supported` and :func:`tma_shape_ok`; those for 16-bit operands before them
+    with ``sixteen_bit``); none when one sample's unfolded group has ``2³¹`` entries or more (the kernel's
+    in-sample offsets are 32-bit)."""
     if locations * rows >= 2**31:
         return []
-    entries = [(*entry, True) for entry in _TMA_TILES.get(unit, ())] if tma else []
+    tma_tiles = (_TMA_TILES_16BIT if sixteen_bit and unit == "mma" else []) + _TMA_TILES.get(unit, [])
+    entries = [(*entry, True) for entry in tma_tiles] if tma else []
     entries += [(*entry, False) for entry in _TILES[unit]]
     configs = []
     for rows_of_j, co_max, block_d, block_o, warps, stages, flat, use_tma in entries:

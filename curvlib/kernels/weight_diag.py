@@ -213,12 +213,14 @@ _HESSCALE = {
 }
 
 
-def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False):
+def ggn_candidates(columns: int, out_per_group: int, rows: int, locations: int, unit: str, tma: bool = False,
+                   sixteen_bit: bool = False):
     """Tiles of both GGN kernels, best guess first: the unfolded-chunk kernel's first on the matrix
     units and for float32 FMA with many output locations (where it won on All-CNN-C), else the
-    gathered kernel's (``tma``: the unfolded kernel's TMA tiles as well, first)."""
+    gathered kernel's (``tma``: the unfolded kernel's TMA tiles as well, first; ``sixteen_bit``: the
+    products run on 16-bit operands)."""
     gathered = gathered_candidates(columns, out_per_group, rows, locations, unit)
-    unfolded = ggn_unfolded.candidates(columns, out_per_group, rows, locations, unit, tma=tma)
+    unfolded = ggn_unfolded.candidates(columns, out_per_group, rows, locations, unit, tma=tma, sixteen_bit=sixteen_bit)
     if unit == "fma" and locations < 128:
         return gathered + unfolded
     return unfolded + gathered
@@ -298,7 +300,9 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         # TMA tiles: S with its locations in 16-byte rows, or channels-last S of 16-bit entries
         tma = ggn_unfolded.tma_supported(x.device) and (
             s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(OT, s.element_size()))
-        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma)  # noqa: E731
+        sixteen_bit = precision == "bf16" or x.element_size() == 2
+        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma,  # noqa: E731
+                                         sixteen_bit)
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
     return finish(out if per_sample else out[0], x.dtype)
