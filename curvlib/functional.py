@@ -126,13 +126,15 @@ def _dispatch(
     options: tuple = (),
     batch: Optional[int] = None,
     columns: int = 1,
+    extend=None,
 ) -> Tensor:
     """Run ``op`` on the requested pathway (or the automatic choice among those available).
 
     ``network`` builds the tensor network; ``native``/``fused``/``lags`` compute the result natively /
     with a fused kernel / from lag products (``None``: not available for these arguments; a
     :class:`_Candidate`: available if its check says so); ``options`` (hashable) completes the
-    configuration key.
+    configuration key; ``extend`` (optional) maps a tensor network's result to what the other
+    pathways return (e.g. a quantity they compute along with it).
     """
     first = tensors[0]
     key = _config_key(op, geometry, tensors, options)
@@ -155,6 +157,8 @@ def _dispatch(
         "tn+simplify": lambda: contract(_simplify.simplify(network())),
         "unfold": lambda: contract(_simplify.simplify(network(), unfold_overlapping=True)),
     }
+    if extend is not None:
+        runners = {name: (lambda run=run: extend(run())) for name, run in runners.items()}
     if precision is not None and first.is_cuda:
         runners = {name: _in_precision(run, precision, first.device) for name, run in runners.items()}
     if native is not None:
@@ -868,31 +872,63 @@ def ggn_diag(
     dilation=1,
     groups: int = 1,
     per_sample: bool = False,
+    bias: bool = False,
     transposed: bool = False,
     output_padding=0,
     simplify: bool = True,
     pathway: str = "auto",
-) -> Tensor:
+):
     """Diagonal of the weight's GGN, weight-shaped ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
 
     Args:
         x: layer input ``[N, C_in, *I]``.
         s: ``[C, N, C_out, *O]``.
+        bias: also the diagonal of the bias's GGN, ``Σ_{c[,n]} (Σ_o s[c, n, :, o])²`` (``[C_out]``, ``[N,
+            C_out]`` if ``per_sample``): returns the pair ``(weight diagonal, bias diagonal)``. The fused
+            kernel computes it in the same pass over ``s`` (a row of ones among the unfolded input's).
+
+    >>> x, s = torch.randn(2, 3, 8, 8), torch.randn(4, 2, 5, 8, 8)
+    >>> weight, bias = ggn_diag(x, s, 3, padding=1, bias=True)
+    >>> weight.shape, bias.shape
+    (torch.Size([5, 3, 3, 3]), torch.Size([5]))
     """
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     shape = geometry.weight_shape
+    lead = (x.shape[0],) if per_sample else ()
+
+    def joined(weight: Tensor, bias_diag: Tensor) -> Tensor:
+        """``[*lead, weight numel + C_out]``: one tensor, as every pathway returns one."""
+        return torch.cat([weight.reshape(*lead, -1), bias_diag.to(weight.dtype)], -1)
+
+    def with_bias(weight: Tensor) -> Tensor:
+        """A pathway's weight diagonal, joined with the bias's from the columns' sums over locations."""
+        if not bias:
+            return weight
+        # [C, N, C_out]: the bias's per-(column, sample) gradients, summed in float32 at least
+        sums = s.flatten(3).sum(3, dtype=torch.promote_types(s.dtype, torch.float32))
+        return joined(weight, sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1)))
+
+    def fused() -> Tensor:
+        result = _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision(), bias=bias)
+        if not bias:
+            return result
+        return joined(*result)
+
     result = _dispatch(
         "ggn_diag", pathway, simplify, geometry, (x, s),
         network=lambda: _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample),
-        native=_native("ggn_diag", geometry, lambda: _native_module.ggn_diag(x, s, geometry, per_sample)),
-        fused=_fused(
-            "ggn_diag", x, geometry, lambda: _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision()),
-            per_sample=per_sample, s=s,
-        ),
-        options=(per_sample,),
+        native=_native("ggn_diag", geometry, lambda: with_bias(_native_module.ggn_diag(x, s, geometry, per_sample))),
+        fused=_fused("ggn_diag", x, geometry, fused, per_sample=per_sample, s=s),
+        options=(per_sample, bias),
         columns=s.shape[0],
+        extend=with_bias if bias else None,
     )
-    return result.reshape(*((x.shape[0],) if per_sample else ()), *shape)
+    if not bias:
+        return result.reshape(*lead, *shape)
+    numel = math.prod(shape)
+    return result[..., :numel].reshape(*lead, *shape), result[..., numel:]
 
 
 def ggn_gram(

@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as tf
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacrev, jvp, vmap
 
 import curvlib.functional as F
 from curvlib import simplify as simplify_module
@@ -338,6 +338,33 @@ def test_ggn_gram(layer, route, seed):
     x, w, s, vjps = _ggn_setup(layer)
     expected = torch.einsum("cnw,dmw->cndm", vjps, vjps)
     assert_close(F.ggn_gram(x, s, layer.kernel, **layer.hyper(), **route), expected, name="ggn_gram")
+
+
+@by_route
+@by_layer
+def test_ggn_diag_with_bias(layer, route, seed):
+    """``bias=True`` adds the bias's GGN diagonal; the bias's per-(column, sample) gradients come from
+    autograd's Jacobian of the layer with respect to its bias."""
+    x, w, s, vjps = _ggn_setup(layer)
+    bias = torch.randn(layer.weight_shape[1] * layer.groups if layer.transposed else layer.weight_shape[0],
+                       dtype=DTYPE)
+    jac = jacrev(lambda b: layer.forward(w, x, bias=b).reshape(x.shape[0], -1))(bias)  # [N, P, C_out]
+    bias_vjps = torch.einsum("cnp,npb->cnb", s.reshape(layer.columns, x.shape[0], -1), jac)
+    for per_sample in (False, True):
+        weight, got = F.ggn_diag(x, s, layer.kernel, **layer.hyper(), per_sample=per_sample, bias=True, **route)
+        expected = (vjps**2).sum(0 if per_sample else (0, 1)).reshape(*lead(x, per_sample), *w.shape)
+        assert_close(weight, expected, name=f"ggn_diag(bias=True, per_sample={per_sample})[0]")
+        assert_close(got, (bias_vjps**2).sum(0 if per_sample else (0, 1)), name=f"bias diagonal (per_sample={per_sample})")
+
+
+def lead(x, per_sample):
+    return (x.shape[0],) if per_sample else ()
+
+
+def test_ggn_diag_bias_flag_is_checked():
+    x, s = torch.randn(2, 3, 6, 6), torch.randn(2, 2, 4, 4, 4)
+    with pytest.raises(TypeError, match="bias must be a bool, got str"):
+        F.ggn_diag(x, s, 3, bias="yes")
 
 
 @by_layer

@@ -69,7 +69,10 @@ def references(layer: Layer, x, s, d):
     d_ = d.reshape(N, G, -1, L)
     mean = U.mean(2)
     J = torch.einsum("cngol,ngld->cngod", s_, U)
+    bias = s_.sum(-1).reshape(s.shape[0], N, -1)  # [C, N, C_out]: the bias's per-(column, sample) gradients
     return {
+        ("ggn_bias", False): (bias**2).sum((0, 1)),
+        ("ggn_bias", True): (bias**2).sum(0),
         "kfc": torch.einsum("ngld,ngle->gde", U, U) / N,
         "kfac_reduce": torch.einsum("ngd,nge->gde", mean, mean) / N,
         ("ggn_diag", False): (J**2).sum((0, 1)).reshape(weight),
@@ -189,6 +192,18 @@ def test_fallback_matches_references(seed, layer):
             key = (op, per_sample) if op in ("ggn_diag", "hesscale_weight_diag") else op
             assert result.dtype == torch.float64
             assert relative_error(result, ref[key]) < 1e-12, (op, per_sample)
+
+
+@pytest.mark.parametrize("layer", CASES, ids=str)
+def test_fallback_ggn_diag_with_bias(seed, layer):
+    x, s, d = random_inputs(layer)
+    ref = references(layer, x, s, d)
+    for per_sample in (False, True):
+        weight, bias = kernels.ggn_diag(x, s, geometry_of(layer), per_sample=per_sample, bias=True)
+        assert relative_error(weight, ref[("ggn_diag", per_sample)]) < 1e-12
+        assert relative_error(bias, ref[("ggn_bias", per_sample)]) < 1e-12
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        kernels.ggn_diag(x, s, geometry_of(layer), bias=1)
 
 
 def test_fallback_equals_functional_tn(seed):
@@ -565,6 +580,40 @@ def test_ggn_unfolded_tiles_for_sixteen_bit_operands_come_first():
     assert ggn_unfolded.candidates(*args, tma=False, sixteen_bit=True) == ggn_unfolded.candidates(*args, tma=False)
     small = ggn_unfolded.candidates(21, 96, 864, 36, "mma", tma=True, sixteen_bit=True)
     assert small[0].block_o == 64  # capped at the locations' power of two
+
+
+@cuda
+@pytest.mark.parametrize("layer", CASES + TMA_CASES, ids=str)
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_ggn_kernels_with_bias_on_gpu(seed, layer, precision):
+    """``bias=True``: every GGN tile (unfolded pointer and TMA forms with their row of ones, the gathered
+    kernel with separate sums), summed and per sample, ``s`` dense and channels last, against float64."""
+    from curvlib.kernels import _geometry, ggn_unfolded, weight_diag
+    from curvlib.kernels.gram import unit_class
+
+    x, s, d = random_inputs(layer, torch.float32, "cuda")
+    ref = references(layer, x, s, d)
+    kg = _geometry.kernel_geometry(geometry_of(layer))
+    tma = ggn_unfolded.tma_supported(x.device)
+    configs = weight_diag.ggn_candidates(s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel,
+                                         unit_class(precision, x.dtype), tma, precision == "bf16")
+    assert any(isinstance(c, ggn_unfolded.UnfoldedGGNConfig) for c in configs)
+    assert any(isinstance(c, weight_diag.GGNConfig) for c in configs)
+    errors = {}
+    for config in configs:
+        for per_sample in (False, True):
+            for layout, s_in in (("dense", s), ("channels last", channels_last(s))):
+                out = weight_diag.ggn_diag(x, s_in, kg, per_sample, precision, config=config, bias=True)
+                shape = (x.shape[0],) * per_sample + (layer.weight_shape[0], -1)
+                out = out.reshape(shape)
+                key = (config, per_sample, layout)
+                errors[key + ("weight",)] = relative_error(out[..., :-1].reshape(ref[("ggn_diag", per_sample)].shape),
+                                                           ref[("ggn_diag", per_sample)])
+                errors[key + ("bias",)] = relative_error(out[..., -1], ref[("ggn_bias", per_sample)])
+    bad = {key: error for key, error in errors.items() if not error < TOLERANCE[precision]}
+    assert not bad, bad
+    weight, bias = kernels.ggn_diag(x, s, geometry_of(layer), bias=True, precision=precision)
+    assert relative_error(bias, ref[("ggn_bias", False)]) < TOLERANCE[precision]
 
 
 #: channels-last ``s`` of 16-bit entries runs the TMA form where ``C_out`` fills 16-byte rows (multiples of 8)

@@ -227,6 +227,13 @@ class LayerCall:
         if self.kind == "generic":
             return {k: _square_sum(v, per_sample) for k, v in self.column_gradients(self.in_output_dtype(s)).items()}
         result = {}
+        if "weight" in self.parameters and "bias" in self.parameters and not self.hyper["transposed"]:
+            # both from one pass over the messages (the fused kernel sums them with the weight's products)
+            x, message = self.conv_input_as(s.dtype), self.conv_message(s)
+            weight, bias = F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, bias=True, **self._kwargs())
+            result["weight"] = self._to_weight(weight.to(self.y.dtype), 1 if per_sample else 0)
+            result["bias"] = bias.to(self.y.dtype)
+            return result
         if "weight" in self.parameters:
             diag = self._chunked_weight_diag(s, per_sample).to(self.y.dtype)
             result["weight"] = self._to_weight(diag, 1 if per_sample else 0)

@@ -258,7 +258,7 @@ def kfac_reduce(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -
 
 
 def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,
-             precision: str = "ieee") -> Tensor:
+             precision: str = "ieee", bias: bool = False):
     """Diagonal of the weight's GGN ``Σ_{c,n} J_{c,n}²`` with ``J_{c,n}`` the weight VJP of column ``c``
     of ``s`` for sample ``n`` — computed per tile in registers, never written out.
 
@@ -267,24 +267,35 @@ def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool =
         s: backpropagated loss-Hessian square root ``[C, N, C_out, *O]``.
         geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
         per_sample: keep the batch axis (``Σ_c`` only).
+        bias: also the diagonal of the bias's GGN, ``Σ_{c,n} (Σ_o s[c, n, :, o])²``, from the same pass.
 
     Returns:
         ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``x.dtype``, like
-        :func:`curvlib.functional.ggn_diag`. Extra memory: a float32 copy of the result and, when the
+        :func:`curvlib.functional.ggn_diag`; with ``bias`` the pair ``(weight diagonal, bias diagonal
+        [C_out] or [N, C_out])``. Extra memory: a float32 copy of the result and, when the
         unfolded-chunk kernel is faster for this shape, a sample chunk of the unfolded input (at most
         64 MiB or one sample's patches; a third of ``pathways.configure(memory_budget=...)`` if that is
         smaller): independent of ``C`` and ``N``.
     """
     precision = _check_precision(precision)
     per_sample = _check_per_sample(per_sample)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
     _check_input(x, geometry)
     _check_output_side(s, "s", x, geometry, columns=True)
-    shape = (*((x.shape[0],) if per_sample else ()), *geometry.weight_shape)
+    lead = (x.shape[0],) if per_sample else ()
+    shape = (*lead, *geometry.weight_shape)
     if not supports("ggn_diag", x, geometry, s=s, per_sample=per_sample, precision=precision):
         network = _ggn_expr.ggn_blocks(x, s, geometry, geometry.weight_shape, per_sample=per_sample)
-        return _tn(network).reshape(shape)
-    result = _module("weight_diag").ggn_diag(x, s, kernel_geometry(geometry), per_sample, precision)
-    return result.reshape(shape)
+        weight = _tn(network).reshape(shape)
+        if not bias:
+            return weight
+        sums = s.flatten(3).sum(3)  # [C, N, C_out]
+        return weight, (sums.square().sum(0) if per_sample else sums.square().sum((0, 1)))
+    result = _module("weight_diag").ggn_diag(x, s, kernel_geometry(geometry), per_sample, precision, bias=bias)
+    if not bias:
+        return result.reshape(shape)
+    return result[..., :-1].reshape(shape), result[..., -1].reshape(*lead, geometry.out_channels)
 
 
 def hesscale_weight_diag(x: Tensor, d: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,

@@ -335,8 +335,13 @@ def _aligned(length: int, element_size: int) -> int:
 
 
 def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
-             config: UnfoldedGGNConfig, chunk_bytes: float = None, split: int = None) -> torch.Tensor:
+             config: UnfoldedGGNConfig, chunk_bytes: float = None, split: int = None,
+             bias: bool = False) -> torch.Tensor:
     """GGN diagonal as a float32 ``[N or 1, C_out·D]`` buffer (see the module docstring).
+
+    ``bias``: the bias's diagonal as well, as ``[N or 1, C_out·(D + 1)]`` with the bias in each channel's
+    last entry — the unfolded chunk gets a row of ones, whose products are the columns' sums over output
+    locations (no second pass over ``s``; the row fits the padding of the last row tile on most layers).
 
     The chunk is unfolded in bfloat16 for ``precision="bf16"`` (the products round to it anyway), else
     in ``x.dtype``. ``chunk_bytes`` (default :func:`._host.unfolded_chunk_bytes`) and ``split`` (batch
@@ -348,7 +353,6 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     s_cl = channels_last_view(s)  # [C, N, O, C_out] where s is stored channels last, else None
     if s_cl is None:
         s = s.contiguous()
-    weight_numel = geometry.out_channels * D
     unit_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
     unit_size = torch.finfo(unit_dtype).bits // 8
     # the TMA form reads S's tiles with the locations contiguous: TF32 wgmma takes its shared-memory
@@ -361,20 +365,28 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     tma = tma_cl or (config.tma and s_cl is None and tma_supported(x.device) and tma_shape_ok(OT, s.element_size())
                      and s.data_ptr() % TMA_ALIGNMENT == 0)
     samples = chunk_samples(batch, geometry, unit_size, unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    rows = D + 1 if bias else D  # the kernel's D: the unfolded rows, with the bias's row of ones last
+    weight_numel = geometry.out_channels * rows
     if tma:  # K-major, each sample-group's rows padded to 16 bytes (the descriptor's stride)
-        buffer = torch.empty((samples, G, D, _aligned(OT, unit_size)), device=x.device, dtype=unit_dtype)[..., :OT]
+        buffer = torch.empty((samples, G, rows, _aligned(OT, unit_size)), device=x.device, dtype=unit_dtype)[..., :OT]
         s_rows = None if tma_cl else s.view(columns, batch * geometry.out_channels, OT)  # [C, N·C_out, O]
+        if bias:
+            buffer[:, :, D].fill_(1)
+        patches = buffer[:, :, :D]
     else:
-        buffer = torch.empty((samples, G, OT, D), device=x.device, dtype=unit_dtype)
+        buffer = torch.empty((samples, G, OT, rows), device=x.device, dtype=unit_dtype)
+        if bias:
+            buffer[..., D].fill_(1)
+        patches = buffer[..., :D]
     out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
-    d_tiles, co_tiles = cdiv(D, config.block_d), cdiv(COG, config.block_co)
+    d_tiles, co_tiles = cdiv(rows, config.block_d), cdiv(COG, config.block_co)
     programs = d_tiles * co_tiles * cdiv(columns, config.block_c) * G
     # built once per call, not per chunk (host time: a step of DiagGGNExact under a tight budget runs
     # this for every chunk of columns and layer): the unfold target, the descriptors of all of S and
     # the whole buffer (the kernel offsets S's rows by the chunk's first sample and reads only the
     # chunk's rows of the buffer), and the window view where it is one of x (a padded input is
     # padded chunk by chunk: a padded copy of all of x would be extra memory of x's size)
-    target = _unfold_target(buffer, geometry, k_major=tma)
+    target = _unfold_target(patches, geometry, k_major=tma)
     pads = any(pair != (0, 0) for pair in _input_pads(geometry))
     windows = None if pads else unfolded_view(x, geometry, k_major=tma)
     if tma:
@@ -397,7 +409,7 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         _launch(
             (programs // G, G, slices),
             u_src, s_src, out,
-            columns, COG, D, OT, n0, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
+            columns, COG, rows, OT, n0, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
             s.stride(0), s.stride(1), 1 if s_cl is not None else OT, geometry.out_channels if s_cl is not None else 1,
             buffer.stride(0), buffer.stride(1),
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,

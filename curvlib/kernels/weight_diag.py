@@ -250,8 +250,11 @@ def _weight_strides(geometry: KernelGeometry):
 
 
 def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
-             config: GGNConfig = None, split: int = None, chunk_bytes: float = None) -> torch.Tensor:
-    """GGN diagonal ``[[N,] C_out, D]`` in ``x.dtype`` (see the module docstring).
+             config: GGNConfig = None, split: int = None, chunk_bytes: float = None,
+             bias: bool = False) -> torch.Tensor:
+    """GGN diagonal ``[[N,] C_out, D]`` in ``x.dtype`` (see the module docstring); with ``bias``
+    ``[[N,] C_out, D + 1]``, the bias's diagonal last (the unfolded kernel computes it with the weight's,
+    the gathered one from the columns' sums over locations).
 
     ``config`` (a :class:`GGNConfig` or a :class:`.ggn_unfolded.UnfoldedGGNConfig`) and ``split`` force
     the kernel, its tile and the batch split, ``chunk_bytes`` the unfolded kernel's chunk (tests);
@@ -268,7 +271,15 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
 
     def launch(cfg, split=split):
         if isinstance(cfg, ggn_unfolded.UnfoldedGGNConfig):
-            return ggn_unfolded.ggn_diag(x, s, geometry, per_sample, precision, cfg, chunk_bytes, split)
+            return ggn_unfolded.ggn_diag(x, s, geometry, per_sample, precision, cfg, chunk_bytes, split, bias)
+        out = launch_gathered(cfg, split)
+        if not bias:
+            return out
+        sums = s.flatten(3).sum(3, dtype=torch.float32)  # [C, N, C_out]: the bias's gradients
+        squares = sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1))[None]
+        return torch.cat([out.view(out.shape[0], geometry.out_channels, D), squares[..., None]], -1).flatten(1)
+
+    def launch_gathered(cfg, split):
         if not dense:
             dense.append(s.contiguous())
         s_dense = dense[0]
@@ -296,7 +307,7 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         return out
 
     if config is None:
-        key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type, channels_last)
+        key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type, channels_last, bias)
         # TMA tiles: S with its locations in 16-byte rows, or channels-last S of 16-bit entries
         tma = ggn_unfolded.tma_supported(x.device) and (
             s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(OT, s.element_size()))
@@ -305,6 +316,7 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
                                          sixteen_bit)
         config = _GGN_CACHE.choose(key, options, launch, x.device)
     out = launch(config)
+    out = out.view(out.shape[0], geometry.out_channels, D + 1) if bias else out
     return finish(out if per_sample else out[0], x.dtype)
 
 
