@@ -596,7 +596,7 @@ def test_ggn_kernels_with_bias_on_gpu(seed, layer, precision):
     kg = _geometry.kernel_geometry(geometry_of(layer))
     tma = ggn_unfolded.tma_supported(x.device)
     configs = weight_diag.ggn_candidates(s.shape[0], kg.out_channels_per_group, kg.rows, kg.output_numel,
-                                         unit_class(precision, x.dtype), tma, precision == "bf16")
+                                         unit_class(precision, x.dtype), tma)
     assert any(isinstance(c, ggn_unfolded.UnfoldedGGNConfig) for c in configs)
     assert any(isinstance(c, weight_diag.GGNConfig) for c in configs)
     errors = {}
@@ -657,6 +657,12 @@ def test_ggn_unfolded_channels_last_half_on_gpu(seed, layer, dtype):
                 shape = (x.shape[0], *layer.weight_shape) if per_sample else layer.weight_shape
                 errors[(config, per_sample, chunk_bytes)] = relative_error(ggn.reshape(shape),
                                                                            ref[("ggn_diag", per_sample)])
+            # with the bias's row of ones (D + 1 rows)
+            both = weight_diag.ggn_diag(x, s_cl, kg, per_sample, "ieee", config=config, bias=True)
+            both = both.reshape(*((x.shape[0],) if per_sample else ()), layer.c_out, -1)
+            errors[(config, per_sample, "bias")] = relative_error(both[..., -1], ref[("ggn_bias", per_sample)])
+            errors[(config, per_sample, "weight with bias")] = relative_error(
+                both[..., :-1].reshape(shape), ref[("ggn_diag", per_sample)])
     bad = {key: error for key, error in errors.items() if not error < (2e-2 if dtype == torch.bfloat16 else 4e-3)}
     assert not bad, bad
 

@@ -311,7 +311,8 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         # TMA tiles: S with its locations in 16-byte rows, or channels-last S of 16-bit entries
         tma = ggn_unfolded.tma_supported(x.device) and (
             s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(OT, s.element_size()))
-        sixteen_bit = precision == "bf16" or x.element_size() == 2
+        # both operands' tiles 16-bit (the unfolded input is rounded to bf16 under "bf16"; s as it comes)
+        sixteen_bit = s.element_size() == 2 and (precision == "bf16" or x.element_size() == 2)
         options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma,  # noqa: E731
                                          sixteen_bit)
         config = _GGN_CACHE.choose(key, options, launch, x.device)
