@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import warnings
 import weakref
 
@@ -406,7 +407,22 @@ def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
     for budget in (need(2), need(5) - 1, need(9) + 7):
         ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=budget)
         assert need(ctx.last_chunk_size) <= budget
-        assert ctx.last_chunk_size == 9 or need(ctx.last_chunk_size + 1) > budget
+        largest = max(c for c in range(1, 10) if need(c) <= budget)
+        assert math.ceil(9 / ctx.last_chunk_size) == math.ceil(9 / largest)  # no more chunks than needed
+
+
+def test_balanced_chunks_keep_the_chunk_count_and_fit():
+    """Equal chunks, as few as the largest fitting chunk needs, multiples of 4 columns where that fits."""
+    from curvlib.engine import context as context_module
+
+    for total in range(1, 130):
+        for largest in range(1, total + 3):
+            chunk = context_module.balanced_chunk(largest, total)
+            assert 1 <= chunk <= min(largest, total)
+            assert math.ceil(total / chunk) == math.ceil(total / min(largest, total)), (largest, total)
+            even = math.ceil(total / math.ceil(total / min(largest, total)))
+            assert chunk == even or (chunk % 4 == 0 and even < chunk < even + 4), (largest, total, chunk)
+    assert context_module.balanced_chunk(21, 100) == 20
 
 
 # ----------------------------------------------------------------------------------------------

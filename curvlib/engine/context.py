@@ -57,6 +57,27 @@ _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 COLUMN_BACKWARDS = ("auto", "graph", "autograd")
 
 
+#: columns per chunk are rounded to multiples of this where that costs no extra chunk: the fused GGN kernel
+#: tiles the columns in blocks of 4 (32 output channels per tile) or more
+COLUMN_BLOCK = 4
+
+
+def balanced_chunk(largest: int, total: int) -> int:
+    """Columns per chunk for ``total`` columns of which at most ``largest`` fit the memory budget: as many
+    chunks as ``largest`` needs, of equal size, rounded up to a multiple of :data:`COLUMN_BLOCK` where
+    that still fits (100 columns, 21 fit: 5 chunks of 20 instead of four of 21 and one of 16, whose
+    kernels would pad 21 columns to 24).
+
+    >>> balanced_chunk(21, 100), balanced_chunk(12, 100), balanced_chunk(7, 7), balanced_chunk(3, 10)
+    (20, 12, 7, 3)
+    """
+    if largest >= total:
+        return total
+    even = -(-total // -(-total // largest))
+    rounded = -(-even // COLUMN_BLOCK) * COLUMN_BLOCK
+    return rounded if rounded <= largest else even
+
+
 class curvature:
     """Compute curvature quantities (extensions) of ``model`` during ``loss.backward()``.
 
@@ -434,6 +455,7 @@ class curvature:
         grams = any(ext.keeps_location_gram for ext in extensions)
         self._pass_options = self._options_for(extensions, columns.device)
         chunk, stages = self._stages(loss_call, groups, columns.shape[0], coupled, whole, grams)
+        chunk = balanced_chunk(chunk, columns.shape[0])
         self.last_chunk_size = chunk
         self.last_stages = stages
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
