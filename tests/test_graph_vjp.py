@@ -106,8 +106,11 @@ def volumetric():
 
 
 def one_dimensional():
+    # the second transposed layer's output padding (2) is not below its stride: the data gradient's
+    # adjoint convolution overshoots and convolution_backward runs instead
     return [nn.Conv1d(3, 4, 5, stride=2, padding=2), nn.Threshold(0.1, -1.0), nn.ConvTranspose1d(4, 2, 3, stride=2),
-            nn.BatchNorm1d(2).eval(), Lambda(lambda t: t.mean((1, 2)))]
+            nn.ConvTranspose1d(2, 2, 3, stride=2, dilation=3, output_padding=2), nn.BatchNorm1d(2).eval(),
+            Lambda(lambda t: t.mean((1, 2)))]
 
 
 MODELS = {
@@ -223,7 +226,7 @@ def _engine_run(model, X, y, column_backward, *extensions, **kwargs):
     return ctx
 
 
-@pytest.mark.parametrize("budget", [None, 3e5])
+@pytest.mark.parametrize("budget", [None, 2e5])
 def test_engine_results_agree_between_column_backwards(budget):
     model = _cnn().to(DTYPE)
     X, y = torch.randn(6, 3, 8, 8, dtype=DTYPE), torch.randint(0, 5, (6,))

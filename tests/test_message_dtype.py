@@ -112,7 +112,7 @@ def _results(model, savefield):
 
 @pytest.mark.parametrize("make", [_cnn, _shared], ids=["cnn", "shared"])
 @pytest.mark.parametrize("extension", [ext.DiagGGNExact, ext.BatchDiagGGNExact])
-@pytest.mark.parametrize("budget", [None, 1e5])
+@pytest.mark.parametrize("budget", [None, 7e4])
 @pytest.mark.parametrize("device", DEVICES)
 def test_engine_diagonals_from_bfloat16_messages(make, extension, budget, device):
     model = make().to(device)

@@ -166,6 +166,10 @@ def test_stage_numels_by_hand():
     assert stage_numels(stages, numels, [0, 1, 0]) == [90, 120, 80]
     # merging the first two stages holds 0 + (30 + 20) + 2·30 = 110 > 90; the last two: 30 + 30 + 40 = 100
     assert merge_stages(stages, numels, groups) == stages
+    # handed-off sources: stage 0 returns 30 + transient 30; stage 1 max(source 30, y1 20) + 20; stage 2
+    # max(20, 10) + 10; shared: y2's 30 held through stages 1 and 2
+    assert stage_numels(stages, numels, groups, hand_off=True) == [60, 50, 30]
+    assert stage_numels(stages, numels, [0, 1, 0], hand_off=True) == [60, 80, 60]
     # sizes 10, 200, 30: the middle stage is widest (30 + 200 + 2·200 = 630); the first two merged hold
     # 0 + (30 + 200) + 2·200 = 630 too, all three 240 + 2·200 = 640
     merged = merge_stages(stages, [10, 200, 30], groups)
@@ -219,3 +223,131 @@ def test_stages_only_where_they_fit_more_columns():
     loss_fn, y = make_loss("ce", (X.shape[0], 3))
     assert run_engine(model, loss_fn, X, y, DiagGGNExact()).last_stages is None
     assert run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=10**12).last_stages is None
+
+
+def test_handoff_is_released_after_the_source_node(monkeypatch):
+    """A :class:`Handoff` source leaves the walk holding the only reference: by the second node the
+    vectors are gone; the messages still equal the per-column VJPs."""
+    import weakref
+
+    from curvlib.engine import batched_rules
+    from curvlib.engine.graph_vjp import GraphVJP
+    from curvlib.engine.staging import Handoff
+
+    lin1, lin2 = nn.Linear(3, 5).to(DT), nn.Linear(5, 4).to(DT)
+    h = lin1(torch.randn(6, 3, dtype=DT))
+    out = lin2(torch.tanh(h))
+    seen = []
+    tanh_rule = batched_rules._RULES["TanhBackward0"]
+
+    def watching(node, g, need, cache, options):
+        seen.append(source_ref() is None)
+        return tanh_rule(node, g, need, cache, options)
+
+    monkeypatch.setitem(batched_rules._RULES, "TanhBackward0", watching)
+    plan = GraphVJP.build(out, [get_gradient_edge(h)])
+    vectors = torch.randn(3, *out.shape, dtype=DT)
+    expected = _reference_messages(out, [h], vectors)[0]
+    source_ref = weakref.ref(vectors)
+    handoff = Handoff(vectors, recompute=lambda: pytest.fail("recomputed without a failure"))
+    del vectors
+    (message,) = plan.run(handoff, [h.shape])
+    assert seen == [True], "the walk still held the source at the tanh node"
+    assert_close(message, expected, rtol=1e-12, atol=1e-14, name="message")
+    assert handoff.shape == (3, *out.shape)
+
+
+def test_handoff_taken_twice_recomputes():
+    from curvlib.engine.staging import Handoff, taken
+
+    message = torch.randn(2, 3)
+    calls = []
+    handoff = Handoff(message, recompute=lambda: calls.append(1) or message * 2)
+    assert taken(handoff) is message and not calls
+    assert torch.equal(handoff.take(), message * 2) and calls == [1]
+    assert taken(message) is message
+
+
+class BatchNormBelowAGate(nn.Module):
+    """Conv → BatchNorm (training mode) → ReLU → four Conv → ReLU → strided Conv → ReLU → Linear: the batch
+    norm, which the graph walk finds it cannot batch only while running, lies in a stage whose source is
+    handed off (deep enough for stages to fit more columns per chunk)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.body = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.c2, self.lin = nn.Conv2d(4, 3, 3, stride=2), nn.Linear(27, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        for conv in self.body:
+            h = torch.relu(conv(h))
+        return self.lin(torch.relu(self.c2(h)).flatten(1))
+
+
+def test_handed_off_source_is_recomputed_where_the_walk_fails(monkeypatch):
+    """A later stage's walk fails after taking its source: the source is recomputed from the columns and
+    autograd runs the stage; the results equal those of autograd throughout."""
+    from curvlib.engine import staging
+
+    recomputed = []
+    original = staging._recompute
+
+    def counting(*args):
+        again = original(*args)
+        return lambda: recomputed.append(1) or again()
+
+    monkeypatch.setattr(staging, "_recompute", counting)
+    model, X = BatchNormBelowAGate().to(DT), torch.randn(3, 2, 7, 7, dtype=DT)
+    loss_fn, y = make_loss("ce", (X.shape[0], 6))
+    results = {}
+    for mode in ("auto", "autograd"):
+        _fresh(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=100_000, column_backward=mode,
+                             batch_coupled=False)
+        assert ctx.last_stages is not None and len(ctx.last_stages) > 1 and 1 < ctx.last_chunk_size < 6
+        results[mode] = {name: p.diag_ggn_exact.clone() for name, p in model.named_parameters()}
+    assert recomputed, "no handed-off source was recomputed"
+    for name, expected in results["autograd"].items():
+        assert_close(results["auto"][name], expected, rtol=1e-10, name=name)
+
+
+def test_engine_releases_each_stage_source_after_its_node(monkeypatch):
+    """In the engine's staged passes, no one keeps a stage's source once the walk has applied the
+    source's node (neither the stage loop, nor the engine's generator that hands out the gate's message
+    as a layer's)."""
+    import weakref
+
+    from curvlib.engine import batched_rules, staging
+
+    sources, released = [], []
+    take = staging.Handoff.take
+
+    def recording_take(self):
+        message = take(self)
+        sources.append([weakref.ref(message), 0])
+        return message
+
+    def watching(rule):
+        def watched(node, g, need, cache, options):
+            if sources:
+                sources[-1][1] += 1
+                if sources[-1][1] == 2:  # the node after the source's
+                    released.append(sources[-1][0]() is None)
+            return rule(node, g, need, cache, options)
+        return watched
+
+    monkeypatch.setattr(staging.Handoff, "take", recording_take)
+    for name, rule in list(batched_rules._RULES.items()):
+        monkeypatch.setitem(batched_rules._RULES, name, watching(rule))
+    factory, shape = NETS["chain"]
+    model, X = factory().to(DT), torch.randn(*shape, dtype=DT)
+    loss_fn, y = make_loss("ce", (X.shape[0], 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=100_000)
+    assert ctx.last_stages is not None and len(ctx.last_stages) > 2 and ctx.last_column_backward == "graph"
+    assert len(released) >= len(ctx.last_stages) - 1 and all(released), released

@@ -10,12 +10,15 @@
 One training step of a network of ``benchmarks/end_to_end.py`` (All-CNN-C or 3c3d; batch 128) inside
 ``curvlib.curvature(model, loss, DiagGGNExact(), memory_budget=...)``. Printed:
 
-- the step's wall time (median of ``--repeats`` after two warm-ups), its extra peak memory (allocator peak
+- the step's wall time (median of ``--repeats`` after two warm-ups; "host": until the step's Python returned,
+  before the device finished), its extra peak memory (allocator peak
   during the step minus what was allocated before), the columns per chunk, the stages and the pathway the
   automatic choice took for each layer's GGN diagonal (by configuration key, in the order the layers were
   reached);
 - with ``--compare``, the same for the fused kernel only (``exclude=("native",)``) and for measured
   (autotuned) pathway decisions;
+- with ``--gaps``, the device's idle time between kernels, by the Python function launching the kernel after each gap;
+- with ``--memory-peak``, the tensors alive at one step's allocator peak, summed by the line that allocated them;
 - with ``--accuracy``, the relative error of each parameter's diagonal against a float64 step (``--curvlib-precision``:
   ``pathways.configure(precision=...)``, e.g. ``bf16`` for bfloat16 column passes);
 - the device time of one profiled step summed by kernel category (cuDNN/cuBLAS products, copies and
@@ -114,20 +117,108 @@ def measure(label: str, step, repeats: int, **options) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
+        times, host = [], []
         for _ in range(repeats):
             start = time.perf_counter()
             step()
+            host.append(time.perf_counter() - start)  # the step's Python and launches, before the device is done
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() - base
         decisions = [decision for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
     stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
-    print(f"{label}: {statistics.median(times) * 1e3:.1f} ms, extra peak {peak / 1e9:.2f} GB, "
+    print(f"{label}: {statistics.median(times) * 1e3:.1f} ms (host {statistics.median(host) * 1e3:.1f} ms), "
+          f"extra peak {peak / 1e9:.2f} GB, "
           f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, "
           f"column backward {ctx.last_column_backward}, messages {ctx.last_message_dtype}", flush=True)
     for decision in decisions:  # in the order the layers were reached (the stages run the last layers first)
         print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
+
+
+def memory_at_peak(step, top: int = 20) -> None:
+    """The tensors alive at the allocator's peak during one step, summed by the curvlib line that allocated
+    them (the allocator's trace replayed; blocks allocated before the step are not counted)."""
+    pathways.clear()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for event in snapshot["device_traces"][torch.cuda.current_device()]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+
+    def site(event) -> str:
+        frames = [f for f in event.get("frames", []) if "curvlib" in f["filename"] or "benchmarks" in f["filename"]]
+        return " < ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames[:3]) or "?"
+
+    sizes, counts = collections.Counter(), collections.Counter()
+    for event in at_peak.values():
+        sizes[site(event)] += event["size"]
+        counts[site(event)] += 1
+    print(f"\nlive at the step's peak: {peak / 1e9:.2f} GB in {len(at_peak)} blocks, by allocating line")
+    for where, size in sizes.most_common(top):
+        print(f"  {size / 1e6:9.1f} MB  {counts[where]:4d} blocks  {where}")
+
+
+def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
+    """Where the device waits for the host during one step: the idle intervals between kernels (over
+    ``threshold_us``), summed by the Python function (innermost curvlib or benchmark frame) that
+    launched the kernel ending each. Traced with Python stacks, which slow the host down: the sums
+    show where the host is late, not by exactly how much."""
+    import json
+    import tempfile
+
+    pathways.clear()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        prof.export_chrome_trace(handle.name)
+        events = json.load(open(handle.name))["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    frames = [e for e in events if e.get("cat") == "python_function"
+              and ("curvlib" in e["name"] or "benchmarks" in e["name"])]
+    frames.sort(key=lambda e: e["ts"])
+
+    def launcher(kernel) -> str:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None:
+            return "?"
+        inside = [f for f in frames if f["tid"] == launch["tid"] and f["ts"] <= launch["ts"] <= f["ts"] + f["dur"]]
+        return min(inside, key=lambda f: f["dur"])["name"] if inside else "?"
+
+    totals, counts, idle = collections.Counter(), collections.Counter(), 0.0
+    for before, after in zip(device, device[1:]):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > threshold_us:
+            where = launcher(after)
+            totals[where] += gap
+            counts[where] += 1
+            idle += gap
+    span = device[-1]["ts"] + device[-1]["dur"] - device[0]["ts"] if device else 0.0
+    print(f"\ndevice idle between kernels (gaps over {threshold_us:.0f} us, traced with Python stacks): "
+          f"{idle / 1e3:.1f} of {span / 1e3:.1f} ms, by the function launching the kernel after the gap")
+    for where, total in totals.most_common(top):
+        print(f"  {total / 1e3:7.2f} ms  {counts[where]:4d} gaps  {where}")
 
 
 def profile(step, exclude=()) -> None:
@@ -175,6 +266,10 @@ def main(argv=None) -> None:
     parser.add_argument("--curvlib-precision", choices=("none", "ieee", "tf32", "bf16"), default="none",
                         help="pathways.configure(precision=...): bf16 carries the columns in bfloat16")
     parser.add_argument("--accuracy", action="store_true", help="also the error against a float64 step")
+    parser.add_argument("--gaps", action="store_true",
+                        help="also where the device waits for the host (one step traced with Python stacks)")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="also the tensors alive at one step's memory peak, by the line that allocated them")
     parser.add_argument("--profile-exclude", nargs="*", default=[], metavar="PATHWAY",
                         help="pathways the profiled step may not use (e.g. native: the fused kernel only)")
     args = parser.parse_args(argv)
@@ -194,6 +289,10 @@ def main(argv=None) -> None:
     if args.compare:
         measure("fused kernel only", step, args.repeats, exclude=("native",))
         measure("automatic pathways (measured)", step, args.repeats, autotune=True)
+    if args.memory_peak:
+        memory_at_peak(step)
+    if args.gaps:
+        device_gaps(step)
     print(f"\nprofiled step: pathways excluded {args.profile_exclude or 'none'}")
     profile(step, args.profile_exclude)
 

@@ -48,7 +48,7 @@ from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_pa
 from .losses import LossCall, check_loss_module
 from .padding import CONSTANT_PAD_TYPES, pad_with_view_backward
 from .side_stream import SideWork
-from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels
+from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels, taken
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -344,7 +344,7 @@ class curvature:
         if self.memory_budget is None or whole:
             return num_columns
         dtype = self._pass_options.message_dtype
-        need = ChunkMemory(groups, coupled, location_grams, stages,
+        need = ChunkMemory(groups, coupled, location_grams, stages, hand_off=self._hands_off,
                            message_itemsize=None if dtype is None else torch.empty((), dtype=dtype).element_size())
         low, high = 0, num_columns  # the largest chunk whose estimated need fits: need() grows with it
         while low < high:
@@ -370,13 +370,23 @@ class curvature:
         if len(stages) > 1:
             numels = [call.y.numel() for call in calls]
             group_of = [gi for gi, group in enumerate(groups) for _ in group.calls]
-            stages = merge_stages(stages, numels, group_of)
+            stages = merge_stages(stages, numels, group_of, self._hands_off)
         if len(stages) < 2:
             return chunk, None
         staged = self._chunk_size(groups, num_columns, coupled, whole, grams, stages)
         return (staged, stages) if staged > chunk else (chunk, None)
 
-    def _vjp(self, output, inputs, vectors: Tensor, like) -> List[Tensor]:
+    @property
+    def _hands_off(self) -> bool:
+        """Whether stages after the first release their source once its node has run (the graph walk
+        does, :class:`~curvlib.engine.staging.Handoff`; autograd's backward holds it): the memory
+        estimate of a stage depends on it."""
+        return self.column_backward != "autograd"
+
+    def _vjp(self, output, inputs, vectors, like) -> List[Tensor]:
+        """The batched VJP of a stage: ``vectors`` a tensor or a :class:`~curvlib.engine.staging.Handoff`
+        (the graph walk releases it after its first node; the autograd fallback takes it again, which
+        recomputes it where the walk had taken it)."""
         # one vector (an MC sample, a chunk of one): autograd's own engine, less host time per pass
         single = vectors.shape[0] == 1 and self.column_backward == "auto"
         plan = None if single else self._graph_plan(output, inputs)
@@ -389,6 +399,7 @@ class curvature:
                 self._plans[self._plan_key(output, inputs)] = error
                 if self.column_backward == "graph":
                     raise ValueError(f"column_backward='graph': {error}") from None
+        vectors = taken(vectors)
         if isinstance(output, Tensor) and vectors.dtype != output.dtype:
             vectors = vectors.to(output.dtype)  # a later stage after one in a message dtype: autograd's own
         self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
@@ -441,8 +452,9 @@ class curvature:
             position += len(group.calls)
         stages = stages or [Stage(calls=list(range(len(calls))))]
         for g, messages in backpropagate(loss_call.output, [c.edge for c in calls], [c.y.shape for c in calls], columns,
-                                         stages, group_calls, self._vjp):
+                                         stages, group_calls, self._vjp, hand_off=True):
             yield groups[g], messages
+            del messages  # not held while the next stage runs (a gate's message is the next stage's source)
 
     def _run_columns(self, loss_call, groups, columns: Tensor, extensions, coupled: bool) -> None:
         if coupled:  # one column per (class, sample): column c restricted to sample n
@@ -545,14 +557,15 @@ class ChunkMemory:
       (:meth:`~curvlib.engine.layers.LayerCall.prefers_location_gram`; GGN diagonals).
 
     ``message_itemsize``: bytes per message entry where the messages of a float32 model are carried in
-    another dtype (:class:`~curvlib.engine.batched_rules.BackwardOptions`).
+    another dtype (:class:`~curvlib.engine.batched_rules.BackwardOptions`). ``hand_off``: the stages
+    release their source once its node has run (the graph walk; :func:`~curvlib.engine.staging.stage_numels`).
 
     Measured on All-CNN-C (batch 128, 100 classes, H200): 4156 and 14556 MiB at 10 and 50 columns per
     chunk (estimates 3905 and 14781), 260 MiB per column (estimate 267).
     """
 
     def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False, stages=None,
-                 message_itemsize: Optional[int] = None):
+                 message_itemsize: Optional[int] = None, hand_off: bool = False):
         from ..native import DEFAULT_CHUNK_BYTES  # here: the engine imports native lazily
 
         self.gradient_cap = DEFAULT_CHUNK_BYTES
@@ -563,7 +576,8 @@ class ChunkMemory:
         if stages is None:
             per_column = sum(outputs) + 2 * max(outputs)
         else:
-            per_column = max(stage_numels(stages, outputs, [gi for gi, group in enumerate(groups) for _ in group.calls]))
+            group_of = [gi for gi, group in enumerate(groups) for _ in group.calls]
+            per_column = max(stage_numels(stages, outputs, group_of, hand_off))
         message_itemsize = itemsize if message_itemsize is None or itemsize != 4 else message_itemsize
         self.per_column = per_column * message_itemsize * (batch if coupled else 1)
         self.layers = []  # (unfolded input bytes, weight-gradient bytes per column) per recorded call

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .batched_rules import BackwardOptions, UnsupportedNode, rule_for
+from .staging import taken
 
 __all__ = ["GraphVJP", "UnsupportedNode"]
 
@@ -136,9 +137,11 @@ class GraphVJP:
         without recording a graph (the saved tensors require gradients; the results need none).
 
         The gradients of float32 tensors are in ``options.message_dtype`` where that is set
-        (:class:`.BackwardOptions`), the vectors included."""
+        (:class:`.BackwardOptions`), the vectors included. ``vectors`` may be a
+        :class:`~curvlib.engine.staging.Handoff`: the walk then holds the only reference and releases
+        the vectors once the source's node has used them."""
         with torch.no_grad():
-            return self._run(vectors.to(self.options.carried(vectors.dtype)), like)
+            return self._run(vectors, like)
 
     def _apply(self, rule, node, g: Tensor, need) -> list:
         """``rule`` on ``g``; where ``g`` is carried in a message dtype that a kernel of this device lacks
@@ -154,11 +157,14 @@ class GraphVJP:
             self._own_dtype.add(node)
             return rule(node, g.to(own), need, self.cache, self.options)
 
-    def _run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
+    def _run(self, vectors, like: Sequence) -> List[Tensor]:
         results: List[Optional[Tensor]] = [None] * self.num_edges
         root, root_number = self.root
         grads: Dict[object, List[Optional[Tensor]]] = {root: [None] * self.steps[0][1]}
-        grads[root][root_number] = vectors
+        grads[root][root_number] = taken(vectors)
+        grads[root][root_number] = source = grads[root][root_number].to(self.options.carried(vectors.dtype))
+        count, dtype, device = source.shape[0], source.dtype, source.device
+        del source, vectors  # no reference of our own: the walk drops the vectors after the root's rule
         for node, outputs_count, watched, rule, need, receivers in self.steps:
             outputs = grads.pop(node, None)
             if outputs is None:
@@ -190,7 +196,7 @@ class GraphVJP:
                 if like[index] is None:
                     raise RuntimeError("GraphVJP: an edge that the backward pass must reach was not reached")
                 shape = like[index] if isinstance(like[index], torch.Size) else like[index].shape
-                results[index] = torch.zeros(vectors.shape[0], *shape, dtype=vectors.dtype, device=vectors.device)
+                results[index] = torch.zeros(count, *shape, dtype=dtype, device=device)
         return results
 
 
