@@ -29,6 +29,10 @@ class _DiagGGN(Extension):
     keeps_location_gram = True
     low_precision_messages = True  # the weight diagonals square in float32 (ModuleCalls.ggn_diag_terms)
 
+    @property
+    def fused_layer_memory(self):  # the fused GGN-diagonal kernel (curvlib.kernels.ggn_unfolded)
+        return "per_sample" if self.per_sample else "summed"
+
     def accumulate(self, group, messages, state):
         add_into(state, group.ggn_diag_terms(messages, per_sample=self.per_sample))
 

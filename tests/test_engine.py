@@ -414,6 +414,53 @@ def test_chunk_memory_estimate_and_the_largest_chunk_that_fits(monkeypatch):
         assert math.ceil(9 / ctx.last_chunk_size) == math.ceil(9 / largest)  # no more chunks than needed
 
 
+def test_chunk_memory_with_fused_kernels_and_the_room_left_to_the_pathways(monkeypatch):
+    """Where the GGN diagonal runs on fused kernels, a layer's working set is the smaller of the
+    per-sample-gradient one and the kernel's (unfolded chunk + float32 result rows), and the pathways
+    choose within what the chunk's messages leave of the budget; the diagonals stay exact."""
+    from curvlib import pathways
+    from curvlib.engine import context as context_module
+    from curvlib.kernels._host import UNFOLDED_CHUNK_BYTES
+
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 9, 6), nn.Flatten()).to(DT)
+    X = torch.randn(4, 3, 6, 6, dtype=DT)
+    loss_fn, y = make_loss("ce", (4, 9))
+    calls = [engine_context.LayerCall(model[0], X, model[0](X))]
+    calls.append(engine_context.LayerCall(model[2], torch.relu(calls[0].y), model[2](torch.relu(calls[0].y))))
+    groups = [engine_context.ModuleCalls(call.module, [call]) for call in calls]
+    plain = context_module.ChunkMemory(groups, False)
+    for rows in (1, 4):
+        fused = context_module.ChunkMemory(groups, False, fused_rows=rows)
+        params = [140, 1629]  # weight + bias of each layer
+        assert fused.fused == [min(u, UNFOLDED_CHUNK_BYTES) + rows * p * 4 for (u, _), p in zip(plain.layers, params)]
+        for columns in (1, 3, 9):
+            native = [u + min(plain.gradient_cap, columns * g) for u, g in plain.layers]
+            assert fused(columns) == columns * plain.per_column + max(min(n, f) for n, f in zip(native, fused.fused))
+    assert context_module.curvature._fused_layer_rows([DiagGGNExact()], torch.device("cpu"), 4) is None
+
+    # the engine as on a device with fused kernels: the pathways' budget while the layers accumulate
+    monkeypatch.setattr(context_module.curvature, "_fused_layer_rows", staticmethod(lambda ext, device, batch: 1))
+    seen = []
+    accumulate = DiagGGNExact.accumulate
+
+    def spying(self, group, messages, state):
+        seen.append(pathways.settings().memory_budget)
+        return accumulate(self, group, messages, state)
+
+    monkeypatch.setattr(DiagGGNExact, "accumulate", spying)
+    reference = GGNReference(copy.deepcopy(model), loss_fn, X, y)
+    budget = 100_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=budget, column_backward="autograd")
+    assert 1 < ctx.last_chunk_size < 9 and ctx.last_stages is None
+    need = context_module.ChunkMemory(groups, False, True, fused_rows=1)
+    assert set(seen) == {budget - ctx.last_chunk_size * need.per_column - need.kept}
+    assert pathways.settings().memory_budget is None  # restored
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn_exact, reference.diag(name), rtol=1e-10, name=name)
+
+
 def test_balanced_chunks_keep_the_chunk_count_and_fit():
     """Equal chunks, as few as the largest fitting chunk needs, multiples of 4 columns where that fits."""
     from curvlib.engine import context as context_module

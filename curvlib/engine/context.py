@@ -30,6 +30,7 @@ On exit every hook is removed and every recorded tensor released; results stay o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -183,6 +184,7 @@ class curvature:
         self._in_backward = False
         self._modules: List[nn.Module] = []
         self.last_chunk_size: Optional[int] = None  # columns per chunk in the last backward pass
+        self._fused_rows: Optional[int] = None  # see _fused_layer_rows
         self.last_stages = None  # its stages (curvlib.engine.staging.Stage), None for one backward pass
 
     # ------------------------------------------------------------------------------------------
@@ -343,9 +345,7 @@ class curvature:
                     location_grams: bool = False, stages=None) -> int:
         if self.memory_budget is None or whole:
             return num_columns
-        dtype = self._pass_options.message_dtype
-        need = ChunkMemory(groups, coupled, location_grams, stages, hand_off=self._hands_off,
-                           message_itemsize=None if dtype is None else torch.empty((), dtype=dtype).element_size())
+        need = self._chunk_memory(groups, coupled, location_grams, stages)
         low, high = 0, num_columns  # the largest chunk whose estimated need fits: need() grows with it
         while low < high:
             middle = (low + high + 1) // 2
@@ -357,6 +357,34 @@ class curvature:
             )
             return 1
         return low
+
+    def _chunk_memory(self, groups, coupled: bool, location_grams: bool, stages) -> "ChunkMemory":
+        dtype = self._pass_options.message_dtype
+        return ChunkMemory(groups, coupled, location_grams, stages, hand_off=self._hands_off,
+                           message_itemsize=None if dtype is None else torch.empty((), dtype=dtype).element_size(),
+                           fused_rows=None if coupled else self._fused_rows)
+
+    @staticmethod
+    def _fused_layer_rows(extensions, device: torch.device, batch: int) -> Optional[int]:
+        """Float32 result rows of the fused kernels that compute every extension's layer quantities on
+        ``device`` (1, or ``batch`` where one is per sample), ``None`` where one has no fused kernel or
+        the device runs none."""
+        from .. import kernels  # here: the kernels are optional
+
+        kinds = {ext.fused_layer_memory for ext in extensions}
+        if device.type != "cuda" or not kernels.available() or None in kinds:
+            return None
+        return batch if "per_sample" in kinds else 1
+
+    def _layer_room(self, need: "ChunkMemory", chunk: int) -> Optional[float]:
+        """The pathways' memory budget for the layer quantities of a chunk: what the chunk's messages
+        leave of ``memory_budget`` (at most the pathways' own budget), where the chunk was sized with the
+        fused kernels' working sets; else ``None`` (the pathways' settings hold)."""
+        if self.memory_budget is None or need.fused is None:
+            return None
+        room = max(0.0, self.memory_budget - chunk * need.per_column - need.kept)
+        own = _pathways.settings().memory_budget
+        return room if own is None else min(own, room)
 
     def _stages(self, loss_call: LossCall, groups, num_columns: int, coupled: bool, whole: bool, grams: bool):
         """``(chunk, stages)``: one backward pass per chunk (``stages=None``) where the columns fit
@@ -466,20 +494,24 @@ class curvature:
             group.columns = columns.shape[0]
         grams = any(ext.keeps_location_gram for ext in extensions)
         self._pass_options = self._options_for(extensions, columns.device)
+        self._fused_rows = self._fused_layer_rows(extensions, columns.device, loss_call.output.shape[0])
         chunk, stages = self._stages(loss_call, groups, columns.shape[0], coupled, whole, grams)
         chunk = balanced_chunk(chunk, columns.shape[0])
         self.last_chunk_size = chunk
         self.last_stages = stages
+        room = None if self.memory_budget is None else self._layer_room(
+            self._chunk_memory(groups, coupled, grams, stages), chunk)
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
-        for start in range(0, columns.shape[0], chunk):
-            block = columns[start : start + chunk]
-            if coupled:
-                block = block.flatten(0, 1)
-            for group, message in self._backpropagate(loss_call, groups, block, stages):
-                self.last_message_dtype = message[0].dtype if message else None
-                for ext in extensions:
-                    ext.accumulate(group, message, states[ext][group.module])
-                del message
+        with contextlib.nullcontext() if room is None else _pathways.options(memory_budget=room):
+            for start in range(0, columns.shape[0], chunk):
+                block = columns[start : start + chunk]
+                if coupled:
+                    block = block.flatten(0, 1)
+                for group, message in self._backpropagate(loss_call, groups, block, stages):
+                    self.last_message_dtype = message[0].dtype if message else None
+                    for ext in extensions:
+                        ext.accumulate(group, message, states[ext][group.module])
+                    del message
         for ext in extensions:
             self._store(ext, groups, states[ext])
 
@@ -553,6 +585,10 @@ class ChunkMemory:
     - the largest per-layer working set: the unfolded input (independent of ``c``) and the
       per-(column, sample) weight gradients, computed in chunks of at most
       :data:`curvlib.native.DEFAULT_CHUNK_BYTES`;
+    - with ``fused_rows`` (extensions whose layer quantities have fused kernels, on a device that runs
+      them), per layer the smaller of that and the fused kernel's working set: its unfolded chunk
+      (:data:`curvlib.kernels._host.UNFOLDED_CHUNK_BYTES` at most) and ``fused_rows`` float32 rows of
+      the parameters' size (1, or ``N`` for per-sample results);
     - with ``location_grams``, the location Grams the layers that prefer them keep across the chunks
       (:meth:`~curvlib.engine.layers.LayerCall.prefers_location_gram`; GGN diagonals).
 
@@ -565,8 +601,9 @@ class ChunkMemory:
     """
 
     def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False, stages=None,
-                 message_itemsize: Optional[int] = None, hand_off: bool = False):
-        from ..native import DEFAULT_CHUNK_BYTES  # here: the engine imports native lazily
+                 message_itemsize: Optional[int] = None, hand_off: bool = False, fused_rows: Optional[int] = None):
+        from ..kernels._host import UNFOLDED_CHUNK_BYTES  # here: the engine imports these lazily
+        from ..native import DEFAULT_CHUNK_BYTES
 
         self.gradient_cap = DEFAULT_CHUNK_BYTES
         calls = [call for group in groups for call in group.calls]
@@ -585,15 +622,22 @@ class ChunkMemory:
             params = sum(p.numel() for p in group.parameters.values())
             for call in group.calls:
                 self.layers.append((_unfolded_numel(call) * itemsize, batch * params * itemsize))
+        # a fused kernel's working set instead where that is smaller: its unfolded chunk and its float32
+        # result rows (1, or N per sample); the engine then keeps the pathway choice within the room
+        # the messages leave (curvature._layer_room), so no pathway needing more is taken where one fits
+        self.fused = None if fused_rows is None else [
+            min(unfolded, UNFOLDED_CHUNK_BYTES) + fused_rows * gradients // (batch * itemsize) * 4
+            for unfolded, gradients in self.layers]
         self.kept = 0  # location Grams held from the first chunk to the last
         if location_grams and not coupled:
             self.kept = sum(group.calls[0].location_gram_bytes() for group in groups
                             if len(group.calls) == 1 and group.calls[0].prefers_location_gram(group.columns))
 
     def __call__(self, columns: int) -> int:
-        working = max((unfolded + min(self.gradient_cap, columns * gradients) for unfolded, gradients in self.layers),
-                      default=0)
-        return columns * self.per_column + working + self.kept
+        working = [unfolded + min(self.gradient_cap, columns * gradients) for unfolded, gradients in self.layers]
+        if self.fused is not None:
+            working = [min(w, fused) for w, fused in zip(working, self.fused)]
+        return columns * self.per_column + max(working, default=0) + self.kept
 
 
 def _unfolded_numel(call: LayerCall) -> int:

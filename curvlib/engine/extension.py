@@ -17,6 +17,8 @@ An extension declares
 - optionally ``low_precision_messages = True`` if ``accumulate`` handles messages carried in a lower
   precision than the layer outputs' (bfloat16 columns of a float32 model, see
   :class:`~curvlib.engine.context.curvature`); results must still be in the parameters' dtype;
+- optionally ``fused_layer_memory = "summed"`` / ``"per_sample"`` if ``accumulate`` runs on fused kernels
+  where the device has them (GGN diagonals): the engine sizes chunks of columns for their working set;
 - optionally ``input_factor``: ``"expand"``/``"reduce"`` if ``finalize`` reads the group's KFAC input
   factors (:meth:`~curvlib.engine.layers.ModuleCalls.kfac_input`); the engine then starts them when the
   backward pass starts, on a side CUDA stream (:mod:`curvlib.engine.side_stream`), and ``finalize``
@@ -48,6 +50,11 @@ class Extension:
     input_factor: Optional[str] = None
     #: accepts messages in a lower precision than the layer outputs (the engine then may carry them so)
     low_precision_messages: bool = False
+    #: its layer quantities have fused kernels (:mod:`curvlib.kernels`) that need only an unfolded chunk
+    #: and ``"summed"`` or ``"per_sample"`` float32 results: under a memory budget on a device that runs
+    #: them, the engine sizes the chunks of columns for that working set (and keeps the pathway choice
+    #: within the room the messages leave); ``None``: per-sample weight gradients may be materialised
+    fused_layer_memory: Optional[str] = None
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` if ``module`` (a module with parameters) is not supported."""
