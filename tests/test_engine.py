@@ -420,7 +420,7 @@ def test_chunk_memory_with_fused_kernels_and_the_room_left_to_the_pathways(monke
     choose within what the chunk's messages leave of the budget; the diagonals stay exact."""
     from curvlib import pathways
     from curvlib.engine import context as context_module
-    from curvlib.kernels._host import UNFOLDED_CHUNK_BYTES
+    from curvlib.kernels._host import UNFOLDED_CHUNK_BYTES, UNFOLDED_CHUNK_SHARE
 
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 9, 6), nn.Flatten()).to(DT)
     X = torch.randn(4, 3, 6, 6, dtype=DT)
@@ -432,7 +432,8 @@ def test_chunk_memory_with_fused_kernels_and_the_room_left_to_the_pathways(monke
     for rows in (1, 4):
         fused = context_module.ChunkMemory(groups, False, fused_rows=rows)
         params = [140, 1629]  # weight + bias of each layer
-        assert fused.fused == [min(u, UNFOLDED_CHUNK_BYTES) + rows * p * 4 for (u, _), p in zip(plain.layers, params)]
+        assert fused.fused == [UNFOLDED_CHUNK_SHARE * min(u, UNFOLDED_CHUNK_BYTES) + rows * p * 4
+                               for (u, _), p in zip(plain.layers, params)]
         for columns in (1, 3, 9):
             native = [u + min(plain.gradient_cap, columns * g) for u, g in plain.layers]
             assert fused(columns) == columns * plain.per_column + max(min(n, f) for n, f in zip(native, fused.fused))

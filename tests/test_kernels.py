@@ -315,6 +315,20 @@ def test_pointwise_means_equal_a_depthwise_convolution(size, stride, padding, se
         patch_mean.pointwise_means(x, _geometry.kernel_geometry(make_geometry(5, 5, size, 2)))
 
 
+def one_hot_patches(x: torch.Tensor, geometry) -> torch.Tensor:
+    """The unfolded input ``[n, G, O, D]`` of ``x`` as a convolution with one-hot filters extracts it
+    (float64): filter ``(g, c, k)`` copies input channel ``c`` of group ``g`` at kernel offset ``k``."""
+    dims, groups = geometry.num_dims, geometry.groups
+    per_group = geometry.in_channels // groups
+    rows = per_group * math.prod(geometry.kernel_size)
+    one_hot = torch.eye(rows, dtype=torch.float64, device=x.device).reshape(rows, per_group, *geometry.kernel_size)
+    conv = {1: tf.conv1d, 2: tf.conv2d, 3: tf.conv3d}[dims]
+    padded = tf.pad(x.double(), [v for pair in reversed(geometry.padding) for v in pair])
+    patches = conv(padded, one_hot.repeat(groups, *(1,) * (dims + 1)), stride=geometry.stride,
+                   dilation=geometry.dilation, groups=groups)
+    return patches.reshape(x.shape[0], groups, rows, -1).transpose(2, 3)
+
+
 @pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
 @pytest.mark.parametrize("layer", CASES, ids=str)
 def test_unfolded_chunk_equals_a_one_hot_convolution(layer, seed):
@@ -326,16 +340,8 @@ def test_unfolded_chunk_equals_a_one_hot_convolution(layer, seed):
     geometry = geometry_of(layer)
     kg = _geometry.kernel_geometry(geometry)
     x, _, _ = random_inputs(layer)
-    dims, groups = geometry.num_dims, geometry.groups
-    per_group = geometry.in_channels // groups
-    rows = per_group * math.prod(geometry.kernel_size)
-    # filter (g, c, k) copies input channel c of group g at kernel offset k: the rows d = (c, k0, k1, k2)
-    one_hot = torch.eye(rows, dtype=torch.float64).reshape(rows, per_group, *geometry.kernel_size)
-    conv = {1: tf.conv1d, 2: tf.conv2d, 3: tf.conv3d}[dims]
-    padded = tf.pad(x, [v for pair in reversed(geometry.padding) for v in pair])
-    patches = conv(padded, one_hot.repeat(groups, *(1,) * (dims + 1)), stride=geometry.stride,
-                   dilation=geometry.dilation, groups=groups)
-    expected = patches.reshape(x.shape[0], groups, rows, -1).transpose(2, 3)  # [n, G, O, D]
+    expected = one_hot_patches(x, geometry)
+    rows = expected.shape[-1]
     out = torch.full(expected.shape, float("nan"), dtype=torch.float64)
     result = ggn_unfolded.unfold_chunk(x, kg, out)
     assert result.data_ptr() == out.data_ptr()
@@ -699,3 +705,34 @@ def test_kernels_on_gpu_table_e3_layer(seed):
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     sys.exit(_interpret_main())
+
+
+@cuda
+@pytest.mark.parametrize("layer", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unfold_kernel_equals_a_one_hot_convolution_on_gpu(layer, dtype, seed):
+    """The gather kernel (:mod:`curvlib.kernels.unfold`) against one-hot-convolution patches: a later
+    sample range of float32 ``x`` (channels-last where 2-d), both buffer layouts, ``dtype`` buffers
+    with padded rows (NaN-poisoned: every entry written, the padding left alone)."""
+    from curvlib.kernels import _geometry, unfold
+
+    geometry = geometry_of(layer)
+    kg = _geometry.kernel_geometry(geometry)
+    x, _, _ = random_inputs(layer)
+    x = x.float().cuda()
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    first, n = 1, x.shape[0] - 1
+    expected = one_hot_patches(x[first:], geometry).to(dtype)  # [n, G, O, D]
+    rows, locations = expected.shape[-1], expected.shape[-2]
+    for k_major in (True, False):
+        inner = (rows, locations + 3) if k_major else (locations, rows + 3)
+        buffer = torch.full((n, geometry.groups, *inner), float("nan"), dtype=dtype, device="cuda")
+        out = unfold.unfold_into(x, kg, buffer[..., :-3], first, k_major=k_major)
+        assert out.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(out, expected.transpose(2, 3) if k_major else expected, rtol=0, atol=0)
+        assert buffer[..., -3:].isnan().all()
+    with pytest.raises(ValueError, match="out must have shape"):
+        unfold.unfold_into(x, kg, buffer, first)
+    with pytest.raises(ValueError, match="batch"):
+        unfold.unfold_into(x, kg, buffer[..., :-3], first + 1, k_major=False)

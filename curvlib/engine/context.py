@@ -587,7 +587,9 @@ class ChunkMemory:
       :data:`curvlib.native.DEFAULT_CHUNK_BYTES`;
     - with ``fused_rows`` (extensions whose layer quantities have fused kernels, on a device that runs
       them), per layer the smaller of that and the fused kernel's working set: its unfolded chunk
-      (:data:`curvlib.kernels._host.UNFOLDED_CHUNK_BYTES` at most) and ``fused_rows`` float32 rows of
+      (:data:`curvlib.kernels._host.UNFOLDED_CHUNK_BYTES` at most, counted
+      :data:`~curvlib.kernels._host.UNFOLDED_CHUNK_SHARE` times, the share of the pathways' budget it
+      may take) and ``fused_rows`` float32 rows of
       the parameters' size (1, or ``N`` for per-sample results);
     - with ``location_grams``, the location Grams the layers that prefer them keep across the chunks
       (:meth:`~curvlib.engine.layers.LayerCall.prefers_location_gram`; GGN diagonals).
@@ -602,7 +604,7 @@ class ChunkMemory:
 
     def __init__(self, groups: Sequence[ModuleCalls], coupled: bool, location_grams: bool = False, stages=None,
                  message_itemsize: Optional[int] = None, hand_off: bool = False, fused_rows: Optional[int] = None):
-        from ..kernels._host import UNFOLDED_CHUNK_BYTES  # here: the engine imports these lazily
+        from ..kernels._host import UNFOLDED_CHUNK_BYTES, UNFOLDED_CHUNK_SHARE  # here: imported lazily
         from ..native import DEFAULT_CHUNK_BYTES
 
         self.gradient_cap = DEFAULT_CHUNK_BYTES
@@ -624,9 +626,10 @@ class ChunkMemory:
                 self.layers.append((_unfolded_numel(call) * itemsize, batch * params * itemsize))
         # a fused kernel's working set instead where that is smaller: its unfolded chunk and its float32
         # result rows (1, or N per sample); the engine then keeps the pathway choice within the room
-        # the messages leave (curvature._layer_room), so no pathway needing more is taken where one fits
+        # the messages leave (curvature._layer_room), so no pathway needing more is taken where one fits.
+        # The chunk counts UNFOLDED_CHUNK_SHARE times: a room of that much keeps it at its full size
         self.fused = None if fused_rows is None else [
-            min(unfolded, UNFOLDED_CHUNK_BYTES) + fused_rows * gradients // (batch * itemsize) * 4
+            UNFOLDED_CHUNK_SHARE * min(unfolded, UNFOLDED_CHUNK_BYTES) + fused_rows * gradients // (batch * itemsize) * 4
             for unfolded, gradients in self.layers]
         self.kept = 0  # location Grams held from the first chunk to the last
         if location_grams and not coupled:

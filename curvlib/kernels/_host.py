@@ -14,13 +14,17 @@ _POISON = False
 #: 64 MiB keeps several hundred programs busy per chunk on All-CNN-C's layers
 UNFOLDED_CHUNK_BYTES = 64 * 2**20
 
+#: the unfolded chunk takes at most this fraction's inverse of the pathways' memory budget (the
+#: engine counts a chunk this many times when it sizes its chunks of columns for the fused kernels)
+UNFOLDED_CHUNK_SHARE = 3
+
 
 def unfolded_chunk_bytes() -> float:
     """The unfolded chunk's byte limit under the current memory budget (at least one sample is unfolded)."""
     from ..pathways import settings  # here: pathways imports the kernels lazily
 
     budget = settings().memory_budget
-    return UNFOLDED_CHUNK_BYTES if budget is None else min(UNFOLDED_CHUNK_BYTES, budget / 3)
+    return UNFOLDED_CHUNK_BYTES if budget is None else min(UNFOLDED_CHUNK_BYTES, budget / UNFOLDED_CHUNK_SHARE)
 
 
 #: TMA descriptors need 16-byte aligned strides (all but the last) and base addresses

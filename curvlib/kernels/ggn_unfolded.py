@@ -3,8 +3,8 @@
 The gathered kernel of :mod:`.weight_diag` builds every patch tile from ``x`` with per-element
 address arithmetic and bounds masks; that keeps its tiles small (the addresses live in registers)
 and its matrix units starved (about 40 TFLOP/s in TF32 on an H100). Here a chunk of samples is
-first unfolded into a dense buffer ``U [n, G, O, D]`` (``D`` contiguous, one strided copy), and the
-kernel is a plain tiled product with a squaring epilogue:
+first unfolded into a dense buffer ``U [n, G, O, D]`` (``D`` contiguous; one gather kernel on CUDA,
+:mod:`.unfold`, else one strided copy), and the kernel is a plain tiled product with a squaring epilogue:
 
     for each sample n:   J = S_n U_nᵀ          rows (column c, output channel co), K = output locations
                          acc += J ⊙ J         in registers
@@ -48,6 +48,7 @@ from ._geometry import KernelGeometry
 from ._host import (TMA_ALIGNMENT, cdiv, compute_capability, multiprocessors, next_power_of_2, tma_shape_ok,
                     unfolded_chunk_bytes)
 from ._launch import Launcher
+from . import unfold
 from ._triton import INTERPRET
 
 try:  # host-side tensor-memory-accelerator descriptors (Triton >= 3.3)
@@ -386,9 +387,10 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     # the whole buffer (the kernel offsets S's rows by the chunk's first sample and reads only the
     # chunk's rows of the buffer), and the window view where it is one of x (a padded input is
     # padded chunk by chunk: a padded copy of all of x would be extra memory of x's size)
-    target = _unfold_target(patches, geometry, k_major=tma)
+    gather = unfold.supported(x, patches)  # the gather kernel, else a strided copy from the window view
+    target = None if gather else _unfold_target(patches, geometry, k_major=tma)
     pads = any(pair != (0, 0) for pair in _input_pads(geometry))
-    windows = None if pads else unfolded_view(x, geometry, k_major=tma)
+    windows = None if pads or gather else unfolded_view(x, geometry, k_major=tma)
     if tma:
         if tma_cl:
             s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
@@ -402,7 +404,10 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         s_src, u_src = s, buffer
     for n0 in range(0, batch, samples):
         n1 = min(batch, n0 + samples)
-        target[: n1 - n0].copy_(unfolded_view(x[n0:n1], geometry, tma) if pads else windows[n0:n1])
+        if gather:
+            unfold.unfold_into(x, geometry, patches[: n1 - n0], n0, k_major=tma)
+        else:
+            target[: n1 - n0].copy_(unfolded_view(x[n0:n1], geometry, tma) if pads else windows[n0:n1])
         slices = split or max(1, min(n1 - n0, cdiv(2 * multiprocessors(x.device), programs)))
         n_per_split = cdiv(n1 - n0, slices)
         slices = cdiv(n1 - n0, n_per_split)
