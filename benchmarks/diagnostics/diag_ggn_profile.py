@@ -109,12 +109,28 @@ def accuracy(step, model) -> None:
     print("    " + " ".join(f"{e:.1e}" for e in errors))
 
 
-def measure(label: str, step, repeats: int, **options) -> None:
+def warmed_up(step):
+    """The step after fresh pathway decisions and two warm-up steps (compilation, decisions, allocator);
+    returns the last warm-up's context."""
     pathways.clear()
-    with pathways.options(**options):
-        for _ in range(2):
-            ctx = step()
+    for _ in range(2):
+        ctx = step()
+    torch.cuda.synchronize()
+    return ctx
+
+
+def profiled(step, **options):
+    """One step under the profiler (CPU and CUDA activities; ``options`` for ``torch.profiler.profile``)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, **options) as prof:
+        step()
         torch.cuda.synchronize()
+    return prof
+
+
+def measure(label: str, step, repeats: int, **options) -> None:
+    with pathways.options(**options):
+        ctx = warmed_up(step)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         times, host = [], []
@@ -138,10 +154,7 @@ def measure(label: str, step, repeats: int, **options) -> None:
 def memory_at_peak(step, top: int = 20) -> None:
     """The tensors alive at the allocator's peak during one step, summed by the curvlib line that allocated
     them (the allocator's trace replayed; blocks allocated before the step are not counted)."""
-    pathways.clear()
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
+    warmed_up(step)
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     try:
         step()
@@ -180,14 +193,8 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
     import json
     import tempfile
 
-    pathways.clear()
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
-        step()
-        torch.cuda.synchronize()
+    warmed_up(step)
+    prof = profiled(step, with_stack=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         prof.export_chrome_trace(handle.name)
         events = json.load(open(handle.name))["traceEvents"]
@@ -222,15 +229,9 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
 
 
 def profile(step, exclude=()) -> None:
-    pathways.clear()
     with pathways.options(exclude=tuple(exclude)):
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-            step()
-            torch.cuda.synchronize()
+        warmed_up(step)
+        prof = profiled(step, record_shapes=True)
     totals, counts = collections.Counter(), collections.Counter()
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
