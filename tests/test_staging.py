@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
 
 from conftest import assert_close
@@ -269,9 +270,10 @@ def test_handoff_taken_twice_recomputes():
 
 
 class BatchNormBelowAGate(nn.Module):
-    """Conv → BatchNorm (training mode) → ReLU → four Conv → ReLU → strided Conv → ReLU → Linear: the batch
-    norm, which the graph walk finds it cannot batch only while running, lies in a stage whose source is
-    handed off (deep enough for stages to fit more columns per chunk)."""
+    """Conv → BatchNorm (training mode) → leaky ReLU → four Conv → leaky ReLU → strided Conv → leaky ReLU →
+    Linear: the batch norm, which the graph walk finds it cannot batch only while running, lies in a stage
+    whose source is handed off (deep enough for stages to fit more columns per chunk). Leaky: a ReLU
+    chain this narrow leaves the first layer without gradient for some initialisations."""
 
     def __init__(self):
         super().__init__()
@@ -280,10 +282,10 @@ class BatchNormBelowAGate(nn.Module):
         self.c2, self.lin = nn.Conv2d(4, 3, 3, stride=2), nn.Linear(27, 6)
 
     def forward(self, x):
-        h = torch.relu(self.bn(self.c1(x)))
+        h = F.leaky_relu(self.bn(self.c1(x)), 0.1)
         for conv in self.body:
-            h = torch.relu(conv(h))
-        return self.lin(torch.relu(self.c2(h)).flatten(1))
+            h = F.leaky_relu(conv(h), 0.1)
+        return self.lin(F.leaky_relu(self.c2(h), 0.1).flatten(1))
 
 
 def test_handed_off_source_is_recomputed_where_the_walk_fails(monkeypatch):
