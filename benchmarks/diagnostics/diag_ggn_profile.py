@@ -224,6 +224,12 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
     span = device[-1]["ts"] + device[-1]["dur"] - device[0]["ts"] if device else 0.0
     print(f"\ndevice idle between kernels (gaps over {threshold_us:.0f} us, traced with Python stacks): "
           f"{idle / 1e3:.1f} of {span / 1e3:.1f} ms, by the function launching the kernel after the gap")
+    steps = [f for f in frames if f["name"].endswith(": step")]
+    if steps and device:  # the host's time around the device's: before the first kernel, after the last
+        first = steps[-1]
+        print(f"  step (host, traced): {first['dur'] / 1e3:.2f} ms; first kernel after "
+              f"{(device[0]['ts'] - first['ts']) / 1e3:.2f} ms, last kernel ends "
+              f"{(first['ts'] + first['dur'] - device[-1]['ts'] - device[-1]['dur']) / 1e3:.2f} ms before the step returns")
     for where, total in totals.most_common(top):
         print(f"  {total / 1e3:7.2f} ms  {counts[where]:4d} gaps  {where}")
 

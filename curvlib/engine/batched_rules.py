@@ -131,8 +131,31 @@ def _convolution(node, g, need, cache, options):
     hyper = _cached(cache, node, "hyperparameters", lambda: (
         node._saved_stride, node._saved_padding, node._saved_dilation, node._saved_transposed,
         node._saved_output_padding, node._saved_groups))
-    grad = _data_gradient(folded, weight, shape, *hyper, memory_format=weight_format)
+    polyphase = _cached(cache, node, "polyphase", lambda: (_polyphase_geometry(folded, weight, shape, *hyper),))[0]
+    if polyphase is not None:  # curvlib's kernel where it ran faster for this shape, else the adjoint below
+        grad = _kernel("input_vjp").fastest(folded, weight, polyphase, lambda: _data_gradient(
+            folded, weight, shape, *hyper, memory_format=weight_format))
+    else:
+        grad = _data_gradient(folded, weight, shape, *hyper, memory_format=weight_format)
     return [grad.unflatten(0, g.shape[:2])] + [None] * (len(need) - 1)
+
+
+def _polyphase_geometry(g: Tensor, weight: Tensor, shape, stride, padding, dilation, transposed: bool, output_padding,
+                        groups: int):
+    """The kernel geometry for :func:`curvlib.kernels.input_vjp.fastest` where that kernel may run this
+    layer's data gradient (CUDA with Triton, a strided convolution it is :func:`eligible` for), else ``None``."""
+    if transposed or not g.is_cuda or all(s == 1 for s in stride) or len(stride) > 3:
+        return None
+    module = _kernel("input_vjp")
+    if module is None:
+        return None
+    from ..hyperparams import make_geometry
+    from ..kernels._geometry import kernel_geometry
+
+    geometry = kernel_geometry(make_geometry(shape[1], weight.shape[0], tuple(shape[2:]), tuple(weight.shape[2:]),
+                                             tuple(stride), tuple(padding), tuple(dilation), groups))
+    fits = geometry.output_size[3 - len(stride):] == tuple(g.shape[2:])
+    return geometry if fits and module.eligible(geometry) else None
 
 
 def _data_gradient(g: Tensor, weight: Tensor, shape, stride, padding, dilation, transposed: bool, output_padding,
@@ -180,22 +203,23 @@ def _in_layout(cache: Dict, node, name: str, saved: Callable[[], Tensor], option
     return _cached(cache, node, name, convert)
 
 
-_MASK_KERNEL: list = []  # curvlib.kernels.threshold_backward once looked up (None without Triton)
+_KERNELS: Dict[str, object] = {}  # curvlib.kernels modules once looked up (None without Triton)
 
 
-def _mask_kernel():
-    if not _MASK_KERNEL:
+def _kernel(name: str):
+    """The kernel module ``curvlib.kernels.<name>``, or ``None`` without Triton."""
+    if name not in _KERNELS:
         from .. import kernels  # here: the kernels are optional and imported on first use
 
-        _MASK_KERNEL.append(kernels._module("threshold_backward") if kernels.available() else None)
-    return _MASK_KERNEL[0]
+        _KERNELS[name] = kernels._module(name) if kernels.available() else None
+    return _KERNELS[name]
 
 
 def _threshold_backward(g: Tensor, saved: Tensor, threshold) -> Tensor:
     """``g`` where ``saved > threshold``, else zero, ``saved [N, ...]`` broadcast over the vectors: on CUDA
     curvlib's one-pass kernel (PyTorch's runs strided bfloat16 gradients at half the bandwidth), else
     autograd's own ``threshold_backward`` (a zero stays zero for NaN gradients in both)."""
-    kernel = _mask_kernel() if g.is_cuda else None
+    kernel = _kernel("threshold_backward") if g.is_cuda else None
     result = None if kernel is None else kernel.threshold_backward(g, saved, threshold)
     return torch.ops.aten.threshold_backward(g, saved, threshold) if result is None else result
 

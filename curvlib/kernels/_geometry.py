@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 from ..hyperparams import ConvGeometry
 
@@ -99,3 +99,39 @@ def trivial_geometry(groups: int, channels: int) -> KernelGeometry:
     """A kernel-size-1 'convolution' of a ``[N, channels]`` input: its KFC is the Gram of the rows."""
     ones = (1, 1, 1)
     return KernelGeometry(groups, channels, groups, ones, ones, ones, ones, (0, 0, 0), ones, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def phase_taps(size: int, kernel: int, stride: int, dilation: int, pad_left: int, phase: int) -> Tuple[int, ...]:
+    """One phase of a convolution's input positions along one dim, for its data gradient
+    (:mod:`.input_vjp`): ``(positions, first tap, tap step, taps, first δ, δ step)``.
+
+    The phase holds the input positions ``i = phase + stride·a`` (``a < positions``). The kernel entries
+    whose windows reach them are ``k = first tap + m·tap step`` (``m < taps``): those with
+    ``(phase + pad_left − k·dilation) ≡ 0 (mod stride)``, an arithmetic progression of step
+    ``stride / gcd(stride, dilation)``. Entry ``m`` reads output location ``q = a + first δ − m·δ step``
+    (the caller bounds-checks ``q``). No taps (``taps = 0``): no window reaches the phase.
+
+    >>> phase_taps(33, 3, 2, 1, 0, 0)   # a 3-tap stride-2 layer: even positions see taps 0 and 2
+    (17, 0, 2, 2, 0, 1)
+    >>> phase_taps(33, 3, 2, 1, 0, 1)   # odd positions see tap 1 only
+    (16, 1, 2, 1, 0, 1)
+    """
+    positions = max(0, -(-(size - phase) // stride))
+    taps = [k for k in range(kernel) if (phase + pad_left - k * dilation) % stride == 0]
+    if not taps:
+        return positions, 0, 1, 0, 0, 0
+    step = stride // math.gcd(stride, dilation)
+    first_delta = (phase + pad_left - taps[0] * dilation) // stride
+    return positions, taps[0], step, len(taps), first_delta, step * dilation // stride
+
+
+@functools.lru_cache(maxsize=4096)
+def polyphase(geometry: KernelGeometry) -> List[Tuple[Tuple[int, Tuple[int, ...]], ...]]:
+    """The phases of the input positions (see :func:`phase_taps`): one entry per phase
+    ``((r0, taps0), (r1, taps1), (r2, taps2))`` with ``r_j = i_j mod stride_j`` and ``taps_j`` the
+    :func:`phase_taps` of that dim; ``∏ min(stride_j, size_j)`` entries covering every input position once."""
+    dims = [[(r, phase_taps(geometry.input_size[j], geometry.kernel_size[j], geometry.stride[j],
+                            geometry.dilation[j], geometry.pad_left[j], r))
+             for r in range(min(geometry.stride[j], geometry.input_size[j]))] for j in range(KERNEL_DIMS)]
+    return [(d0, d1, d2) for d0 in dims[0] for d1 in dims[1] for d2 in dims[2]]

@@ -1,0 +1,220 @@
+"""curvlib.kernels.input_vjp: the polyphase data-gradient kernel, against autograd in float64.
+
+- CPU (always): the phase arithmetic (:func:`curvlib.kernels._geometry.polyphase`) against a brute-force
+  enumeration of which kernel entries and output locations reach each input position;
+- Triton interpreter (when Triton is importable): the kernel on the CPU, float32, against autograd's
+  input gradient in float64 (a subprocess: ``TRITON_INTERPRET`` is read at import);
+- GPU: bfloat16/float32, channels-last and contiguous gradients, a NaN-poisoned strided output buffer;
+  the engine's rule choosing between the kernel and cuDNN by measurement.
+"""
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from curvlib import kernels
+from curvlib.hyperparams import ConvGeometry, conv_output_size, make_geometry
+from curvlib.kernels._geometry import kernel_geometry, polyphase
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: (in channels, out channels, input size, kernel, stride, padding, dilation, groups)
+CASES = {
+    "2d-stride2": (6, 5, (9, 8), 3, 2, 0, 1, 1),
+    "2d-stride2-padded-groups": (6, 4, (9, 8), 3, 2, 1, 1, 2),
+    "1d-stride3-dilated": (4, 4, (10,), 3, 3, 2, 2, 1),
+    "3d-mixed": (3, 6, (5, 6, 7), 2, (2, 1, 3), (1, 0, 1), (1, 2, 1), 3),
+    "2d-kernel-smaller-than-stride": (4, 4, (11, 7), (1, 2), (4, 3), 0, 1, 1),
+    "2d-depthwise-stride1": (8, 8, (7, 7), 3, 1, 1, 1, 8),
+    "2d-asymmetric-padding": (5, 3, (8, 9), 3, 2, ((2, 0), (1, 2)), 1, 1),
+}
+
+
+def geometry(c_in, c_out, size, kernel, stride, padding, dilation, groups=1) -> ConvGeometry:
+    """A convolution's geometry; ``padding`` an int or ``(left, right)`` per dim (asymmetric)."""
+    dims = len(size)
+    kernel, stride, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in (kernel, stride, dilation))
+    padding = ((padding, padding),) * dims if isinstance(padding, int) else tuple(
+        (p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    output = tuple(conv_output_size(*args) for args in zip(size, kernel, stride, padding, dilation))
+    return ConvGeometry(c_in, c_out, groups, kernel, stride, padding, dilation, tuple(size), output)
+
+
+def geometry_of(case):
+    return geometry(*CASES[case])
+
+
+def reference(geometry, g, weight):
+    """autograd's input gradient of the convolution (float64), padding applied with ``F.pad``."""
+    x = torch.randn(g.shape[0], geometry.in_channels, *geometry.input_size, dtype=torch.float64, device=g.device,
+                    requires_grad=True)
+    pads = [p for left, right in reversed(geometry.padding) for p in (left, right)]
+    y = CONV[geometry.num_dims](F.pad(x, pads), weight.double(), stride=geometry.stride, dilation=geometry.dilation,
+                                groups=geometry.groups)
+    assert y.shape == g.shape
+    return torch.autograd.grad(y, x, g.double())[0]
+
+
+def random_geometry(rng: random.Random):
+    dims = rng.randint(1, 3)
+    size = tuple(rng.randint(1, 9) for _ in range(dims))
+    kernel = tuple(rng.randint(1, 4) for _ in range(dims))
+    dilation = tuple(rng.randint(1, 3) for _ in range(dims))
+    padding = tuple((rng.randint(0, 3), rng.randint(0, 3)) for _ in range(dims))
+    stride = tuple(rng.randint(1, 4) for _ in range(dims))
+    if any(s + l + r < d * (k - 1) + 1 for s, k, d, (l, r) in zip(size, kernel, dilation, padding)):
+        return None  # no output location
+    return geometry(2, 2, size, kernel, stride, padding, dilation)
+
+
+def test_phases_list_exactly_the_taps_reaching_each_position():
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    checked = 0
+    while checked < 200:
+        geometry = random_geometry(rng)
+        if geometry is None:
+            continue
+        kg = kernel_geometry(geometry)
+        seen = {}
+        for phase in polyphase(kg):
+            per_dim = []
+            for j, (r, (positions, first, step, taps, delta, delta_step)) in enumerate(phase):
+                entries = {}
+                for a in range(positions):
+                    entries[r + kg.stride[j] * a] = {(first + m * step, a + delta - m * delta_step) for m in range(taps)}
+                per_dim.append(entries)
+            for position in itertools.product(*(sorted(e) for e in per_dim)):
+                assert position not in seen, (geometry, position)
+                seen[position] = [e[i] for e, i in zip(per_dim, position)]
+        assert sorted(seen) == sorted(itertools.product(*(range(i) for i in kg.input_size))), geometry
+        for position, listed in seen.items():
+            for j, i in enumerate(position):
+                expected = {(k, (i + kg.pad_left[j] - k * kg.dilation[j]) // kg.stride[j]) for k in range(kg.kernel_size[j])
+                            if (i + kg.pad_left[j] - k * kg.dilation[j]) % kg.stride[j] == 0}
+                # the phase lists every reaching tap; output locations out of range are the kernel's to mask
+                assert listed[j] == expected, (geometry, position, j)
+        checked += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton interpreter
+
+
+def _interpret_main() -> int:
+    from test_kernels import _interpreter_usable
+
+    from curvlib.kernels import input_vjp
+
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    if not _interpreter_usable():
+        return 3
+    failures = []
+    for case in sorted(CASES):
+        geometry = geometry_of(case)
+        g = torch.randn(3, geometry.out_channels, *geometry.output_size)
+        weight = torch.randn(geometry.out_channels, geometry.in_channels // geometry.groups, *geometry.kernel_size)
+        expected = reference(geometry, g, weight)
+        got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry))
+        error = ((got.double() - expected).norm() / expected.norm()).item()
+        if not error < 1e-6:
+            failures.append((case, error))
+    for failure in failures:
+        print("FAILED", *failure)
+    print("interpreter check:", "failed" if failures else "passed")
+    return 1 if failures else 0
+
+
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+def test_kernel_in_triton_interpreter():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and "interpreter check: passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.available()), reason="needs CUDA and Triton")
+
+#: relative Frobenius error against float64: bfloat16 operands are exact in the products, the result
+#: is rounded once (2⁻⁹); float32 "ieee" multiplies exactly
+TOLERANCE = {torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim(),
+                                                                                               torch.contiguous_format))
+
+
+@cuda
+@pytest.mark.parametrize("case", sorted(CASES) + ["all-cnn-c-stride2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+def test_kernel_matches_autograd(case, dtype, layout):
+    from curvlib.kernels import input_vjp
+
+    geometry = (make_geometry(96, 96, (33, 33), kernel_size=3, stride=2) if case == "all-cnn-c-stride2"
+                else geometry_of(case))
+    g = torch.randn(5, geometry.out_channels, *geometry.output_size, device="cuda").to(dtype)
+    weight = torch.randn(geometry.out_channels, geometry.in_channels // geometry.groups, *geometry.kernel_size,
+                         device="cuda").to(dtype)
+    if layout == "channels-last":
+        g, weight = channels_last(g), channels_last(weight)
+    expected = reference(geometry, g, weight)
+    # a NaN-poisoned buffer with a gap between samples: every entry must be written, none outside
+    shape = (g.shape[0], geometry.in_channels, *geometry.input_size)
+    buffer = torch.full((shape[0], math.prod(shape[1:]) + 7), float("nan"), device="cuda", dtype=dtype)
+    out = buffer[:, 3:3 + math.prod(shape[1:])].view(shape)
+    got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry), out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.isnan(buffer[:, :3]).all() and torch.isnan(buffer[:, 3 + math.prod(shape[1:]):]).all()
+    error = ((got.double() - expected).norm() / expected.norm()).item()
+    assert error < TOLERANCE[dtype], error
+    fresh = input_vjp.input_vjp(g, weight, kernel_geometry(geometry))
+    assert fresh.is_contiguous(memory_format=torch.channels_last) == (layout == "channels-last" and g.dim() == 4
+                                                                      and not g.is_contiguous())
+    assert torch.equal(fresh, got)
+
+
+@cuda
+def test_engine_rule_chooses_by_measurement_and_agrees_with_cudnn(monkeypatch):
+    """The batched rule of a stride-2 convolution: curvlib's kernel or cuDNN by measured time (both
+    tried), the same gradients either way; with autotuning off, cuDNN."""
+    from curvlib.engine.batched_rules import BackwardOptions, rule_for
+    from curvlib.kernels import input_vjp
+
+    x = torch.randn(4, 32, 17, 17, device="cuda", requires_grad=True)
+    conv = torch.nn.Conv2d(32, 48, 3, stride=2).cuda()
+    node = conv(x).grad_fn
+    g = torch.randn(3, 4, 48, 8, 8, device="cuda")
+    expected = torch.func.vmap(lambda v: torch.autograd.grad(conv(x), x, v, retain_graph=True)[0])(g)
+    options = BackwardOptions(channels_last=True, message_dtype=torch.bfloat16)
+    input_vjp._CHOICES.clear()
+    need = [True] + [False] * (len(node.next_functions) - 1)
+    got = rule_for(node)(node, g.to(torch.bfloat16), need, {}, options)[0]
+    assert ((got.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2
+    (timings,) = input_vjp._CHOICES.timings.values()
+    assert len(timings) >= 2 and repr(input_vjp.ADJOINT) in timings
+    input_vjp._CHOICES.clear()
+    monkeypatch.setenv("CURVLIB_KERNEL_AUTOTUNE", "0")
+    calls = []
+    original = input_vjp.input_vjp
+    monkeypatch.setattr(input_vjp, "input_vjp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = rule_for(node)(node, g.to(torch.bfloat16), need, {}, options)[0]
+    assert not calls and torch.allclose(again.float(), got.float(), rtol=2e-2, atol=2e-2)
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    sys.exit(_interpret_main())
