@@ -28,6 +28,7 @@ class _DiagGGN(Extension):
     per_sample = False
     keeps_location_gram = True
     low_precision_messages = True  # the weight diagonals square in float32 (ModuleCalls.ggn_diag_terms)
+    replayable = True  # accumulate only adds ggn_diag_terms into the state
 
     @property
     def fused_layer_memory(self):  # the fused GGN-diagonal kernel (curvlib.kernels.ggn_unfolded)

@@ -80,7 +80,7 @@ def build(args, device):
 
     def step(dtype=torch.float32):
         ctx = curvlib.curvature(model, loss_fn, E.DiagGGNExact(), memory_budget=args.memory_budget,
-                                column_backward=args.column_backward)
+                                column_backward=args.column_backward, replay_chunks=not args.no_replay)
         ctx.backward_options = BackwardOptions(channels_last=args.channels_last)
         with ctx:
             model.zero_grad()
@@ -132,7 +132,7 @@ def measure(label: str, step, repeats: int, **options) -> None:
     with pathways.options(**options):
         ctx = warmed_up(step)
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         times, host = [], []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -141,11 +141,13 @@ def measure(label: str, step, repeats: int, **options) -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() - base
+        reserved = torch.cuda.max_memory_reserved() - base_reserved  # beyond what warming up reserved
         decisions = [decision for decision in pathways._DECISIONS.values() if decision.op == "ggn_diag"]
     stages = None if ctx.last_stages is None else [len(s.calls) + len(s.gate_calls) for s in ctx.last_stages]
     print(f"{label}: {statistics.median(times) * 1e3:.1f} ms (host {statistics.median(host) * 1e3:.1f} ms), "
-          f"extra peak {peak / 1e9:.2f} GB, "
-          f"{ctx.last_chunk_size} columns per chunk, layers per stage {stages}, "
+          f"extra peak {peak / 1e9:.2f} GB (reserved {torch.cuda.memory_reserved() / 1e9:.2f} GB, "
+          f"{reserved / 1e9:.2f} GB more while timing), "
+          f"{ctx.last_chunk_size} columns per chunk, {ctx.last_replays} replayed, layers per stage {stages}, "
           f"column backward {ctx.last_column_backward}, messages {ctx.last_message_dtype}", flush=True)
     for decision in decisions:  # in the order the layers were reached (the stages run the last layers first)
         print(f"    GGN diagonal {decision.key}: {decision.choice} ({decision.how})")
@@ -213,7 +215,7 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
         inside = [f for f in frames if f["tid"] == launch["tid"] and f["ts"] <= launch["ts"] <= f["ts"] + f["dur"]]
         return min(inside, key=lambda f: f["dur"])["name"] if inside else "?"
 
-    totals, counts, idle = collections.Counter(), collections.Counter(), 0.0
+    totals, counts, idle, largest = collections.Counter(), collections.Counter(), 0.0, []
     for before, after in zip(device, device[1:]):
         gap = after["ts"] - (before["ts"] + before["dur"])
         if gap > threshold_us:
@@ -221,6 +223,7 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
             totals[where] += gap
             counts[where] += 1
             idle += gap
+            largest.append((gap, after["ts"] - device[0]["ts"], where))
     span = device[-1]["ts"] + device[-1]["dur"] - device[0]["ts"] if device else 0.0
     print(f"\ndevice idle between kernels (gaps over {threshold_us:.0f} us, traced with Python stacks): "
           f"{idle / 1e3:.1f} of {span / 1e3:.1f} ms, by the function launching the kernel after the gap")
@@ -232,6 +235,9 @@ def device_gaps(step, top: int = 15, threshold_us: float = 20.0) -> None:
               f"{(first['ts'] + first['dur'] - device[-1]['ts'] - device[-1]['dur']) / 1e3:.2f} ms before the step returns")
     for where, total in totals.most_common(top):
         print(f"  {total / 1e3:7.2f} ms  {counts[where]:4d} gaps  {where}")
+    print("  the largest gaps (length, when after the first kernel, launching function):")
+    for gap, when, where in sorted(largest, reverse=True)[:top]:
+        print(f"    {gap / 1e3:6.2f} ms at {when / 1e3:6.2f} ms  {where}")
 
 
 def profile(step, exclude=()) -> None:
@@ -273,6 +279,8 @@ def main(argv=None) -> None:
     parser.add_argument("--curvlib-precision", choices=("none", "ieee", "tf32", "bf16"), default="none",
                         help="pathways.configure(precision=...): bf16 carries the columns in bfloat16")
     parser.add_argument("--accuracy", action="store_true", help="also the error against a float64 step")
+    parser.add_argument("--no-replay", action="store_true",
+                        help="curvature(replay_chunks=False): every chunk of columns runs eagerly")
     parser.add_argument("--gaps", action="store_true",
                         help="also where the device waits for the host (one step traced with Python stacks)")
     parser.add_argument("--memory-peak", action="store_true",

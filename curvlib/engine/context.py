@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from .. import pathways as _pathways
 from .batched_rules import BackwardOptions, UnsupportedNode
-from .extension import Extension
+from .chunk_replay import ChunkReplay, replayable
+from .extension import Extension, owned
 from .graph_vjp import GraphVJP
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
@@ -107,6 +108,12 @@ class curvature:
             ``torch.autograd.grad`` (:func:`curvlib.engine.layers.batched_vjp`); ``"auto"`` (default):
             the graph walk where every node on the way has a rule, else autograd. Same results up to
             round-off; ``last_column_backward`` says which ran last.
+        replay_chunks: on CUDA, with many chunks of columns per step (a tight ``memory_budget``), capture
+            the second chunk's column pass (graph walk and layer quantities) as a CUDA graph and replay
+            it for the later chunks, where every extension allows it (:mod:`curvlib.engine.chunk_replay`):
+            the same device work with a fraction of the host time, for up to one chunk's working set
+            of extra reserved memory; ``last_replays`` counts the replayed chunks. Off also with
+            ``CURVLIB_CUDA_GRAPHS=0``.
 
     Precision of the column passes: with ``curvlib.pathways.options(precision="bf16")`` on CUDA (or
     ``backward_options = BackwardOptions(message_dtype=torch.bfloat16)`` on any device) the graph walk
@@ -134,6 +141,7 @@ class curvature:
         generator=None,
         overlap: bool = True,
         column_backward: str = "auto",
+        replay_chunks: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -154,7 +162,12 @@ class curvature:
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         if column_backward not in COLUMN_BACKWARDS:
             raise ValueError(f"column_backward must be one of {COLUMN_BACKWARDS}, got {column_backward!r}")
+        if not isinstance(replay_chunks, bool):
+            raise TypeError(f"replay_chunks must be a bool, got {replay_chunks!r}")
         self.column_backward = column_backward
+        self.replay_chunks = replay_chunks
+        self.last_replays = 0  # chunks of the last column passes replayed from a CUDA graph
+        self._autograd_passes = 0  # stage passes autograd ran in the current column passes
         self.last_column_backward: Optional[str] = None  # "graph" or "autograd": how the last chunk ran
         # layout and message dtype of the graph walk (curvlib.engine.batched_rules)
         self.backward_options = BackwardOptions()
@@ -428,6 +441,7 @@ class curvature:
                 if self.column_backward == "graph":
                     raise ValueError(f"column_backward='graph': {error}") from None
         vectors = taken(vectors)
+        self._autograd_passes += 1
         if isinstance(output, Tensor) and vectors.dtype != output.dtype:
             vectors = vectors.to(output.dtype)  # a later stage after one in a message dtype: autograd's own
         self._engine_backprop = True  # our own backward passes must not trigger gradient-output hooks
@@ -502,16 +516,34 @@ class curvature:
         room = None if self.memory_budget is None else self._layer_room(
             self._chunk_memory(groups, coupled, grams, stages), chunk)
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
+        self._autograd_passes = 0
+
+        def run_chunk(block: Tensor) -> None:
+            for group, message in self._backpropagate(loss_call, groups, block, stages):
+                self.last_message_dtype = message[0].dtype if message else None
+                for ext in extensions:
+                    ext.accumulate(group, message, states[ext][group.module])
+                del message
+
+        starts = range(0, columns.shape[0], chunk)
+        replay = ChunkReplay(run_chunk) if self.replay_chunks and replayable(columns, len(starts), extensions) else None
+        self.last_replays = 0
         with contextlib.nullcontext() if room is None else _pathways.options(memory_budget=room):
-            for start in range(0, columns.shape[0], chunk):
+            for index, start in enumerate(starts):
                 block = columns[start : start + chunk]
                 if coupled:
                     block = block.flatten(0, 1)
-                for group, message in self._backpropagate(loss_call, groups, block, stages):
-                    self.last_message_dtype = message[0].dtype if message else None
-                    for ext in extensions:
-                        ext.accumulate(group, message, states[ext][group.module])
-                    del message
+                if replay is not None and index == 1:
+                    if self._autograd_passes:  # autograd's engine ran a stage: not capturable (chunk_replay)
+                        replay = None
+                    else:
+                        for ext_states in states.values():
+                            for state in ext_states.values():
+                                owned(state)  # the captured chunk adds into them in place
+                if replay is not None and index > 0 and block.shape[0] == chunk and replay(block):
+                    self.last_replays += 1
+                    continue
+                run_chunk(block)
         for ext in extensions:
             self._store(ext, groups, states[ext])
 

@@ -19,6 +19,10 @@ An extension declares
   :class:`~curvlib.engine.context.curvature`); results must still be in the parameters' dtype;
 - optionally ``fused_layer_memory = "summed"`` / ``"per_sample"`` if ``accumulate`` runs on fused kernels
   where the device has them (GGN diagonals): the engine sizes chunks of columns for their working set;
+- optionally ``replayable = True`` if ``accumulate`` only adds its chunk's results into ``state`` with
+  :func:`add_into` (and does the same device work for every chunk of one size, with no host
+  synchronisation): the engine may then capture one chunk's column pass as a CUDA graph and replay it
+  for the later chunks (:mod:`curvlib.engine.chunk_replay`);
 - optionally ``input_factor``: ``"expand"``/``"reduce"`` if ``finalize`` reads the group's KFAC input
   factors (:meth:`~curvlib.engine.layers.ModuleCalls.kfac_input`); the engine then starts them when the
   backward pass starts, on a side CUDA stream (:mod:`curvlib.engine.side_stream`), and ``finalize``
@@ -33,6 +37,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from torch import Tensor, nn
+
+from . import chunk_replay as _chunk_replay
 
 MESSAGES = (None, "ggn_exact", "ggn_mc", "empirical", "grad_output", "hessian_diagonal", "hessian_diagonal_gn")
 
@@ -55,6 +61,8 @@ class Extension:
     #: them, the engine sizes the chunks of columns for that working set (and keeps the pathway choice
     #: within the room the messages leave); ``None``: per-sample weight gradients may be materialised
     fused_layer_memory: Optional[str] = None
+    #: ``accumulate`` only adds into ``state`` with :func:`add_into`: chunks may be replayed (module docstring)
+    replayable: bool = False
 
     def check(self, module: nn.Module) -> None:
         """Raise ``ValueError`` if ``module`` (a module with parameters) is not supported."""
@@ -76,6 +84,22 @@ class Extension:
 
 
 def add_into(state: Dict, results: Dict[str, Tensor]) -> None:
-    """``state[name] += result`` for each entry (first entry stored as is)."""
+    """``state[name] += result`` for each entry (first entry stored as is). While a chunk is captured
+    for replay (:func:`curvlib.engine.chunk_replay.capturing`) the addition is in place, so each replay
+    adds into the same tensor (the engine made the states its own copies before the capture)."""
+    in_place = _chunk_replay.capturing()
     for name, value in results.items():
-        state[name] = value if name not in state else state[name] + value
+        if name not in state:
+            state[name] = value
+        elif in_place:
+            state[name].add_(value)
+        else:
+            state[name] = state[name] + value
+
+
+def owned(state: Dict) -> None:
+    """Replace the tensors of ``state`` by copies (before in-place accumulation: a first entry stored as
+    is may be a tensor its producer still holds)."""
+    for name, value in state.items():
+        if isinstance(value, Tensor):
+            state[name] = value.clone()
