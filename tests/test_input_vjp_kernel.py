@@ -214,6 +214,18 @@ def test_engine_rule_chooses_by_measurement_and_agrees_with_cudnn(monkeypatch):
     monkeypatch.setattr(input_vjp, "input_vjp", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = rule_for(node)(node, g.to(torch.bfloat16), need, {}, options)[0]
     assert not calls and torch.allclose(again.float(), got.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.delenv("CURVLIB_KERNEL_AUTOTUNE")
+
+    # float64 gradients (the kernel takes 16-bit and float32 ones): cuDNN, never the kernel
+    double = conv.double()
+    node64 = double(x.detach().double().requires_grad_()).grad_fn
+    g64 = g.double()
+    got64 = rule_for(node64)(node64, g64, need, {}, BackwardOptions(channels_last=True))[0]
+    assert got64.dtype == torch.float64 and not calls
+    expected64 = torch.func.vmap(lambda v: torch.nn.grad.conv2d_input(x.shape, double.weight, v, stride=2))(g64)
+    torch.testing.assert_close(got64, expected64, rtol=1e-10, atol=1e-10)
+    assert input_vjp.fastest(g64[0], double.weight.detach(), kernel_geometry(make_geometry(32, 48, (17, 17), 3, 2)),
+                             lambda: "adjoint") == "adjoint"
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

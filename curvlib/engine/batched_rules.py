@@ -147,7 +147,7 @@ def _polyphase_geometry(g: Tensor, weight: Tensor, shape, stride, padding, dilat
     if transposed or not g.is_cuda or all(s == 1 for s in stride) or len(stride) > 3:
         return None
     module = _kernel("input_vjp")
-    if module is None:
+    if module is None or not module.supported(g, weight):
         return None
     from ..hyperparams import make_geometry
     from ..kernels._geometry import kernel_geometry

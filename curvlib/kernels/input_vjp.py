@@ -132,8 +132,10 @@ def eligible(geometry: KernelGeometry) -> bool:
 
 def fastest(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, adjoint) -> torch.Tensor:
     """The data gradient by whichever of ``adjoint()`` (the caller's) and this kernel ran fastest for
-    this shape, measured on the first call (:class:`.autotune.ConfigCache`; with autotuning off,
-    ``adjoint``). float32 gradients multiply in TF32 where cuDNN may (``torch.backends.cudnn.allow_tf32``)."""
+    this shape, measured on the first call (:class:`.autotune.ConfigCache`; with autotuning off, or
+    where the kernel does not take these tensors (:func:`supported`: float64), ``adjoint``). float32 gradients multiply in TF32 where cuDNN may (``torch.backends.cudnn.allow_tf32``)."""
+    if not supported(g, weight):  # float64, mixed dtypes: the adjoint only
+        return adjoint()
     precision = "tf32" if g.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
     key = (geometry, tuple(g.shape), g.stride(), g.dtype, precision, g.device)
 
