@@ -12,7 +12,6 @@ import itertools
 import math
 import os
 import random
-import subprocess
 import sys
 
 import pytest
@@ -133,14 +132,9 @@ def _interpret_main() -> int:
 
 @pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
 def test_kernel_in_triton_interpreter():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0 and "interpreter check: passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    from test_kernels import run_interpreter_check
+
+    run_interpreter_check(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

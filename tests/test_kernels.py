@@ -480,16 +480,23 @@ def _interpret_main() -> int:
     return 1 if failures else 0
 
 
-@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
-def test_kernels_in_triton_interpreter():
+def run_interpreter_check(script: str) -> None:
+    """Run ``script --interpret`` with ``TRITON_INTERPRET=1`` (read at import, hence a subprocess): it
+    must print ``interpreter check: passed``; exit code 3 (an interpreter that cannot run the kernels)
+    skips."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--interpret"], env=env,
                           capture_output=True, text=True, timeout=300)
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and "interpreter check: passed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+def test_kernels_in_triton_interpreter():
+    run_interpreter_check(__file__)
 
 
 # ----------------------------------------------------------------------------------------------
