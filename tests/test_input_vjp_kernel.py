@@ -73,6 +73,17 @@ def random_geometry(rng: random.Random):
     return geometry(2, 2, size, kernel, stride, padding, dilation)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+def test_positions_beyond_32_bits_are_refused_or_left_to_the_adjoint():
+    from curvlib.kernels import input_vjp
+
+    geometry = kernel_geometry(make_geometry(1, 1, (2**16, 2**16), kernel_size=2, stride=2))
+    g = torch.empty(1, 1, 1, 1).expand(2, 1, 2**15, 2**15)  # 2·2³² input positions, no storage
+    with pytest.raises(ValueError, match="exceed 2147483647"):
+        input_vjp.input_vjp(g, torch.randn(1, 1, 2, 2), geometry)
+    assert input_vjp.fastest(g, torch.randn(1, 1, 2, 2), geometry, lambda: "adjoint") == "adjoint"
+
+
 def test_phases_list_exactly_the_taps_reaching_each_position():
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     checked = 0

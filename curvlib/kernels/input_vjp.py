@@ -108,6 +108,9 @@ def config(geometry: KernelGeometry, dtype: torch.dtype) -> Tuple[int, int, int,
     return 128, block_n, block_k, 8 if block_n >= 128 else 4
 
 
+#: the largest number of (sample, input location) rows a launch indexes (32-bit position arithmetic)
+_MAX_ROWS = 2**31 - 1
+
 #: the candidate that runs the caller's own data gradient (cuDNN's transposed convolution)
 ADJOINT = "adjoint"
 #: per shape: the adjoint or a block configuration of the kernel, whichever ran fastest
@@ -134,7 +137,7 @@ def fastest(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, adj
     """The data gradient by whichever of ``adjoint()`` (the caller's) and this kernel ran fastest for
     this shape, measured on the first call (:class:`.autotune.ConfigCache`; with autotuning off, or
     where the kernel does not take these tensors (:func:`supported`: float64), ``adjoint``). float32 gradients multiply in TF32 where cuDNN may (``torch.backends.cudnn.allow_tf32``)."""
-    if not supported(g, weight):  # float64, mixed dtypes: the adjoint only
+    if not supported(g, weight) or g.shape[0] * geometry.input_numel > _MAX_ROWS:  # float64, huge: the adjoint
         return adjoint()
     precision = "tf32" if g.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
     key = (geometry, tuple(g.shape), g.stride(), g.dtype, precision, g.device)
@@ -163,6 +166,9 @@ def input_vjp(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, o
     """
     spatial = g.dim() - 2
     shape = (g.shape[0], geometry.in_channels, *geometry.input_size[3 - spatial:])
+    if g.shape[0] * geometry.input_numel > _MAX_ROWS:
+        raise ValueError(f"input_vjp indexes positions in 32 bits: g's {g.shape[0]} samples times "
+                         f"{geometry.input_numel} input locations exceed {_MAX_ROWS}")
     if out is None:
         out = torch.empty(shape, dtype=g.dtype, device=g.device,
                           memory_format=_memory_format(g))
