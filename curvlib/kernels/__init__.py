@@ -11,6 +11,10 @@ Four operations, each with exactly the semantics, shapes and normalisation of th
 ``hesscale_weight_diag``       HesScale weight diagonal ``[[N,] C_out, C_in/G, *K]``
 ============================  ==================================================================
 
+The engine's column passes also use kernels of their own: :mod:`.input_vjp` (the data gradient of
+strided convolutions, polyphase, chosen against cuDNN by measurement), :mod:`.threshold_backward` (ReLU
+masks of batched gradients) and :mod:`.unfold` (the GGN kernel's unfolded chunks).
+
 None of them forms per-sample gradients or the whole unfolded input ``⟦X⟧``: patches are gathered from
 ``x`` tile by tile (implicit GEMM) and reduced in registers. The GGN diagonal also has a kernel that
 unfolds sample chunks of at most 64 MiB and runs dense products on them (faster on large layers,
