@@ -250,17 +250,23 @@ def _shortcut(op: str, tensors, *arguments):
 def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
     """Store the function a call with shortcut ``key`` resolved to: ``run`` where that is the native
     pathway, or ``run[choice]`` (a dict of functions of the tensors) for the pathway it took."""
-    if _pathways.settings().precision is not None:  # the shortcut calls ATen directly, without the precision
-        return
     if key is None:
         return
     choice = pathway if pathway != "auto" else _pathways.cached_choice(config)
+    if _pathways.settings().precision is not None and choice != "fused":
+        return  # the shortcut would call cuBLAS/cuDNN without the precision (fused kernels take it as an argument)
     run = run.get(choice) if isinstance(run, dict) else (run if choice == "native" else None)
     if run is None:
         return
     if len(_SHORTCUTS) > 4096:
         _SHORTCUTS.clear()
     _SHORTCUTS[key] = run
+
+
+def _layouts(*tensors) -> tuple:
+    """Whether each tensor is contiguous (part of a shortcut key where the automatic choice depends on it,
+    as :func:`_config_key` does); ``None`` for what is not a tensor (validation reports it)."""
+    return tuple(t.is_contiguous() if isinstance(t, Tensor) else None for t in tensors)
 
 
 def _fp32_key(x: Tensor):
@@ -894,41 +900,55 @@ def ggn_diag(
     """
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    shortcut, run = _shortcut(
+        "ggn_diag", (x, s), kernel_size, stride, padding, dilation, groups, per_sample, bias, transposed,
+        output_padding, simplify, pathway, _fp32_key(x), _layouts(x, s),
+    )
+    if run is not None:
+        return run(x, s)
     geometry = _weight_side(x, s, "s", kernel_size, stride, padding, dilation, groups, transposed, output_padding, leading=1)
     shape = geometry.weight_shape
     lead = (x.shape[0],) if per_sample else ()
+    numel = math.prod(shape)
 
-    def joined(weight: Tensor, bias_diag: Tensor) -> Tensor:
-        """``[*lead, weight numel + C_out]``: one tensor, as every pathway returns one."""
-        return torch.cat([weight.reshape(*lead, -1), bias_diag.to(weight.dtype)], -1)
-
-    def with_bias(weight: Tensor) -> Tensor:
-        """A pathway's weight diagonal, joined with the bias's from the columns' sums over locations."""
+    def with_bias(weight: Tensor, s: Tensor) -> Tensor:
+        """A pathway's weight diagonal, joined with the bias's from the columns' sums over locations:
+        ``[*lead, weight numel + C_out]``, one tensor, as every pathway returns one."""
         if not bias:
             return weight
         # [C, N, C_out]: the bias's per-(column, sample) gradients, summed in float32 at least
         sums = s.flatten(3).sum(3, dtype=torch.promote_types(s.dtype, torch.float32))
-        return joined(weight, sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1)))
+        bias_diag = sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1))
+        return torch.cat([weight.reshape(*lead, -1), bias_diag.to(weight.dtype)], -1)
 
-    def fused() -> Tensor:
-        result = _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision(), bias=bias)
+    def split(result: Tensor):
+        """One pathway's tensor as the caller gets it: weight-shaped, with the bias's diagonal apart."""
         if not bias:
-            return result
-        return joined(*result)
+            return result.reshape(*lead, *shape)
+        return result[..., :numel].reshape(*lead, *shape), result[..., numel:]
 
+    def fused(x: Tensor, s: Tensor):
+        # the pair as the kernel returns it (no joined copy: repeated calls take this through the shortcut)
+        return _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision(), bias=bias)
+
+    def joined(result) -> Tensor:
+        return torch.cat([result[0].reshape(*lead, -1), result[1]], -1) if bias else result
+
+    runs = {
+        "native": lambda x, s: split(with_bias(_native_module.ggn_diag(x, s, geometry, per_sample), s)),
+        "fused": fused,
+    }
     result = _dispatch(
         "ggn_diag", pathway, simplify, geometry, (x, s),
         network=lambda: _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample),
-        native=_native("ggn_diag", geometry, lambda: with_bias(_native_module.ggn_diag(x, s, geometry, per_sample))),
-        fused=_fused("ggn_diag", x, geometry, fused, per_sample=per_sample, s=s),
+        native=_native("ggn_diag", geometry, lambda: with_bias(_native_module.ggn_diag(x, s, geometry, per_sample), s)),
+        fused=_fused("ggn_diag", x, geometry, lambda: joined(fused(x, s)), per_sample=per_sample, s=s),
         options=(per_sample, bias),
         columns=s.shape[0],
-        extend=with_bias if bias else None,
+        extend=(lambda weight: with_bias(weight, s)) if bias else None,
     )
-    if not bias:
-        return result.reshape(*lead, *shape)
-    numel = math.prod(shape)
-    return result[..., :numel].reshape(*lead, *shape), result[..., numel:]
+    _remember_shortcut(shortcut, pathway, _config_key("ggn_diag", geometry, (x, s), (per_sample, bias)), runs)
+    return split(result)
 
 
 def ggn_gram(

@@ -702,6 +702,49 @@ def test_fast_launch_matches_jit_dispatch(seed, monkeypatch):
 
 
 @cuda
+def test_direct_launch_leaves_launch_hooks_to_triton(seed, monkeypatch):
+    """A launch hook installed (a profiler's) sends the cached kernel through Triton's own launch, which
+    calls it; without one the direct launch runs. Both agree with the float64 reference."""
+    from triton import knobs
+
+    layer = CASES[0]
+    x, s, d = random_inputs(layer, torch.float32, "cuda")
+    geometry = geometry_of(layer)
+    expected = references(layer, x, s, d)["kfc"]
+    kernels.kfc(x, geometry)  # compiles and records the kernel
+    assert relative_error(kernels.kfc(x, geometry), expected) < TOLERANCE["ieee"]
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: seen.append(metadata))
+    assert relative_error(kernels.kfc(x, geometry), expected) < TOLERANCE["ieee"]
+    assert seen, "the launch hook was not called"
+
+
+@cuda
+@pytest.mark.parametrize("bias", [False, True], ids=["weight", "with-bias"])
+def test_ggn_diag_shortcut_under_a_precision_setting(seed, monkeypatch, bias):
+    """Repeated fused GGN diagonals under a precision setting take the shortcut of repeated calls (the
+    kernels take the precision as an argument) and compute with the new tensors at that precision."""
+    from curvlib import pathways
+    from curvlib.kernels import _host
+
+    layer = CASES[0]
+    geometry = geometry_of(layer)
+    monkeypatch.setattr(F, "_SHORTCUTS", {})
+    hyper = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    with pathways.options(precision="bf16"), _host.poison_outputs():
+        for _ in range(3):
+            x, s, d = random_inputs(layer, torch.float32, "cuda")
+            ref = references(layer, x, s, d)
+            got = F.ggn_diag(x, s, layer.kernel, bias=bias, pathway="fused", **hyper)
+            weight, bias_diag = got if bias else (got, None)
+            assert relative_error(weight, ref[("ggn_diag", False)]) < TOLERANCE["bf16"]
+            if bias:
+                assert relative_error(bias_diag, ref[("ggn_bias", False)]) < TOLERANCE["bf16"]
+    assert [key for key in F._SHORTCUTS if key[0] == "ggn_diag"], "no shortcut was stored"
+    assert geometry.weight_shape == tuple(weight.shape)
+
+
+@cuda
 def test_kernels_on_gpu_table_e3_layer(seed):
     """One realistic layer (ResNet-18 layer2.0.conv1, batch 4) through the autotuned public functions."""
     layer = Layer("resnet18-layer2.0.conv1", (32, 32), (3, 3), stride=2, padding=1, c_in=64, c_out=128, batch=4,

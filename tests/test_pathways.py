@@ -396,6 +396,47 @@ def test_shortcut_of_transposed_and_asymmetric_layers(fresh_decisions, seed, pad
             assert torch.allclose(F.weight_vjp(x, v, (2, 3), padding="same"), gw)
 
 
+def _ggn_diag_by_loops(x, s, weight_shape, per_sample, **hyper):
+    """Σ_c (Σ_n) of squared per-(column, sample) weight gradients (torch.nn.grad), with the bias's diagonal."""
+    weight, bias = [], []
+    for n in range(x.shape[0]):
+        grads = torch.stack([torch.nn.grad.conv2d_weight(x[n:n + 1], weight_shape, s[c, n:n + 1], **hyper)
+                             for c in range(s.shape[0])])
+        weight.append((grads ** 2).sum(0))
+        bias.append((s[:, n].sum((2, 3)) ** 2).sum(0))
+    weight, bias = torch.stack(weight), torch.stack(bias)
+    return (weight, bias) if per_sample else (weight.sum(0), bias.sum(0))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per-sample"])
+@pytest.mark.parametrize("precision", [None, "ieee"], ids=["no-precision", "precision"])
+def test_shortcut_of_repeated_ggn_diagonals(fresh_decisions, monkeypatch, seed, per_sample, precision):
+    """Repeated GGN diagonals with and without the bias's take the shortcut (without a precision setting:
+    a precision is passed to cuBLAS only by the dispatch) and compute with the new tensors: against
+    squared per-(column, sample) weight gradients from torch.nn.grad, in float64."""
+    monkeypatch.setattr(F, "_SHORTCUTS", {})
+    torch.manual_seed(seed)
+    hyper = dict(stride=2, padding=1, dilation=1)
+    with pathways.options(precision=precision):
+        for _ in range(3):
+            x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+            s = torch.randn(5, 3, 6, 4, 4, dtype=torch.float64)
+            weight, bias = _ggn_diag_by_loops(x, s, (6, 4, 3, 2), per_sample, **hyper)
+            got = F.ggn_diag(x, s, (3, 2), per_sample=per_sample, **hyper)
+            torch.testing.assert_close(got, weight)
+            got_weight, got_bias = F.ggn_diag(x, s, (3, 2), per_sample=per_sample, bias=True, **hyper)
+            torch.testing.assert_close(got_weight, weight)
+            torch.testing.assert_close(got_bias, bias)
+        keys = [key for key in F._SHORTCUTS if key[0] == "ggn_diag"]
+        assert len(keys) == (2 if precision is None else 0)  # with and without the bias
+        if precision is None:  # a channels-last s is another configuration (the choice depends on the layout)
+            s_cl = s.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, s.shape[:2])
+            torch.testing.assert_close(F.ggn_diag(x, s_cl, (3, 2), per_sample=per_sample, **hyper), weight)
+            assert len([key for key in F._SHORTCUTS if key[0] == "ggn_diag"]) == 3
+    with pytest.raises(ValueError):  # a new (invalid) configuration is validated
+        F.ggn_diag(x, torch.randn(5, 3, 6, 9, 9, dtype=torch.float64), (3, 2), **hyper)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, None])
 def test_native_ggn_chunks_give_identical_results(seed, chunk_bytes):
     """Chunks of single channels, of several channels and whole groups (and the budget-derived default)."""

@@ -17,7 +17,8 @@ Imported only when Triton is importable.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -102,29 +103,54 @@ def _eligible(g: torch.Tensor, saved: torch.Tensor) -> bool:
             and saved.dtype in (g.dtype, torch.float32) and g.numel() > 0)
 
 
+#: launch plans by the operands' shapes, strides, dtypes and devices (host time: the engine masks the
+#: same shapes for every chunk of columns; the plan's Python costs about as much as the launch)
+_PLANS: Dict[tuple, Optional[tuple]] = {}
+_MAX_PLANS = 1024
+
+
+def _launch_plan(g: torch.Tensor, saved: torch.Tensor) -> Optional[tuple]:
+    """``(output shape, permutation back, sizes, g strides, saved strides, BLOCK_R, BLOCK_I, grid)``, or
+    ``None`` where the kernel does not run for these operands."""
+    key = (g.shape, g.stride(), g.dtype, g.device, saved.shape, saved.stride(), saved.dtype, saved.device)
+    if key in _PLANS:
+        return _PLANS[key]
+    plan = _plan(g, saved) if _eligible(g, saved) else None
+    if plan is not None:
+        sizes = plan[2]
+        rows, inner = sizes[0] * sizes[1] * sizes[2] * sizes[3], sizes[4]
+        block_i = min(next_power_of_2(inner), 128)
+        block_r = max(1, 4096 // block_i)
+        plan = (*plan, block_r, block_i, (cdiv(rows, block_r), cdiv(inner, block_i)))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+@functools.lru_cache(maxsize=256)
+def _rounded(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` rounded to ``dtype``, as PyTorch compares it (0.3 in bfloat16 is 0.30078)."""
+    return torch.tensor(threshold, dtype=dtype).item()
+
+
 def supported(g: torch.Tensor, saved: torch.Tensor) -> bool:
     """Whether :func:`threshold_backward` runs for ``g [J, *saved.shape]`` and ``saved``: CUDA tensors,
     ``g`` float32/float16/bfloat16, ``saved`` of ``g``'s dtype or float32, at most five dimensions after
     merging those contiguous in both."""
-    return _eligible(g, saved) and _plan(g, saved) is not None
+    return _launch_plan(g, saved) is not None
 
 
 def threshold_backward(g: torch.Tensor, saved: torch.Tensor, threshold: float) -> Optional[torch.Tensor]:
     """``torch.ops.aten.threshold_backward(g, saved, threshold)`` for ``g [J, *saved.shape]``: a tensor
     shaped like ``g`` in ``g``'s dtype, laid out in ``saved``'s memory order; ``None`` where not
     :func:`supported` (the caller runs PyTorch's op)."""
-    plan = _plan(g, saved) if _eligible(g, saved) else None
+    plan = _launch_plan(g, saved)
     if plan is None:
         return None
-    shape, inverse, sizes, gs, ss = plan
+    shape, inverse, sizes, gs, ss, block_r, block_i, grid = plan
     out = torch.empty(shape, dtype=g.dtype, device=g.device)
-    rows, inner = sizes[0] * sizes[1] * sizes[2] * sizes[3], sizes[4]
-    block_i = min(next_power_of_2(inner), 128)
-    block_r = max(1, 4096 // block_i)
-    grid = (cdiv(rows, block_r), cdiv(inner, block_i))
-    # compared as PyTorch does: the threshold rounded to the activation's dtype (0.3 in bfloat16 is 0.30078)
-    threshold = torch.tensor(float(threshold), dtype=saved.dtype).item()
-    _launch(grid, g, saved, out, threshold, rows, inner, sizes[1], sizes[2], sizes[3],
-            gs[0], gs[1], gs[2], gs[3], gs[4], ss[0], ss[1], ss[2], ss[3], ss[4],
+    _launch(grid, g, saved, out, _rounded(float(threshold), saved.dtype), sizes[0] * sizes[1] * sizes[2] * sizes[3],
+            sizes[4], sizes[1], sizes[2], sizes[3], gs[0], gs[1], gs[2], gs[3], gs[4], ss[0], ss[1], ss[2], ss[3], ss[4],
             BLOCK_R=block_r, BLOCK_I=block_i, num_warps=8)
     return out.permute(inverse)
