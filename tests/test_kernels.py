@@ -704,18 +704,23 @@ def test_fast_launch_matches_jit_dispatch(seed, monkeypatch):
 @cuda
 def test_direct_launch_leaves_launch_hooks_to_triton(seed, monkeypatch):
     """A launch hook installed (a profiler's) sends the cached kernel through Triton's own launch, which
-    calls it; without one the direct launch runs. Both agree with the float64 reference."""
+    calls it; without one the direct launch runs. Both give PyTorch's ReLU backward (the mask kernel)."""
     from triton import knobs
 
-    layer = CASES[0]
-    x, s, d = random_inputs(layer, torch.float32, "cuda")
-    geometry = geometry_of(layer)
-    expected = references(layer, x, s, d)["kfc"]
-    kernels.kfc(x, geometry)  # compiles and records the kernel
-    assert relative_error(kernels.kfc(x, geometry), expected) < TOLERANCE["ieee"]
+    from curvlib.kernels import _launch, threshold_backward
+
+    saved = torch.randn(3, 5, 6, 7, device="cuda")
+    g = torch.randn(4, 3, 5, 6, 7, device="cuda")
+    expected = torch.ops.aten.threshold_backward(g, saved.expand_as(g), 0.0)
+    threshold_backward.threshold_backward(g, saved, 0.0)  # compiles and records the kernel
+    direct = [entry[2] is not None for entry in threshold_backward._launch._compiled.values()]
+    assert direct and all(direct), "no direct launch was prepared"
+    assert not _launch._launch_hooks()
+    assert torch.equal(threshold_backward.threshold_backward(g, saved, 0.0), expected)
     seen = []
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: seen.append(metadata))
-    assert relative_error(kernels.kfc(x, geometry), expected) < TOLERANCE["ieee"]
+    assert _launch._launch_hooks()
+    assert torch.equal(threshold_backward.threshold_backward(g, saved, 0.0), expected)
     assert seen, "the launch hook was not called"
 
 

@@ -14,8 +14,9 @@ about 45), else ``CompiledKernel[grid]``, which calls the hooks. Under the inter
 
 from __future__ import annotations
 
+import operator
 import os
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -46,11 +47,11 @@ class Launcher:
     def __init__(self, kernel, specialised: Sequence[str] = ()):
         self.kernel = kernel
         names = list(kernel.arg_names)
-        self._specialised = [i for i, name in enumerate(names) if name in specialised]
+        self._specialised = _getter([i for i, name in enumerate(names) if name in specialised])
         params = getattr(kernel, "params", None)  # absent on the interpreter's kernels (no fast path there)
         self._constexpr_names = [name for name, param in zip(names, params or ()) if param.is_constexpr]
-        # argument positions of tensors, integers and TMA descriptors, per kind of the first argument
-        # (a kernel may take its operands as pointers or as descriptors)
+        # getters of the tensors, integers and TMA descriptors among the arguments, per kind of the first
+        # argument (a kernel may take its operands as pointers or as descriptors)
         self._positions: Dict[type, tuple] = {}
         self._compiled: Dict[tuple, tuple] = {}
 
@@ -58,21 +59,21 @@ class Launcher:
         positions = self._positions.get(type(args[0]))
         if positions is None:
             positions = self._positions[type(args[0])] = (
-                [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)],
-                [i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)],
-                [i for i, a in enumerate(args) if _is_descriptor(a)],
+                _getter([i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]),
+                _getter([i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)]),
+                _getter([i for i, a in enumerate(args) if _is_descriptor(a)]),
             )
-        tensors, integers, descriptors = positions
-        values = [args[i] for i in integers]
-        # what Triton specialises on, and the device: pointer dtype and 16-byte alignment; for the specialised integers
-        # divisibility by 16 and equality to 1; for every integer whether it fits 32 bits; for TMA
-        # descriptors the element type, block shape and padding
+        tensors, integers, descriptors = (get(args) for get in positions)
+        # what Triton specialises on, and the device: pointer dtype and 16-byte alignment; for the
+        # specialised integers divisibility by 16 and equality to 1; for every integer whether it fits
+        # 32 bits; for TMA descriptors the element type, block shape and padding (list comprehensions:
+        # this runs for every launch)
         return (
-            tuple((args[i].dtype, args[i].data_ptr() % 16 == 0) for i in tensors),
-            tuple((args[i].base.dtype, tuple(args[i].block_shape), getattr(args[i], "padding", None))
-                  for i in descriptors) if descriptors else (),
-            tuple((args[i] % 16 == 0, args[i] == 1) for i in self._specialised),
-            not values or (-2**31 < min(values) and max(values) < 2**31),
+            tuple([t.dtype for t in tensors]),
+            tuple([t.data_ptr() % 16 == 0 for t in tensors]),
+            tuple([(d.base.dtype, tuple(d.block_shape), getattr(d, "padding", None)) for d in descriptors]),
+            tuple([(v % 16 == 0, v == 1) for v in self._specialised(args)]),
+            not integers or (-2**31 < min(integers) and max(integers) < 2**31),
             tuple(constexprs.items()),
             num_warps,
             num_stages,
@@ -81,22 +82,20 @@ class Launcher:
         )
 
     def __call__(self, grid, *args, num_warps: int, num_stages: int = None, **constexprs):
-        options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
         if not fast_launch_enabled():
-            self.kernel[grid](*args, **constexprs, **options)
+            self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages))
             return
         key = self._key(args, constexprs, num_warps, num_stages)
         entry = self._compiled.get(key)
         if entry is None:
-            compiled = self.kernel[grid](*args, **constexprs, **options)
+            compiled = self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages))
             if compiled is not None and hasattr(compiled, "__getitem__"):
                 # the compiled kernel's launcher takes all parameters, constexprs included, in order
                 self._compiled[key] = (compiled, tuple(constexprs[name] for name in self._constexpr_names),
                                        _direct_launch(compiled))
             return
         compiled, constexpr_values, direct = entry
-        if direct is not None and (_knobs.runtime.launch_enter_hook is None
-                                   and _knobs.runtime.launch_exit_hook is None):
+        if direct is not None and not _launch_hooks():
             run, function, metadata = direct
             # grid[1] and grid[2] default to 1 (the JIT pads shorter grids)
             stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
@@ -105,6 +104,26 @@ class Launcher:
             return
         # the compiled kernel's launcher reads grid[0], grid[1] and grid[2]
         compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexpr_values)
+
+
+def _options(num_warps: int, num_stages: Optional[int]) -> dict:
+    return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+
+
+def _getter(positions: Sequence[int]):
+    """``args -> tuple of args[i] for i in positions`` (``operator.itemgetter`` returns a bare value for one)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda args: (args[only],)
+    return operator.itemgetter(*positions)
+
+
+def _launch_hooks() -> bool:
+    """Whether a launch hook is installed (Triton's hooks are chains of callables, or one callable)."""
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
 def _direct_launch(compiled):

@@ -37,6 +37,7 @@ Imported only when Triton is importable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -335,6 +336,31 @@ def _aligned(length: int, element_size: int) -> int:
     return cdiv(length, step) * step
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The host side of one :func:`ggn_diag` call: everything fixed by the operands' shapes, strides,
+    dtypes, devices and ``s``'s alignment, and by the arguments (computed once per such signature: the
+    engine calls the kernel with the same shapes for every chunk of columns, and this Python costs
+    about as much host time as the launches)."""
+
+    s_cl: Optional[tuple]  # (shape, strides) of the [C, N, O, C_out] view of a channels-last s, else None
+    tma: bool
+    tma_cl: bool
+    unit_dtype: torch.dtype
+    buffer_shape: tuple  # [samples, G, rows, O aligned] (TMA) or [samples, G, O, rows]
+    out_shape: tuple
+    gather: bool  # the gather kernel unfolds (else a strided copy from the window view)
+    pads: bool
+    chunks: tuple  # (first sample, samples, samples per batch slice, slices) per sample chunk
+    grid: tuple  # (programs per group, G)
+    arguments: tuple  # the launch's integers before the chunk's, and after them
+    constexprs: tuple
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024
+
+
 def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
              config: UnfoldedGGNConfig, chunk_bytes: float = None, split: int = None,
              bias: bool = False) -> torch.Tensor:
@@ -349,11 +375,24 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
     slices per chunk) force the chunking (tests). A TMA ``config`` whose requirements this ``s`` does not
     meet (16-byte aligned address and location stride) runs the same tile with pointer loads.
     """
+    chunk_bytes = unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes
+    key = (x.shape, x.stride(), x.dtype, x.device, s.shape, s.stride(), s.dtype, s.data_ptr() % TMA_ALIGNMENT,
+           geometry, per_sample, precision, config, chunk_bytes, split, bias)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(x, s, geometry, per_sample, precision, config, chunk_bytes, split, bias)
+    return _run(plan, x, s, geometry)
+
+
+def _make_plan(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
+               config: UnfoldedGGNConfig, chunk_bytes: float, split: Optional[int], bias: bool) -> _Plan:
     columns, batch = s.shape[0], s.shape[1]
     G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
     s_cl = channels_last_view(s)  # [C, N, O, C_out] where s is stored channels last, else None
     if s_cl is None:
-        s = s.contiguous()
+        s = s.contiguous()  # what _run reads (the strides below are its)
     unit_dtype = torch.bfloat16 if precision == "bf16" else x.dtype
     unit_size = torch.finfo(unit_dtype).bits // 8
     # the TMA form reads S's tiles with the locations contiguous: TF32 wgmma takes its shared-memory
@@ -365,60 +404,85 @@ def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sam
         and tma_supported(x.device)
     tma = tma_cl or (config.tma and s_cl is None and tma_supported(x.device) and tma_shape_ok(OT, s.element_size())
                      and s.data_ptr() % TMA_ALIGNMENT == 0)
-    samples = chunk_samples(batch, geometry, unit_size, unfolded_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    samples = chunk_samples(batch, geometry, unit_size, chunk_bytes)
     rows = D + 1 if bias else D  # the kernel's D: the unfolded rows, with the bias's row of ones last
     weight_numel = geometry.out_channels * rows
-    if tma:  # K-major, each sample-group's rows padded to 16 bytes (the descriptor's stride)
-        buffer = torch.empty((samples, G, rows, _aligned(OT, unit_size)), device=x.device, dtype=unit_dtype)[..., :OT]
-        s_rows = None if tma_cl else s.view(columns, batch * geometry.out_channels, OT)  # [C, N·C_out, O]
-        if bias:
-            buffer[:, :, D].fill_(1)
-        patches = buffer[:, :, :D]
-    else:
-        buffer = torch.empty((samples, G, OT, rows), device=x.device, dtype=unit_dtype)
-        if bias:
-            buffer[..., D].fill_(1)
-        patches = buffer[..., :D]
-    out = torch.zeros((batch if per_sample else 1, weight_numel), device=x.device, dtype=torch.float32)
+    # K-major for TMA, each sample-group's rows padded to 16 bytes (the descriptor's stride)
+    buffer_shape = (samples, G, rows, _aligned(OT, unit_size)) if tma else (samples, G, OT, rows)
+    buffer_strides = (G * buffer_shape[2] * buffer_shape[3], buffer_shape[2] * buffer_shape[3])
     d_tiles, co_tiles = cdiv(rows, config.block_d), cdiv(COG, config.block_co)
     programs = d_tiles * co_tiles * cdiv(columns, config.block_c) * G
-    # built once per call, not per chunk (host time: a step of DiagGGNExact under a tight budget runs
-    # this for every chunk of columns and layer): the unfold target, the descriptors of all of S and
-    # the whole buffer (the kernel offsets S's rows by the chunk's first sample and reads only the
-    # chunk's rows of the buffer), and the window view where it is one of x (a padded input is
-    # padded chunk by chunk: a padded copy of all of x would be extra memory of x's size)
-    gather = unfold.supported(x, patches)  # the gather kernel, else a strided copy from the window view
-    target = None if gather else _unfold_target(patches, geometry, k_major=tma)
-    pads = any(pair != (0, 0) for pair in _input_pads(geometry))
-    windows = None if pads or gather else unfolded_view(x, geometry, k_major=tma)
-    if tma:
-        if tma_cl:
-            s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
-                                     [config.block_c, 1, config.block_o, config.block_co])
-        else:
-            s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
-                                     [config.block_c, config.block_co, config.block_o])
-        u_rows = buffer.flatten(0, 1)  # [samples·G, D, O]
-        u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()), [1, config.block_d, config.block_o])
-    else:
-        s_src, u_src = s, buffer
+    chunks = []
     for n0 in range(0, batch, samples):
-        n1 = min(batch, n0 + samples)
-        if gather:
-            unfold.unfold_into(x, geometry, patches[: n1 - n0], n0, k_major=tma)
-        else:
-            target[: n1 - n0].copy_(unfolded_view(x[n0:n1], geometry, tma) if pads else windows[n0:n1])
-        slices = split or max(1, min(n1 - n0, cdiv(2 * multiprocessors(x.device), programs)))
-        n_per_split = cdiv(n1 - n0, slices)
-        slices = cdiv(n1 - n0, n_per_split)
-        _launch(
-            (programs // G, G, slices),
-            u_src, s_src, out,
-            columns, COG, rows, OT, n0, n1 - n0, n_per_split, d_tiles, co_tiles, weight_numel,
-            s.stride(0), s.stride(1), 1 if s_cl is not None else OT, geometry.out_channels if s_cl is not None else 1,
-            buffer.stride(0), buffer.stride(1),
+        n = min(batch, n0 + samples) - n0
+        slices = split or max(1, min(n, cdiv(2 * multiprocessors(x.device), programs)))
+        n_per_split = cdiv(n, slices)
+        chunks.append((n0, n, n_per_split, cdiv(n, n_per_split)))
+    return _Plan(
+        s_cl=None if s_cl is None else (tuple(s_cl.shape), s_cl.stride()),
+        tma=tma,
+        tma_cl=tma_cl,
+        unit_dtype=unit_dtype,
+        buffer_shape=buffer_shape,
+        out_shape=(batch if per_sample else 1, weight_numel),
+        gather=unfold.supported(x, x),  # the chunk buffer is on x's device
+        pads=any(pair != (0, 0) for pair in _input_pads(geometry)),
+        chunks=tuple(chunks),
+        grid=(programs // G, G),
+        arguments=((columns, COG, rows, OT),
+                   (d_tiles, co_tiles, weight_numel, s.stride(0), s.stride(1), 1 if s_cl is not None else OT,
+                    geometry.out_channels if s_cl is not None else 1, *buffer_strides)),
+        constexprs=tuple(dict(
             PER_SAMPLE=per_sample, BLOCK_C=config.block_c, BLOCK_CO=config.block_co, BLOCK_D=config.block_d,
             BLOCK_O=config.block_o, EVEN_O=OT % config.block_o == 0, PRECISION=precision,
             FLAT=config.flat, TMA=tma, S_CL=tma_cl, num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        ).items()),
+    )
+
+
+def _run(plan: _Plan, x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry) -> torch.Tensor:
+    """One call of :func:`ggn_diag` by its plan: the buffers, the descriptors, per sample chunk an unfold and
+    a launch."""
+    D, OT = geometry.rows, geometry.output_numel
+    if plan.s_cl is None:
+        s = s.contiguous()
+    buffer = torch.empty(plan.buffer_shape, device=x.device, dtype=plan.unit_dtype)
+    if plan.tma:
+        buffer = buffer[..., :OT]
+        if plan.buffer_shape[2] > D:  # the bias's row of ones
+            buffer[:, :, D].fill_(1)
+        patches = buffer[:, :, :D]
+    else:
+        if plan.buffer_shape[3] > D:
+            buffer[..., D].fill_(1)
+        patches = buffer[..., :D]
+    out = torch.zeros(plan.out_shape, device=x.device, dtype=torch.float32)
+    # built once per call, not per chunk: the unfold target, the descriptors of all of S and the whole
+    # buffer (the kernel offsets S's rows by the chunk's first sample and reads only the chunk's rows of
+    # the buffer), and the window view where it is one of x (a padded input is padded chunk by chunk: a
+    # padded copy of all of x would be extra memory of x's size)
+    target = None if plan.gather else _unfold_target(patches, geometry, k_major=plan.tma)
+    windows = None if plan.pads or plan.gather else unfolded_view(x, geometry, k_major=plan.tma)
+    constexprs = dict(plan.constexprs)
+    if plan.tma:
+        if plan.tma_cl:
+            s_cl = s.as_strided(*plan.s_cl, s.storage_offset())  # the [C, N, O, C_out] view
+            s_src = TensorDescriptor(s_cl, list(s_cl.shape), list(s_cl.stride()),
+                                     [constexprs["BLOCK_C"], 1, constexprs["BLOCK_O"], constexprs["BLOCK_CO"]])
+        else:
+            s_rows = s.view(s.shape[0], s.shape[1] * geometry.out_channels, OT)  # [C, N·C_out, O]
+            s_src = TensorDescriptor(s_rows, list(s_rows.shape), list(s_rows.stride()),
+                                     [constexprs["BLOCK_C"], constexprs["BLOCK_CO"], constexprs["BLOCK_O"]])
+        u_rows = buffer.flatten(0, 1)  # [samples·G, D, O]
+        u_src = TensorDescriptor(u_rows, list(u_rows.shape), list(u_rows.stride()),
+                                 [1, constexprs["BLOCK_D"], constexprs["BLOCK_O"]])
+    else:
+        s_src, u_src = s, buffer
+    before, after = plan.arguments
+    for n0, n, n_per_split, slices in plan.chunks:
+        if plan.gather:
+            unfold.unfold_into(x, geometry, patches[:n], n0, k_major=plan.tma)
+        else:
+            target[:n].copy_(unfolded_view(x[n0:n0 + n], geometry, plan.tma) if plan.pads else windows[n0:n0 + n])
+        _launch((*plan.grid, slices), u_src, s_src, out, *before, n0, n, n_per_split, *after, **constexprs)
     return out

@@ -74,24 +74,41 @@ def unfold_into(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor, fi
     >>> # x [N, C, H, W] on CUDA, geometry = kernel_geometry(ConvGeometry.from_module(conv, x.shape))
     >>> # out = torch.empty(n, 1, D, O, device="cuda", dtype=torch.bfloat16); unfold_into(x, geometry, out, 0)
     """
+    n = out.shape[0]
+    key = (x.shape, x.stride(), geometry, out.shape, out.stride(), k_major)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(x, geometry, out, k_major)
+    if not 0 <= first <= x.shape[0] - n:
+        raise ValueError(f"samples {first}..{first + n - 1} are not in x's batch of {x.shape[0]}")
+    if n == 0:
+        return out
+    view_shape, grid, arguments, constexprs = plan
+    _launch(grid, x.reshape(view_shape), out, first, *arguments, **constexprs)  # a view where x's strides allow it
+    return out
+
+
+#: launch plans by the shapes and strides of ``x`` and ``out``, the geometry and the layout (host time:
+#: the GGN kernel unfolds the same shapes for every chunk of samples and of columns)
+_PLANS: dict = {}
+_MAX_PLANS = 1024
+
+
+def _plan(x: torch.Tensor, geometry: KernelGeometry, out: torch.Tensor, k_major: bool) -> tuple:
+    """``(x's [N, C_in, I0, I1, I2] view shape, grid, integer arguments after first, constexprs)``."""
     n, groups = out.shape[0], geometry.groups
     D, OT = geometry.rows, geometry.output_numel
     expected = (n, groups, D, OT) if k_major else (n, groups, OT, D)
     if tuple(out.shape) != expected:
         raise ValueError(f"out must have shape {expected}, got {tuple(out.shape)}")
-    if not 0 <= first <= x.shape[0] - n:
-        raise ValueError(f"samples {first}..{first + n - 1} are not in x's batch of {x.shape[0]}")
-    if n == 0:
-        return out
     I0, I1, I2 = geometry.input_size
     x = x.reshape(x.shape[0], geometry.in_channels, I0, I1, I2)  # a view where x's strides allow it
     sod, soo = (out.stride(2), out.stride(3)) if k_major else (out.stride(3), out.stride(2))
     block_o = min(128, next_power_of_2(OT))
     block_d = max(1, min(next_power_of_2(D), 4096 // block_o))
     grid = (cdiv(OT, block_o), cdiv(D, block_d), n * groups)
-    _launch(
-        grid, x, out, first, geometry.channels_per_group, D, geometry.kernel_numel, OT, groups,
-        *x.stride(), out.stride(0), out.stride(1), sod, soo, *geometry.spatial_args(),
-        CHECK=geometry.check, BLOCK_D=block_d, BLOCK_O=block_o, num_warps=4,
-    )
-    return out
+    arguments = (geometry.channels_per_group, D, geometry.kernel_numel, OT, groups,
+                 *x.stride(), out.stride(0), out.stride(1), sod, soo, *geometry.spatial_args())
+    return tuple(x.shape), grid, arguments, dict(CHECK=geometry.check, BLOCK_D=block_d, BLOCK_O=block_o, num_warps=4)
