@@ -48,7 +48,7 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -81,7 +81,7 @@ class Settings:
 
 _SETTINGS = Settings()
 _precision.check_precision(_SETTINGS.precision)  # a bad CURVLIB_PRECISION fails at import, naming the value
-#: bumped whenever settings or decisions change, so that callers' shortcuts keyed on it expire
+#: bumped whenever cached decisions are forgotten (with the settings' values: :func:`generation`)
 _GENERATION = [0]
 _DECISIONS: Dict[tuple, "Decision"] = {}
 _DISK: Optional[Dict[str, dict]] = None
@@ -168,7 +168,7 @@ def configure(autotune: Optional[bool] = None, memory_budget=..., cache_file=...
     if precision is not ...:
         changes["precision"] = precision
     _SETTINGS = replace(_SETTINGS, **changes)
-    _GENERATION[0] += 1
+    _SETTINGS_KEY[0] = _values(_SETTINGS)
     return _SETTINGS
 
 
@@ -186,7 +186,7 @@ def options(**kwargs):
         yield configure(**kwargs)
     finally:
         _SETTINGS = saved
-        _GENERATION[0] += 1
+        _SETTINGS_KEY[0] = _values(saved)
 
 
 def clear(memory: bool = True, disk: bool = False) -> None:
@@ -201,9 +201,20 @@ def clear(memory: bool = True, disk: bool = False) -> None:
         _DISK, _DISK_PATH = None, None
 
 
-def generation() -> int:
-    """A counter that changes whenever settings or cached decisions change."""
-    return _GENERATION[0]
+def _values(s: Settings) -> tuple:
+    return tuple(getattr(s, f.name) for f in fields(Settings))
+
+
+#: the current settings' values (hashable), kept with them
+_SETTINGS_KEY = [_values(_SETTINGS)]
+
+
+def generation() -> tuple:
+    """A hashable key that changes whenever the settings' values change or cached decisions are forgotten
+    (:func:`clear`); callers key their shortcuts of resolved choices on it. Settings restored to earlier
+    values (leaving :func:`options`, entering it again with the same values) give the earlier key, so
+    shortcuts made under them apply again."""
+    return (_GENERATION[0], _SETTINGS_KEY[0])
 
 
 def decisions() -> List[Decision]:

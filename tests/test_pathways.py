@@ -396,6 +396,36 @@ def test_shortcut_of_transposed_and_asymmetric_layers(fresh_decisions, seed, pad
             assert torch.allclose(F.weight_vjp(x, v, (2, 3), padding="same"), gw)
 
 
+def test_generation_follows_the_settings_values(fresh_decisions, monkeypatch, seed):
+    """Settings restored or re-entered with the same values give the same generation (the engine enters
+    options(memory_budget=...) every step: its shortcuts must survive); a new value or a clear changes it.
+    A shortcut made in one options block is taken in the next with the same values."""
+    from curvlib import native
+
+    start = pathways.generation()
+    with pathways.options(memory_budget=10**6):
+        inside = pathways.generation()
+    assert pathways.generation() == start and inside != start
+    with pathways.options(memory_budget=10**6):
+        assert pathways.generation() == inside
+    with pathways.options(memory_budget=2 * 10**6):
+        assert pathways.generation() not in (start, inside)
+    pathways.clear()
+    assert pathways.generation() != start
+    checks = []
+    original = native.supports
+    monkeypatch.setattr(native, "supports", lambda *a, **k: checks.append(a[0]) or original(*a, **k))
+    monkeypatch.setattr(F, "_SHORTCUTS", {})
+    torch.manual_seed(seed)
+    for _ in range(2):
+        with pathways.options(memory_budget=10**9):
+            x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+            patches = tf.unfold(x, 3, padding=1)
+            expected = torch.einsum("ndl,nel->de", patches, patches) / 3
+            assert torch.allclose(F.kfc(x, 3, padding=1)[0], expected, rtol=1e-10, atol=1e-12)
+    assert len(checks) == 1, "the second block did not take the shortcut of the first"
+
+
 def _ggn_diag_by_loops(x, s, weight_shape, per_sample, **hyper):
     """Σ_c (Σ_n) of squared per-(column, sample) weight gradients (torch.nn.grad), with the bias's diagonal."""
     weight, bias = [], []
