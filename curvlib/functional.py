@@ -247,15 +247,19 @@ def _shortcut(op: str, tensors, *arguments):
     return key, (None if key is None else _SHORTCUTS.get(key))
 
 
-def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
+def _remember_shortcut(key, pathway: str, config: tuple, run, prepare=None) -> None:
     """Store the function a call with shortcut ``key`` resolved to: ``run`` where that is the native
-    pathway, or ``run[choice]`` (a dict of functions of the tensors) for the pathway it took."""
+    pathway, or ``run[choice]`` (a dict of functions of the tensors) for the pathway it took; where
+    ``prepare`` (a dict of functions without arguments) has the choice, what its entry returns instead
+    (a function for repeated calls, which did its own checks and choices once)."""
     if key is None:
         return
     choice = pathway if pathway != "auto" else _pathways.cached_choice(config)
     if _pathways.settings().precision is not None and choice != "fused":
         return  # the shortcut would call cuBLAS/cuDNN without the precision (fused kernels take it as an argument)
     run = run.get(choice) if isinstance(run, dict) else (run if choice == "native" else None)
+    if run is not None and prepare and choice in prepare:
+        run = prepare[choice]() or run
     if run is None:
         return
     if len(_SHORTCUTS) > 4096:
@@ -263,10 +267,10 @@ def _remember_shortcut(key, pathway: str, config: tuple, run) -> None:
     _SHORTCUTS[key] = run
 
 
-def _layouts(*tensors) -> tuple:
-    """Whether each tensor is contiguous (part of a shortcut key where the automatic choice depends on it,
-    as :func:`_config_key` does); ``None`` for what is not a tensor (validation reports it)."""
-    return tuple(t.is_contiguous() if isinstance(t, Tensor) else None for t in tensors)
+def _strides(*tensors) -> tuple:
+    """Each tensor's strides (part of a shortcut key where what the call runs depends on the layout beyond
+    contiguity: a prepared fused kernel reads its operands as laid out at its first call)."""
+    return tuple(t.stride() if isinstance(t, Tensor) else None for t in tensors)
 
 
 def _fp32_key(x: Tensor):
@@ -883,6 +887,7 @@ def ggn_diag(
     output_padding=0,
     simplify: bool = True,
     pathway: str = "auto",
+    dtype: Optional[torch.dtype] = None,
 ):
     """Diagonal of the weight's GGN, weight-shaped ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``).
 
@@ -892,6 +897,9 @@ def ggn_diag(
         bias: also the diagonal of the bias's GGN, ``Σ_{c[,n]} (Σ_o s[c, n, :, o])²`` (``[C_out]``, ``[N,
             C_out]`` if ``per_sample``): returns the pair ``(weight diagonal, bias diagonal)``. The fused
             kernel computes it in the same pass over ``s`` (a row of ones among the unfolded input's).
+        dtype: the result's dtype (default ``x.dtype``). ``torch.float32`` for bfloat16 or float16
+            operands keeps the fused kernel's float32 sums as they are (other pathways convert their
+            result).
 
     >>> x, s = torch.randn(2, 3, 8, 8), torch.randn(4, 2, 5, 8, 8)
     >>> weight, bias = ggn_diag(x, s, 3, padding=1, bias=True)
@@ -900,9 +908,11 @@ def ggn_diag(
     """
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
     shortcut, run = _shortcut(
         "ggn_diag", (x, s), kernel_size, stride, padding, dilation, groups, per_sample, bias, transposed,
-        output_padding, simplify, pathway, _fp32_key(x), _layouts(x, s),
+        output_padding, simplify, pathway, dtype, _fp32_key(x), _strides(x, s),
     )
     if run is not None:
         return run(x, s)
@@ -927,17 +937,27 @@ def ggn_diag(
             return result.reshape(*lead, *shape)
         return result[..., :numel].reshape(*lead, *shape), result[..., numel:]
 
+    def converted(result):
+        """A pathway's result (weight diagonal, or the pair with the bias's) in ``dtype``."""
+        if dtype is None:
+            return result
+        return tuple(t.to(dtype) for t in result) if isinstance(result, tuple) else result.to(dtype)
+
     def fused(x: Tensor, s: Tensor):
         # the pair as the kernel returns it (no joined copy: repeated calls take this through the shortcut)
-        return _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision(), bias=bias)
+        return _kernels().ggn_diag(x, s, geometry, per_sample=per_sample, precision=_kernel_precision(), bias=bias,
+                                   dtype=dtype)
 
     def joined(result) -> Tensor:
         return torch.cat([result[0].reshape(*lead, -1), result[1]], -1) if bias else result
 
     runs = {
-        "native": lambda x, s: split(with_bias(_native_module.ggn_diag(x, s, geometry, per_sample), s)),
+        "native": lambda x, s: converted(split(with_bias(_native_module.ggn_diag(x, s, geometry, per_sample), s))),
         "fused": fused,
     }
+    # repeated calls of the fused kernel skip its checks and its tile choice too
+    prepare = {"fused": lambda: _kernels().prepare_ggn_diag(x, s, geometry, per_sample=per_sample,
+                                                            precision=_kernel_precision(), bias=bias, dtype=dtype)}
     result = _dispatch(
         "ggn_diag", pathway, simplify, geometry, (x, s),
         network=lambda: _ggn.ggn_blocks(x, s, geometry, shape, per_sample=per_sample),
@@ -947,8 +967,9 @@ def ggn_diag(
         columns=s.shape[0],
         extend=(lambda weight: with_bias(weight, s)) if bias else None,
     )
-    _remember_shortcut(shortcut, pathway, _config_key("ggn_diag", geometry, (x, s), (per_sample, bias)), runs)
-    return split(result)
+    _remember_shortcut(shortcut, pathway, _config_key("ggn_diag", geometry, (x, s), (per_sample, bias)), runs,
+                       prepare)
+    return converted(split(result))
 
 
 def ggn_gram(

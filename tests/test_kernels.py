@@ -750,6 +750,42 @@ def test_ggn_diag_shortcut_under_a_precision_setting(seed, monkeypatch, bias):
 
 
 @cuda
+@pytest.mark.parametrize("layer", [CASES[0], CASES[6]], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per-sample"])
+def test_prepared_ggn_diag_runs_new_operands_without_checks(seed, monkeypatch, layer, per_sample):
+    """``kernels.prepare_ggn_diag``: the returned function computes the diagonal of fresh bfloat16 operands
+    (s channels last, as the engine's messages) without validating or choosing again, in float32 with
+    ``dtype=torch.float32`` (bfloat16 products are exact in float32: far below bfloat16's rounding, which
+    ``dtype=None`` shows), NaN-poisoned outputs, against float64."""
+    from curvlib.kernels import _host
+
+    geometry = geometry_of(layer)
+
+    def operands():
+        x, s, d = random_inputs(layer, torch.bfloat16, "cuda")
+        s = s.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, s.shape[:2])
+        return x, s, references(layer, x, s, d)
+
+    x, s, _ = operands()
+    with _host.poison_outputs():
+        run = kernels.prepare_ggn_diag(x, s, geometry, per_sample=per_sample, precision="bf16", bias=True,
+                                       dtype=torch.float32)
+        rounded = kernels.prepare_ggn_diag(x, s, geometry, per_sample=per_sample, precision="bf16", bias=True)
+        checks = []
+        monkeypatch.setattr(kernels, "supports", lambda *a, **k: checks.append(a) or True)
+        for _ in range(3):
+            x, s, ref = operands()
+            weight, bias = run(x, s)
+            assert weight.dtype == bias.dtype == torch.float32
+            assert relative_error(weight, ref[("ggn_diag", per_sample)]) < 1e-5
+            assert relative_error(bias, ref[("ggn_bias", per_sample)]) < 1e-5
+            weight16, _ = rounded(x, s)
+            assert weight16.dtype == torch.bfloat16
+            assert relative_error(weight16, ref[("ggn_diag", per_sample)]) > 1e-4  # the float32 result's gain
+    assert not checks, "a prepared call checked its arguments again"
+
+
+@cuda
 def test_kernels_on_gpu_table_e3_layer(seed):
     """One realistic layer (ResNet-18 layer2.0.conv1, batch 4) through the autotuned public functions."""
     layer = Layer("resnet18-layer2.0.conv1", (32, 32), (3, 3), stride=2, padding=1, c_in=64, c_out=128, batch=4,

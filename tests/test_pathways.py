@@ -467,6 +467,51 @@ def test_shortcut_of_repeated_ggn_diagonals(fresh_decisions, monkeypatch, seed, 
         F.ggn_diag(x, torch.randn(5, 3, 6, 9, 9, dtype=torch.float64), (3, 2), **hyper)
 
 
+def test_ggn_diag_result_dtype(fresh_decisions, monkeypatch, seed):
+    """``dtype=`` gives the result (weight and bias) in that dtype on the first call and on the shortcut of
+    repeated calls, with the values of the computation in the operands' dtype; calls without it keep
+    their own shortcut; a dtype that is not one raises a TypeError naming the argument."""
+    monkeypatch.setattr(F, "_SHORTCUTS", {})
+    torch.manual_seed(seed)
+    hyper = dict(stride=2, padding=1)
+    for _ in range(2):
+        x, s = torch.randn(3, 4, 7, 6), torch.randn(5, 3, 6, 4, 4)
+        weight, bias = _ggn_diag_by_loops(x.double(), s.double(), (6, 4, 3, 2), False, **hyper)
+        got_weight, got_bias = F.ggn_diag(x, s, (3, 2), bias=True, dtype=torch.float64, **hyper)
+        assert got_weight.dtype == got_bias.dtype == torch.float64
+        torch.testing.assert_close(got_weight, weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_bias, bias, rtol=1e-5, atol=1e-6)
+        plain = F.ggn_diag(x, s, (3, 2), **hyper)
+        assert plain.dtype == torch.float32
+        torch.testing.assert_close(plain, got_weight.float())
+    assert len([key for key in F._SHORTCUTS if key[0] == "ggn_diag"]) == 2
+    with pytest.raises(TypeError, match="dtype"):
+        F.ggn_diag(x, s, (3, 2), dtype="float64", **hyper)
+
+
+def test_prepared_ggn_diag_falls_back_without_kernels(seed):
+    """``kernels.prepare_ggn_diag`` on the CPU: the fallback (tensor network) as a function of new
+    operands, with the bias's diagonal and the result dtype, against torch.nn.grad loops in float64; bad
+    arguments are rejected when preparing."""
+    from curvlib import kernels
+
+    torch.manual_seed(seed)
+    geometry = make_geometry(4, 6, (7, 6), (3, 2), stride=2, padding=1)
+    run = kernels.prepare_ggn_diag(torch.randn(3, 4, 7, 6), torch.randn(5, 3, 6, 4, 4), geometry, bias=True,
+                                   per_sample=True, dtype=torch.float64)
+    for _ in range(2):
+        x, s = torch.randn(3, 4, 7, 6), torch.randn(5, 3, 6, 4, 4)
+        weight, bias = _ggn_diag_by_loops(x.double(), s.double(), (6, 4, 3, 2), True, stride=2, padding=1)
+        got_weight, got_bias = run(x, s)
+        assert got_weight.dtype == got_bias.dtype == torch.float64
+        torch.testing.assert_close(got_weight, weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_bias, bias, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="s"):
+        kernels.prepare_ggn_diag(x, torch.randn(5, 3, 6, 5, 4), geometry)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.prepare_ggn_diag(x, s, geometry, dtype=64)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, None])
 def test_native_ggn_chunks_give_identical_results(seed, chunk_bytes):
     """Chunks of single channels, of several channels and whole groups (and the budget-derived default)."""

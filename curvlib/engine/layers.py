@@ -229,10 +229,12 @@ class LayerCall:
         result = {}
         if "weight" in self.parameters and "bias" in self.parameters and not self.hyper["transposed"]:
             # both from one pass over the messages (the fused kernel sums them with the weight's products)
+            # in the output's dtype: the fused kernel's float32 sums of bfloat16 messages stay unrounded
             x, message = self.conv_input_as(s.dtype), self.conv_message(s)
-            weight, bias = F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, bias=True, **self._kwargs())
-            result["weight"] = self._to_weight(weight.to(self.y.dtype), 1 if per_sample else 0)
-            result["bias"] = bias.to(self.y.dtype)
+            weight, bias = F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, bias=True,
+                                      dtype=self.y.dtype, **self._kwargs())
+            result["weight"] = self._to_weight(weight, 1 if per_sample else 0)
+            result["bias"] = bias
             return result
         if "weight" in self.parameters:
             diag = self._chunked_weight_diag(s, per_sample).to(self.y.dtype)
@@ -256,7 +258,8 @@ class LayerCall:
             # or the fused kernel on GPUs; its per-(column, sample) gradients stay in bounded chunks.
             # Messages carried in bfloat16 meet the input in bfloat16 (products accumulate in float32)
             x, message = self.conv_input_as(s.dtype), self.conv_message(s)
-            return F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, **self._kwargs())
+            return F.ggn_diag(x, message, self.kernel_size, per_sample=per_sample, dtype=self.y.dtype,
+                              **self._kwargs())
         x, message = self.conv_input(), self.conv_message(self.in_output_dtype(s))
         weight_numel = self.module.weight.numel()
         chunk = max(1, int(GGN_CHUNK_BYTES // max(1, x.shape[0] * weight_numel * x.element_size())))
@@ -592,8 +595,9 @@ class ModuleCalls:
         return terms
 
     def finish_ggn_diag(self, terms: Dict[str, Tensor], per_sample: bool = False) -> Dict[str, Tensor]:
-        """The GGN diagonal from the summed :meth:`ggn_diag_terms`."""
-        result = dict(terms)
+        """The GGN diagonal from the summed :meth:`ggn_diag_terms` (contiguous: a single chunk's term may be
+        a view of the fused kernel's result, which holds the bias's diagonal next to the weight's)."""
+        result = {name: value.contiguous() for name, value in terms.items()}
         gram = result.pop(LOCATION_GRAM_KEY, None)
         if gram is not None:
             result["weight"] = self.calls[0].weight_diag_from_location_gram(gram, per_sample)

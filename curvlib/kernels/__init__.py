@@ -79,6 +79,7 @@ __all__ = [
     "kfc",
     "kfac_reduce",
     "ggn_diag",
+    "prepare_ggn_diag",
     "hesscale_weight_diag",
     "autotune",
 ]
@@ -262,7 +263,7 @@ def kfac_reduce(x: Tensor, geometry: ConvGeometry, *, precision: str = "ieee") -
 
 
 def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,
-             precision: str = "ieee", bias: bool = False):
+             precision: str = "ieee", bias: bool = False, dtype: torch.dtype = None):
     """Diagonal of the weight's GGN ``Σ_{c,n} J_{c,n}²`` with ``J_{c,n}`` the weight VJP of column ``c``
     of ``s`` for sample ``n`` — computed per tile in registers, never written out.
 
@@ -272,34 +273,71 @@ def ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool =
         geometry: the layer's :class:`~curvlib.hyperparams.ConvGeometry`.
         per_sample: keep the batch axis (``Σ_c`` only).
         bias: also the diagonal of the bias's GGN, ``Σ_{c,n} (Σ_o s[c, n, :, o])²``, from the same pass.
+        dtype: the result's dtype (default ``x.dtype``); ``torch.float32`` keeps the kernels' float32
+            sums of 16-bit operands unrounded.
 
     Returns:
-        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``x.dtype``, like
+        ``[C_out, C_in // G, *K]`` (``[N, …]`` if ``per_sample``) in ``dtype``, like
         :func:`curvlib.functional.ggn_diag`; with ``bias`` the pair ``(weight diagonal, bias diagonal
         [C_out] or [N, C_out])``. Extra memory: a float32 copy of the result and, when the
         unfolded-chunk kernel is faster for this shape, a sample chunk of the unfolded input (at most
         64 MiB or one sample's patches; a third of ``pathways.configure(memory_budget=...)`` if that is
         smaller): independent of ``C`` and ``N``.
     """
+    return prepare_ggn_diag(x, s, geometry, per_sample=per_sample, precision=precision, bias=bias,
+                            dtype=dtype)(x, s)
+
+
+def prepare_ggn_diag(x: Tensor, s: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,
+                     precision: str = "ieee", bias: bool = False, dtype: torch.dtype = None):
+    """:func:`ggn_diag` for repeated calls: ``run = prepare_ggn_diag(x, s, ...)`` validates the arguments,
+    decides between the kernel and the fallback and chooses the kernel's tile (timing it on ``x`` and
+    ``s`` the first time a shape is seen); ``run(x2, s2)`` then computes the diagonal of operands with
+    the shapes, strides, dtypes and device of ``x`` and ``s`` without doing any of that again (the
+    engine calls it for every chunk of columns; on small layers the checks cost more host time than the
+    kernels take on the device). Operands of another kind need their own ``prepare_ggn_diag``.
+
+    >>> from curvlib.hyperparams import make_geometry
+    >>> geometry = make_geometry(3, 5, (8, 8), kernel_size=3, padding=1)
+    >>> run = prepare_ggn_diag(torch.randn(2, 3, 8, 8), torch.randn(4, 2, 5, 8, 8), geometry)
+    >>> run(torch.randn(2, 3, 8, 8), torch.randn(4, 2, 5, 8, 8)).shape
+    torch.Size([5, 3, 3, 3])
+    """
     precision = _check_precision(precision)
     per_sample = _check_per_sample(per_sample)
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
     _check_input(x, geometry)
     _check_output_side(s, "s", x, geometry, columns=True)
     lead = (x.shape[0],) if per_sample else ()
     shape = (*lead, *geometry.weight_shape)
+
+    def result(weight: Tensor, bias_diag: Tensor = None):
+        weight = weight if dtype is None else weight.to(dtype)
+        return weight if bias_diag is None else (weight, bias_diag if dtype is None else bias_diag.to(dtype))
+
     if not supports("ggn_diag", x, geometry, s=s, per_sample=per_sample, precision=precision):
-        network = _ggn_expr.ggn_blocks(x, s, geometry, geometry.weight_shape, per_sample=per_sample)
-        weight = _tn(network).reshape(shape)
+        def fallback(x: Tensor, s: Tensor):
+            network = _ggn_expr.ggn_blocks(x, s, geometry, geometry.weight_shape, per_sample=per_sample)
+            weight = _tn(network).reshape(shape)
+            if not bias:
+                return result(weight)
+            sums = s.flatten(3).sum(3)  # [C, N, C_out]
+            return result(weight, sums.square().sum(0) if per_sample else sums.square().sum((0, 1)))
+        return fallback
+    inner = _module("weight_diag").prepare_ggn_diag(x, s, kernel_geometry(geometry), per_sample, precision,
+                                                    bias=bias, dtype=dtype)
+    out_channels = geometry.out_channels
+
+    def fused(x: Tensor, s: Tensor):
+        out = inner(x, s)
         if not bias:
-            return weight
-        sums = s.flatten(3).sum(3)  # [C, N, C_out]
-        return weight, (sums.square().sum(0) if per_sample else sums.square().sum((0, 1)))
-    result = _module("weight_diag").ggn_diag(x, s, kernel_geometry(geometry), per_sample, precision, bias=bias)
-    if not bias:
-        return result.reshape(shape)
-    return result[..., :-1].reshape(shape), result[..., -1].reshape(*lead, geometry.out_channels)
+            return out.reshape(shape)
+        return out[..., :-1].reshape(shape), out[..., -1].reshape(*lead, out_channels)
+
+    return fused
 
 
 def hesscale_weight_diag(x: Tensor, d: Tensor, geometry: ConvGeometry, *, per_sample: bool = False,

@@ -251,74 +251,91 @@ def _weight_strides(geometry: KernelGeometry):
 
 def ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
              config: GGNConfig = None, split: int = None, chunk_bytes: float = None,
-             bias: bool = False) -> torch.Tensor:
-    """GGN diagonal ``[[N,] C_out, D]`` in ``x.dtype`` (see the module docstring); with ``bias``
-    ``[[N,] C_out, D + 1]``, the bias's diagonal last (the unfolded kernel computes it with the weight's,
-    the gathered one from the columns' sums over locations).
+             bias: bool = False, dtype: torch.dtype = None) -> torch.Tensor:
+    """GGN diagonal ``[[N,] C_out, D]`` in ``dtype`` (default ``x.dtype``; see the module docstring); with
+    ``bias`` ``[[N,] C_out, D + 1]``, the bias's diagonal last (the unfolded kernel computes it with the
+    weight's, the gathered one from the columns' sums over locations).
 
     ``config`` (a :class:`GGNConfig` or a :class:`.ggn_unfolded.UnfoldedGGNConfig`) and ``split`` force
     the kernel, its tile and the batch split, ``chunk_bytes`` the unfolded kernel's chunk (tests);
     else chosen per shape.
     """
+    return prepare_ggn_diag(x, s, geometry, per_sample, precision, config, split, chunk_bytes, bias, dtype)(x, s)
+
+
+def prepare_ggn_diag(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
+                     config: GGNConfig = None, split: int = None, chunk_bytes: float = None,
+                     bias: bool = False, dtype: torch.dtype = None):
+    """:func:`ggn_diag` as a function ``run(x, s)`` of operands with the shapes, strides, dtypes and
+    device of these: the kernel and its tile are chosen here (timed on ``x`` and ``s`` on the first call
+    for this shape), so repeated calls (every chunk of columns of every step) skip the choice."""
     x = x.contiguous()
     columns, batch = s.shape[0], s.shape[1]
-    G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
-    weight_numel = geometry.out_channels * D
+    D = geometry.rows
     # s stored channels last (a channels-last column backpropagation) is read as it is by the unfolded
     # kernel; the gathered kernel reads s [C, N, C_out, O] with the locations contiguous
     channels_last = ggn_unfolded.channels_last_view(s) is not None
-    dense = []
 
-    def launch(cfg, split=split):
-        if isinstance(cfg, ggn_unfolded.UnfoldedGGNConfig):
-            return ggn_unfolded.ggn_diag(x, s, geometry, per_sample, precision, cfg, chunk_bytes, split, bias)
-        out = launch_gathered(cfg, split)
-        if not bias:
-            return out
-        sums = s.flatten(3).sum(3, dtype=torch.float32)  # [C, N, C_out]: the bias's gradients
-        squares = sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1))[None]
-        return torch.cat([out.view(out.shape[0], geometry.out_channels, D), squares[..., None]], -1).flatten(1)
-
-    def launch_gathered(cfg, split):
-        if not dense:
-            dense.append(s.contiguous())
-        s_dense = dense[0]
-        s_strides = (s_dense.stride(0), s_dense.stride(1), OT)
-        d_tiles, co_tiles = cdiv(D, cfg.block_d), cdiv(COG, cfg.block_co)
-        if per_sample:
-            slices, atomic = batch, False
-        else:
-            slices = split or split_count(d_tiles * co_tiles * G, batch, x.device, min_work=1, waves=4)
-            atomic = slices > 1
-        n_per_split = cdiv(batch, slices)
-        slices = cdiv(batch, n_per_split)
-        out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
-        _launch_ggn(
-            (d_tiles * co_tiles, G, slices),
-            x, s_dense, out,
-            columns, batch, COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, n_per_split, d_tiles,
-            weight_numel if per_sample else 0,
-            *s_strides, *_weight_strides(geometry), *geometry.spatial_args(),
-            int(atomic),
-            CHECK=geometry.check, SINGLE_O=OT <= cfg.block_o, BLOCK_C=cfg.block_c, BLOCK_CO=cfg.block_co,
-            BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_o, PRECISION=precision, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        return out
+    def launch(cfg, x=x, s=s):
+        return _launch_ggn_config(x, s, geometry, per_sample, precision, cfg, split, chunk_bytes, bias)
 
     if config is None:
         key = (columns, batch, geometry, per_sample, x.dtype, precision, x.device.type, channels_last, bias)
         # TMA tiles: S with its locations in 16-byte rows, or channels-last S of 16-bit entries
         tma = ggn_unfolded.tma_supported(x.device) and (
-            s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(OT, s.element_size()))
+            s.element_size() == 2 if channels_last else ggn_unfolded.tma_shape_ok(geometry.output_numel,
+                                                                                  s.element_size()))
         # both operands' tiles 16-bit (the unfolded input is rounded to bf16 under "bf16"; s as it comes)
         sixteen_bit = s.element_size() == 2 and (precision == "bf16" or x.element_size() == 2)
-        options = lambda: ggn_candidates(columns, COG, D, OT, unit_class(precision, x.dtype), tma,  # noqa: E731
-                                         sixteen_bit)
+        options = lambda: ggn_candidates(columns, geometry.out_channels_per_group, D, geometry.output_numel,  # noqa: E731
+                                         unit_class(precision, x.dtype), tma, sixteen_bit)
         config = _GGN_CACHE.choose(key, options, launch, x.device)
-    out = launch(config)
-    out = out.view(out.shape[0], geometry.out_channels, D + 1) if bias else out
-    return finish(out if per_sample else out[0], x.dtype)
+    result_dtype = x.dtype if dtype is None else dtype
+    out_channels = geometry.out_channels
+
+    def run(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        out = launch(config, x.contiguous(), s)
+        out = out.view(out.shape[0], out_channels, D + 1) if bias else out
+        return finish(out if per_sample else out[0], result_dtype)
+
+    return run
+
+
+def _launch_ggn_config(x: torch.Tensor, s: torch.Tensor, geometry: KernelGeometry, per_sample: bool, precision: str,
+                       config, split, chunk_bytes, bias: bool) -> torch.Tensor:
+    """The float32 ``[N or 1, C_out·D]`` result (``C_out·(D + 1)`` with ``bias``) of one kernel and tile."""
+    if isinstance(config, ggn_unfolded.UnfoldedGGNConfig):
+        return ggn_unfolded.ggn_diag(x, s, geometry, per_sample, precision, config, chunk_bytes, split, bias)
+    columns, batch = s.shape[0], s.shape[1]
+    G, COG, D, OT = geometry.groups, geometry.out_channels_per_group, geometry.rows, geometry.output_numel
+    weight_numel = geometry.out_channels * D
+    s_dense = s.contiguous()
+    s_strides = (s_dense.stride(0), s_dense.stride(1), OT)
+    d_tiles, co_tiles = cdiv(D, config.block_d), cdiv(COG, config.block_co)
+    if per_sample:
+        slices, atomic = batch, False
+    else:
+        slices = split or split_count(d_tiles * co_tiles * G, batch, x.device, min_work=1, waves=4)
+        atomic = slices > 1
+    n_per_split = cdiv(batch, slices)
+    slices = cdiv(batch, n_per_split)
+    out = new_output((batch if per_sample else 1, weight_numel), x.device, zero=atomic)
+    _launch_ggn(
+        (d_tiles * co_tiles, G, slices),
+        x, s_dense, out,
+        columns, batch, COG, geometry.channels_per_group, D, geometry.kernel_numel, OT, n_per_split, d_tiles,
+        weight_numel if per_sample else 0,
+        *s_strides, *_weight_strides(geometry), *geometry.spatial_args(),
+        int(atomic),
+        CHECK=geometry.check, SINGLE_O=OT <= config.block_o, BLOCK_C=config.block_c, BLOCK_CO=config.block_co,
+        BLOCK_D=config.block_d, BLOCK_O=config.block_o, PRECISION=precision, num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if not bias:
+        return out
+    sums = s.flatten(3).sum(3, dtype=torch.float32)  # [C, N, C_out]: the bias's gradients
+    squares = sums.square_().sum(0) if per_sample else sums.square_().sum((0, 1))[None]
+    return torch.cat([out.view(out.shape[0], geometry.out_channels, D), squares[..., None]], -1).flatten(1)
 
 
 def hesscale_candidates(out_per_group: int, rows: int, unit: str):
