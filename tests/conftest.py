@@ -66,6 +66,18 @@ def _float32_flags_restored():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_engine_plans():
+    """No plans of the engine's column passes from an earlier test (:mod:`curvlib.engine.plan_cache`):
+    tests that replace batched rules or observe planning must see their own. Reuse across steps is
+    tested within a test (``test_engine.py``)."""
+    from curvlib.engine import plan_cache
+
+    plan_cache.clear()
+    yield
+    plan_cache.clear()
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed for this test (base seed mixed with the node id); torch's generator is seeded with it."""

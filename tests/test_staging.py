@@ -353,3 +353,76 @@ def test_engine_releases_each_stage_source_after_its_node(monkeypatch):
         ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), memory_budget=100_000)
     assert ctx.last_stages is not None and len(ctx.last_stages) > 2 and ctx.last_column_backward == "graph"
     assert len(released) >= len(ctx.last_stages) - 1 and all(released), released
+
+
+class Switchable(nn.Module):
+    """Conv → activation → strided Conv → activation → Linear, the activation chosen per step: graphs of
+    different structure with the same layer calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, stride=2)
+        self.head = nn.Linear(27, 4)
+        self.act = torch.tanh
+
+    def forward(self, x):
+        return self.head(self.act(self.c2(self.act(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("net", ["chain", "residual", "switchable"])
+def test_plans_carry_over_to_steps_of_the_same_structure(monkeypatch, net):
+    """A later step whose graph has the same structure takes the stages, the chunk size and the graph walks
+    from the plan cache (no new planning), with new data and parameters: GGN diagonals against the
+    dense-Jacobian reference; a step of another structure (a different activation node, another batch
+    size) plans anew and is right too."""
+    from curvlib.engine import context, graph_vjp, plan_cache
+
+    plans, builds = [], []
+    stages = context.curvature._stages
+    monkeypatch.setattr(context.curvature, "_stages", lambda self, *a: plans.append(1) or stages(self, *a))
+    build = graph_vjp.GraphVJP.build.__func__
+    monkeypatch.setattr(graph_vjp.GraphVJP, "build", classmethod(lambda cls, *a, **k: builds.append(1) or build(cls, *a, **k)))
+    factory, shape = NETS[net] if net in NETS else (Switchable, (5, 2, 7, 7))
+    model = factory().to(DT)
+    loss_fn, _ = make_loss("ce", (shape[0], 4))
+
+    def step(batch=shape[0]):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        X = torch.randn(batch, *shape[1:], dtype=DT)
+        _, y = make_loss("ce", (batch, 4))
+        _fresh(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ctx = run_engine(model, loss_fn, X, y, DiagGGNExact(), BatchDiagGGNExact(), memory_budget=budget)
+        ref = GGNReference(copy.deepcopy(model), loss_fn, X, y)
+        for name, p in model.named_parameters():
+            assert_close(p.diag_ggn_exact, ref.diag(name), rtol=1e-10, name=name)
+            assert_close(p.diag_ggn_exact_batch, ref.diag_batch(name), rtol=1e-10, name=name)
+        return ctx
+
+    budget = 20_000
+    while budget < 10**6:  # the smallest budget (×1.15) at which the graph walk runs in stages
+        budget = int(budget * 1.15)
+        ctx = step()
+        if ctx.last_stages is not None and ctx.last_column_backward == "graph":
+            break
+    plan_cache.clear()
+    plans.clear()
+    builds.clear()
+    first = step()
+    assert first.last_stages is not None and len(first.last_stages) > 1
+    planned, built = len(plans), len(builds)
+    assert planned == 1 and built == len(first.last_stages)
+    again = step()
+    assert (len(plans), len(builds)) == (planned, built), "a step of the same structure planned anew"
+    assert [(s.calls, s.gate_calls) for s in again.last_stages] == [(s.calls, s.gate_calls) for s in first.last_stages]
+    assert again.last_chunk_size == first.last_chunk_size
+    if net == "switchable":
+        model.act = torch.sigmoid  # same layers, another node type between them
+        other = step()
+    else:
+        other = step(batch=shape[0] + 1)  # other shapes: another key
+    assert len(plans) == planned + 1
+    assert len(builds) > built or other.last_column_backward == "autograd"

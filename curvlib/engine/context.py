@@ -48,7 +48,9 @@ from .extension import Extension, owned
 from .graph_vjp import GraphVJP
 from .layers import LayerCall, ModuleCalls, batched_vjp, check_module, direct_parameters, recording_suspended
 from .losses import LossCall, check_loss_module
+from . import plan_cache as _plan_cache
 from .padding import CONSTANT_PAD_TYPES, pad_with_view_backward
+from .skeleton import GraphSkeleton
 from .side_stream import SideWork
 from .staging import Stage, backpropagate, merge_stages, plan_stages, stage_numels, taken
 
@@ -174,6 +176,7 @@ class curvature:
         self.last_message_dtype: Optional[torch.dtype] = None  # dtype of the last chunk's messages
         self._pass_options = self.backward_options  # those of the column pass running now (_options_for)
         self._plans: dict = {}
+        self._skeleton: Optional[GraphSkeleton] = None  # the structure of the graph of the running column passes
         self._plan_cache: dict = {}
         self.overlap = overlap
         self._side: Optional[SideWork] = None
@@ -248,13 +251,15 @@ class curvature:
         output, target = inputs[0], inputs[1]
         # only the calls this loss depends on (a forward pass whose output never reached a loss, e.g.
         # a monitoring pass with gradients enabled, must not count as a second call of each layer)
-        graph = _graph_nodes(output) if isinstance(output, Tensor) else set()
+        skeleton = GraphSkeleton(output) if isinstance(output, Tensor) else None
+        graph = {} if skeleton is None else skeleton.index
         calls = [call for call in self._calls if call.node in graph]
         if not calls:
             # the loss module also serves something else (another model): not this context's loss;
             # the recorded calls stay for the loss that does depend on them
             return None
         loss_call = LossCall(loss_fn, output, target)  # without the loss itself: no cycle through its hook
+        loss_call.skeleton = skeleton  # the graph's structure: plans carry over between steps (plan_cache)
         self._calls = []
         self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
         self._tensor_handles.append(loss.register_hook(lambda grad: self._on_backward(loss_call, calls)))
@@ -325,6 +330,7 @@ class curvature:
         groups = self._groups(calls, coupled)
         self._active = (loss_call, groups)
         self._grad_output_seen = {}
+        self._skeleton = getattr(loss_call, "skeleton", None)
         self._start_input_factors(loss_call, groups)
         column_extensions: "OrderedDict[object, List[Extension]]" = OrderedDict()
         for ext in self.extensions:
@@ -337,6 +343,7 @@ class curvature:
         finally:  # the plans hold the graph's nodes and what the rules derived from them
             self._plans.clear()
             self._plan_cache.clear()
+            self._skeleton = None
         for ext in self.extensions:
             if ext.message is None:
                 self._finish(ext, groups, [None] * 0)
@@ -399,6 +406,41 @@ class curvature:
         own = _pathways.settings().memory_budget
         return room if own is None else min(own, room)
 
+    def _setup(self, loss_call: LossCall, groups, num_columns: int, coupled: bool, whole: bool, grams: bool):
+        """``(chunk, stages, room)`` of the column passes: columns per chunk, stages (:meth:`_stages`) and
+        the pathways' memory budget for the layer quantities (:meth:`_layer_room`; ``None``: their own
+        settings). Stored per graph structure and configuration (:mod:`.plan_cache`): a later step of
+        the same structure takes them from there."""
+        key = self._setup_key(groups, num_columns, coupled, whole, grams)
+        stored = None if key is None else _plan_cache.SETUPS.get(key)
+        if stored is not None:
+            chunk, stages, room = stored
+            return chunk, _plan_cache.rebound_stages(stages, self._skeleton), room
+        chunk, stages = self._stages(loss_call, groups, num_columns, coupled, whole, grams)
+        chunk = balanced_chunk(chunk, num_columns)
+        room = None if self.memory_budget is None else self._layer_room(
+            self._chunk_memory(groups, coupled, grams, stages), chunk)
+        positional = None if key is None else _plan_cache.positional_stages(stages, self._skeleton)
+        if positional is not False and key is not None:
+            _plan_cache.SETUPS.put(key, (chunk, positional, room))
+        return chunk, stages, room
+
+    def _setup_key(self, groups, num_columns: int, coupled: bool, whole: bool, grams: bool) -> Optional[tuple]:
+        """What :meth:`_setup`'s results depend on (``None`` where the graph's structure is unknown): the
+        graph's structure, the recorded calls (positions, shapes, hyper-parameters) grouped by module, the
+        columns, the engine's options and budget and the pathways' settings."""
+        skeleton = self._skeleton
+        if skeleton is None or skeleton.key is None:
+            return None
+        calls = []
+        for group in groups:
+            positions = _plan_cache.edge_positions(skeleton, [call.edge for call in group.calls])
+            if positions is None:
+                return None
+            calls.append(tuple(zip(positions, (call.signature() for call in group.calls))))
+        return (skeleton.key, tuple(calls), num_columns, coupled, whole, grams, self._pass_options, self._fused_rows,
+                self.memory_budget, self.column_backward, _pathways.generation())
+
     def _stages(self, loss_call: LossCall, groups, num_columns: int, coupled: bool, whole: bool, grams: bool):
         """``(chunk, stages)``: one backward pass per chunk (``stages=None``) where the columns fit
         ``memory_budget`` that way, else stages from gate to gate (:mod:`curvlib.engine.staging`)
@@ -438,6 +480,9 @@ class curvature:
                 return grads
             except UnsupportedNode as error:  # found while running (e.g. batch norm in training mode)
                 self._plans[self._plan_key(output, inputs)] = error
+                key = self._walk_key(output, inputs)
+                if key is not None:  # later steps of this structure: autograd right away
+                    _plan_cache.WALKS.put(key, _plan_cache.NO_WALK)
                 if self.column_backward == "graph":
                     raise ValueError(f"column_backward='graph': {error}") from None
         vectors = taken(vectors)
@@ -476,13 +521,38 @@ class curvature:
             return None
         key = self._plan_key(output, inputs)
         if key not in self._plans:
-            self._plans[key] = GraphVJP.build(output, inputs, self._pass_options, cache=self._plan_cache)
+            self._plans[key] = self._walk(output, inputs)
             if self._plans[key] is None and self.column_backward == "graph":
                 raise ValueError("column_backward='graph': the graph between the model output and the layers "
                                  "holds a node without a batched rule (curvlib.engine.batched_rules."
                                  "supported_node_names()) or the layer outputs are not gradient edges")
         plan = self._plans[key]
         return plan if isinstance(plan, GraphVJP) else None
+
+    def _walk_key(self, output, inputs) -> Optional[tuple]:
+        """The cross-step key of a stage's graph walk (:mod:`.plan_cache`), ``None`` without one."""
+        skeleton = self._skeleton
+        if skeleton is None or skeleton.key is None:
+            return None
+        positions = _plan_cache.edge_positions(skeleton, [output, *inputs])
+        return None if positions is None else (skeleton.key, positions, self._pass_options)
+
+    def _walk(self, output, inputs) -> Optional[GraphVJP]:
+        """The graph walk from ``output`` to ``inputs``: rebound from the walk a step of the same structure
+        stored (:mod:`.plan_cache`), else built (and stored); ``None`` where autograd runs the stage."""
+        key = self._walk_key(output, inputs)
+        stored = None if key is None else _plan_cache.WALKS.get(key)
+        if stored is _plan_cache.NO_WALK:
+            if self.column_backward != "graph":
+                return None  # column_backward="graph" builds it again: the error it raises says why
+        elif stored is not None:
+            return GraphVJP.rebound(stored, self._skeleton, self._pass_options, self._plan_cache)
+        plan = GraphVJP.build(output, inputs, self._pass_options, cache=self._plan_cache)
+        if key is not None:
+            positional = _plan_cache.NO_WALK if plan is None else plan.positional(self._skeleton)
+            if positional is not None:
+                _plan_cache.WALKS.put(key, positional)
+        return plan
 
     def _backpropagate(self, loss_call: LossCall, groups, columns: Tensor, stages=None):
         """Yield ``(group, messages)`` for every group: the backpropagated columns at its calls' outputs,
@@ -509,12 +579,9 @@ class curvature:
         grams = any(ext.keeps_location_gram for ext in extensions)
         self._pass_options = self._options_for(extensions, columns.device)
         self._fused_rows = self._fused_layer_rows(extensions, columns.device, loss_call.output.shape[0])
-        chunk, stages = self._stages(loss_call, groups, columns.shape[0], coupled, whole, grams)
-        chunk = balanced_chunk(chunk, columns.shape[0])
+        chunk, stages, room = self._setup(loss_call, groups, columns.shape[0], coupled, whole, grams)
         self.last_chunk_size = chunk
         self.last_stages = stages
-        room = None if self.memory_budget is None else self._layer_room(
-            self._chunk_memory(groups, coupled, grams, stages), chunk)
         states = {ext: {group.module: {} for group in groups} for ext in extensions}
         self._autograd_passes = 0
 
@@ -683,15 +750,3 @@ def _unfolded_numel(call: LayerCall) -> int:
     out_channels = weight.shape[1] * call.groups if call.hyper["transposed"] else weight.shape[0]
     # G·D·(N·O) with D = weight.numel / C_out and N·O = y.numel / C_out
     return (weight.numel() // out_channels) * call.groups * (call.y.numel() // out_channels)
-
-
-def _graph_nodes(output: Tensor) -> set:
-    """The autograd nodes ``output`` depends on."""
-    nodes, stack = set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in nodes:
-            continue
-        nodes.add(node)
-        stack.extend(child for child, _ in node.next_functions)
-    return nodes

@@ -130,6 +130,42 @@ class GraphVJP:
         except AttributeError:  # a node without the input metadata the walk reads (an older torch)
             return None
 
+    def positional(self, skeleton) -> Optional[tuple]:
+        """This plan with its nodes replaced by their positions in ``skeleton``
+        (:class:`~curvlib.engine.skeleton.GraphSkeleton` of the graph it was built on), for
+        :meth:`rebound` to a graph of the same structure in a later step; ``None`` if a node is not in it."""
+        index = skeleton.index
+        try:
+            steps = tuple(
+                (index[node], outputs, tuple((number, tuple(indices)) for number, indices in watched), rule,
+                 None if need is None else tuple(need),
+                 tuple((slot, index[child], number, shape, dtype) for slot, child, number, shape, dtype in receivers))
+                for node, outputs, watched, rule, need, receivers in self.steps)
+            return (index[self.root[0]], self.root[1]), steps, self.num_edges
+        except KeyError:
+            return None
+
+    @classmethod
+    def rebound(cls, positional: tuple, skeleton, options: BackwardOptions, cache: Dict) -> "GraphVJP":
+        """The plan :meth:`positional` stored, on the nodes of ``skeleton`` (a graph of the same
+        structure: equal :attr:`~curvlib.engine.skeleton.GraphSkeleton.key`); ``options`` must be those
+        it was built with, ``cache`` is this graph's (what rules derive from its saved tensors)."""
+        nodes = skeleton.nodes
+        (root, number), steps, num_edges = positional
+        plan = cls.__new__(cls)
+        plan.root = (nodes[root], number)
+        plan.order = [nodes[step[0]] for step in steps]
+        plan.dependencies, plan.watched = {}, {}  # used while building only
+        plan.num_edges = num_edges
+        plan.options = options
+        plan.cache = cache
+        plan.steps = [
+            (nodes[at], outputs, list(watched), rule, None if need is None else list(need),
+             [(slot, nodes[child], child_number, shape, dtype) for slot, child, child_number, shape, dtype in receivers])
+            for at, outputs, watched, rule, need, receivers in steps]
+        plan._own_dtype = set()
+        return plan
+
     def run(self, vectors: Tensor, like: Sequence) -> List[Tensor]:
         """The gradients ``[J, *shape]`` at the edges for the vectors ``[J, *source shape]``. An edge the
         walk does not reach gets zeros of ``like[i]`` (a tensor or size); ``like[i] = None`` marks an edge

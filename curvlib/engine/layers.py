@@ -129,6 +129,14 @@ class LayerCall:
             self.kernel_size = (1,)
             self.groups = 1
 
+    def signature(self) -> tuple:
+        """What the engine's plans read of this call besides the graph's structure: kind, hyper-parameters,
+        the shapes and dtypes of input, output and parameters (equal for the same layer in later steps)."""
+        hyper = getattr(self, "hyper", None)
+        return (self.kind, type(self.module), tuple(self.x.shape), self.x.dtype, tuple(self.y.shape), self.y.dtype,
+                tuple((name, tuple(p.shape), p.dtype) for name, p in self.parameters.items()),
+                None if hyper is None else tuple((name, _hashable(value)) for name, value in hyper.items()))
+
     # ------------------------------------------------------------------------------------------
     # conv-shaped views of input, output messages and weights
 
@@ -442,6 +450,11 @@ def blocks_from_columns(columns: Tensor, blocks: Sequence[int]) -> Tensor:
     d = math.prod(size // b for size, b in zip(shape, blocks))
     tensor = tensor.reshape(*columns.shape[:2], *blocks, d)
     return torch.einsum("cn...i,cn...j->...ij", tensor, tensor)
+
+
+def _hashable(value):
+    """Lists (of hyper-parameters) as tuples."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _gradient_edge(y: Tensor):
