@@ -91,6 +91,15 @@ def seed(request) -> int:
 # comparisons
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error in float64; where the reference is exactly zero (all ReLUs off for the
+    drawn inputs, a mask that zeroes a whole box), 0 if ``actual`` is zero too, else infinite."""
+    diff, scale = (actual.double() - expected.double()).norm().item(), expected.double().norm().item()
+    if scale == 0:
+        return 0.0 if diff == 0 else float("inf")
+    return diff / scale
+
+
 def assert_close(actual, expected, *, rtol: float = 1e-10, atol: Optional[float] = None, name: str = "result",
                  allow_zero: bool = False, check_dtype: bool = True) -> None:
     """``actual ≈ expected`` elementwise with a message naming the quantity, worst error and location.

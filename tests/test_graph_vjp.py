@@ -271,3 +271,119 @@ def test_channels_last_data_gradients_on_cuda():
     out, outputs = forward_recording(layers, torch.randn(3, 3, 8, 8, device="cuda"))
     with fp32_precision("ieee", torch.device("cuda")):
         check(out, [outputs[i] for i in (1, 4, 7)], options=BackwardOptions(channels_last=True), tol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# chains: a convolution's data gradient, a padding's window and a ReLU's mask in one kernel
+
+
+def _chains(plan) -> list:
+    """The node type names of each chain the plan runs at once."""
+    return [tuple(type(node).__name__ for node in step[6][0]) for step in plan.steps if step[6] is not None]
+
+
+def _chain_net(kind: str, seed: int, device="cpu", dtype=DTYPE):
+    """``(output, watched tensors)`` of a small net whose last convolution (stride 2) follows a ReLU or
+    threshold, with a padding between them or not, or an obstacle to fusing them (``kind``); parameters
+    and input drawn from ``seed`` (in float64, then converted: equal seeds give the same net in any dtype)."""
+    torch.manual_seed(seed)
+    conv1 = nn.Conv2d(3, 16, 3, padding=1).to(DTYPE).to(device, dtype)
+    conv2 = nn.Conv2d(16, 16, 3, stride=2, padding=1 if kind in ("no-pad", "threshold", "two-consumers") else 0)
+    conv2 = conv2.to(DTYPE).to(device, dtype)
+    x = torch.randn(3, 3, 9, 9, dtype=DTYPE).to(device, dtype)
+    h = conv1(x)
+    a = F.threshold(h, 0.1, -2.0) if kind == "threshold" else torch.relu(h)
+    if kind == "module-pad":
+        padded = ConstantPadding.apply(a, (1, 0, 2, 1), 0.0)
+    elif kind == "pytorch-pad":
+        padded = F.pad(a, (1, 0, 2, 1))
+    elif kind == "negative-pad":
+        padded = F.pad(a, (1, -1, 2, 1))
+    elif kind == "channel-pad":
+        padded = F.pad(a, (1, 1, 1, 1, 0, 1))
+        conv2 = nn.Conv2d(17, 16, 3, stride=2).to(DTYPE).to(device, dtype)
+    else:
+        padded = a
+    out = conv2(padded)
+    if kind == "two-consumers":
+        out = out + a.mean((1, 2, 3), keepdim=True)
+    out = out.mean((2, 3))
+    watched = [h, a] if kind == "watched" else [h]
+    return out, watched
+
+
+CHAIN_KINDS = {
+    "module-pad": ("ConvolutionBackward0", "ConstantPaddingBackward", "ReluBackward0"),
+    "pytorch-pad": ("ConvolutionBackward0", "ConstantPadNdBackward0", "ReluBackward0"),
+    "no-pad": ("ConvolutionBackward0", "ReluBackward0"),
+    "threshold": ("ConvolutionBackward0", "ThresholdBackward0"),
+    "negative-pad": None,     # a negative pad crops: its backward is no window
+    "channel-pad": None,      # the padded axis is the channels'
+    "two-consumers": None,    # the ReLU's gradient also comes from elsewhere
+    "watched": None,          # the ReLU's output gradient is wanted itself
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHAIN_KINDS))
+def test_chains_are_found_where_each_node_is_the_only_consumer(kind, seed):
+    """The walk chains convolution, padding and ReLU only where nothing else needs the gradients in
+    between; on the CPU the chain's rule declines and the nodes' own rules give autograd's result,
+    also after the plan is stored by position and rebound to a new graph of the same structure."""
+    from curvlib.engine.skeleton import GraphSkeleton
+
+    out, watched = _chain_net(kind, seed)
+    plan = check(out, watched)
+    expected = CHAIN_KINDS[kind]
+    assert _chains(plan) == ([] if expected is None else [expected])
+    skeleton = GraphSkeleton(out)
+    stored = plan.positional(skeleton)
+    out2, watched2 = _chain_net(kind, seed + 1)  # a new draw of the same structure
+    skeleton2 = GraphSkeleton(out2)
+    assert skeleton2.key == skeleton.key
+    rebound = GraphVJP.rebound(stored, skeleton2, BackwardOptions(), {})
+    assert _chains(rebound) == _chains(plan)
+    vectors = torch.randn(3, *out2.shape, dtype=DTYPE)
+    for got, want in zip(rebound.run(vectors, [t.shape for t in watched2]), looped_vjp(out2, watched2, vectors)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused data gradient runs on CUDA only")
+
+
+@cuda
+@pytest.mark.parametrize("kind", [k for k, chain in sorted(CHAIN_KINDS.items()) if chain is not None])
+@pytest.mark.parametrize("choice", ["measured", "separately", "fused"])
+def test_chain_runs_data_gradient_window_and_mask_in_one_kernel(kind, choice, seed, monkeypatch):
+    """On CUDA the chain's rule gives autograd's gradient whichever way it runs: measured, cuDNN and
+    the mask kernel separately, or curvlib's kernel with the window and mask in its epilogue (whose
+    launch is checked); bfloat16 channels-last messages, as the engine carries them."""
+    from curvlib import kernels
+
+    if not kernels.available():
+        pytest.skip("needs Triton")
+    from curvlib.kernels import input_vjp
+
+    out, watched = _chain_net(kind, seed, "cuda", torch.float32)
+    vectors = torch.randn(4, *out.shape, dtype=DTYPE, device="cuda")
+    options = BackwardOptions(channels_last=True, message_dtype=torch.bfloat16)
+    plan = GraphVJP.build(out, [get_gradient_edge(t) for t in watched], options)
+    assert _chains(plan) == [CHAIN_KINDS[kind]]
+    input_vjp._CHOICES.clear()
+    launches = []
+    original = input_vjp.input_vjp
+    monkeypatch.setattr(input_vjp, "input_vjp", lambda *a, **k: launches.append(k.get("mask")) or original(*a, **k))
+    if choice != "measured":  # the adjoint, or the first block configuration of the kernel
+        monkeypatch.setattr(input_vjp._CHOICES, "choose", lambda key, candidates, run, device: (
+            input_vjp.ADJOINT if choice == "separately" else candidates()[1]))
+    got = plan.run(vectors.float(), [t.shape for t in watched])[0]
+    out64, watched64 = _chain_net(kind, seed, "cuda", DTYPE)
+    expected = looped_vjp(out64, watched64, vectors)[0]
+    error = ((got.double() - expected).norm() / expected.norm()).item()
+    assert error < 2e-2, error
+    masked = [mask for mask in launches if mask is not None]
+    if choice == "fused":
+        assert masked and all(mask.dtype == torch.bfloat16 for mask in masked)
+    elif choice == "separately":
+        assert not launches
+    else:
+        assert masked and len(input_vjp._CHOICES.timings) == 1  # measured: both ways tried

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from curvlib import kernels
 from curvlib.hyperparams import ConvGeometry, conv_output_size, make_geometry
 from curvlib.kernels._geometry import kernel_geometry, polyphase
+from conftest import relative_error
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -84,7 +85,10 @@ def test_positions_beyond_32_bits_are_refused_or_left_to_the_adjoint():
     assert input_vjp.fastest(g, torch.randn(1, 1, 2, 2), geometry, lambda: "adjoint") == "adjoint"
 
 
-def test_phases_list_exactly_the_taps_reaching_each_position():
+@pytest.mark.parametrize("windowed", [False, True], ids=["whole-input", "window"])
+def test_phases_list_exactly_the_taps_reaching_each_position(windowed):
+    """Every input position (every position of a random box, for the cropped epilogue) is in exactly
+    one phase, which lists exactly the kernel entries and output locations that reach it."""
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     checked = 0
     while checked < 200:
@@ -92,24 +96,27 @@ def test_phases_list_exactly_the_taps_reaching_each_position():
         if geometry is None:
             continue
         kg = kernel_geometry(geometry)
+        window = ((0, 1),) * (3 - geometry.num_dims) + random_window(geometry, rng) if windowed else None
+        box = window or tuple((0, size) for size in kg.input_size)
         seen = {}
-        for phase in polyphase(kg):
+        for phase in polyphase(kg, window):
             per_dim = []
             for j, (r, (positions, first, step, taps, delta, delta_step)) in enumerate(phase):
                 entries = {}
                 for a in range(positions):
-                    entries[r + kg.stride[j] * a] = {(first + m * step, a + delta - m * delta_step) for m in range(taps)}
+                    entries[box[j][0] + r + kg.stride[j] * a] = {
+                        (first + m * step, a + delta - m * delta_step) for m in range(taps)}
                 per_dim.append(entries)
             for position in itertools.product(*(sorted(e) for e in per_dim)):
-                assert position not in seen, (geometry, position)
+                assert position not in seen, (geometry, window, position)
                 seen[position] = [e[i] for e, i in zip(per_dim, position)]
-        assert sorted(seen) == sorted(itertools.product(*(range(i) for i in kg.input_size))), geometry
+        assert sorted(seen) == sorted(itertools.product(*(range(f, f + n) for f, n in box))), (geometry, window)
         for position, listed in seen.items():
             for j, i in enumerate(position):
                 expected = {(k, (i + kg.pad_left[j] - k * kg.dilation[j]) // kg.stride[j]) for k in range(kg.kernel_size[j])
                             if (i + kg.pad_left[j] - k * kg.dilation[j]) % kg.stride[j] == 0}
                 # the phase lists every reaching tap; output locations out of range are the kernel's to mask
-                assert listed[j] == expected, (geometry, position, j)
+                assert listed[j] == expected, (geometry, window, position, j)
         checked += 1
 
 
@@ -117,26 +124,57 @@ def test_phases_list_exactly_the_taps_reaching_each_position():
 # Triton interpreter
 
 
+def random_window(geometry, rng: random.Random) -> tuple:
+    """A random box ``(first, size)`` per spatial dim inside the input (sizes of at least one)."""
+    window = []
+    for size in geometry.input_size:
+        first = rng.randint(0, size - 1)
+        window.append((first, rng.randint(1, size - first)))
+    return tuple(window)
+
+
+def cropped_masked(expected, window, mask, threshold):
+    """The float64 gradient's box ``window`` (``(first, size)`` per spatial dim), zero where ``mask``
+    (``[N, ...]``, repeated over the ``M = J·N`` gradients) is ``<= threshold``: an explicit crop and
+    ``torch.where``, the way PyTorch's backward of a padding and a ReLU composes."""
+    for d, (first, size) in enumerate(window):
+        expected = expected.narrow(2 + d, first, size)
+    repeated = mask.double().repeat(expected.shape[0] // mask.shape[0], *([1] * (mask.dim() - 1)))
+    return torch.where(repeated <= threshold, torch.zeros_like(expected), expected)
+
+
 def _interpret_main() -> int:
     from test_kernels import _interpreter_usable
 
     from curvlib.kernels import input_vjp
 
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
     if not _interpreter_usable():
         return 3
     failures = []
     for case in sorted(CASES):
         geometry = geometry_of(case)
-        g = torch.randn(3, geometry.out_channels, *geometry.output_size)
+        g = torch.randn(6, geometry.out_channels, *geometry.output_size)
         weight = torch.randn(geometry.out_channels, geometry.in_channels // geometry.groups, *geometry.kernel_size)
         expected = reference(geometry, g, weight)
         got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry))
-        error = ((got.double() - expected).norm() / expected.norm()).item()
+        error = relative_error(got, expected)
         if not error < 1e-6:
             failures.append((case, error))
+        # the fused epilogue: a box of the input, masked by a [3, ...] activation repeated twice; the
+        # activation is on a grid of halves, so that entries equal to the threshold occur (a ReLU's zeros)
+        window = random_window(geometry, rng)
+        mask = torch.randn(3, geometry.in_channels, *(size for _, size in window)).mul(2).round().div(2)
+        threshold = rng.choice([-0.5, 0.0, 0.5])
+        wanted = cropped_masked(expected, window, mask, threshold)
+        got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry), window=window, mask=mask, threshold=threshold)
+        error = relative_error(got, wanted)
+        if not (error < 1e-6 and got.shape == wanted.shape):
+            failures.append((case, "window", window, error))
     for failure in failures:
-        print("FAILED", *failure)
+        print("FAILED seed", seed, *failure)
     print("interpreter check:", "failed" if failures else "passed")
     return 1 if failures else 0
 
@@ -167,30 +205,59 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case", sorted(CASES) + ["all-cnn-c-stride2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
-def test_kernel_matches_autograd(case, dtype, layout):
+@pytest.mark.parametrize("epilogue", ["plain", "window-and-mask"])
+def test_kernel_matches_autograd(case, dtype, layout, epilogue, seed):
     from curvlib.kernels import input_vjp
 
-    geometry = (make_geometry(96, 96, (33, 33), kernel_size=3, stride=2) if case == "all-cnn-c-stride2"
+    geometry = (make_geometry(96, 96, (34, 34), kernel_size=3, stride=2) if case == "all-cnn-c-stride2"
                 else geometry_of(case))
-    g = torch.randn(5, geometry.out_channels, *geometry.output_size, device="cuda").to(dtype)
+    g = torch.randn(6, geometry.out_channels, *geometry.output_size, device="cuda").to(dtype)
     weight = torch.randn(geometry.out_channels, geometry.in_channels // geometry.groups, *geometry.kernel_size,
                          device="cuda").to(dtype)
     if layout == "channels-last":
         g, weight = channels_last(g), channels_last(weight)
     expected = reference(geometry, g, weight)
+    fused = {}
+    if epilogue == "window-and-mask":  # [3, ...] activations of g's dtype, with ties at the threshold
+        window = (((1, 32),) * 2 if case == "all-cnn-c-stride2" else random_window(geometry, random.Random(seed)))
+        mask = torch.randn(3, geometry.in_channels, *(size for _, size in window), device="cuda")
+        mask = mask.mul(2).round().div(2).to(dtype)
+        fused = dict(window=window, mask=channels_last(mask) if layout == "channels-last" else mask, threshold=0.0)
+        expected = cropped_masked(expected, window, mask, 0.0)
     # a NaN-poisoned buffer with a gap between samples: every entry must be written, none outside
-    shape = (g.shape[0], geometry.in_channels, *geometry.input_size)
+    shape = tuple(expected.shape)
     buffer = torch.full((shape[0], math.prod(shape[1:]) + 7), float("nan"), device="cuda", dtype=dtype)
     out = buffer[:, 3:3 + math.prod(shape[1:])].view(shape)
-    got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry), out=out)
+    got = input_vjp.input_vjp(g, weight, kernel_geometry(geometry), out=out, **fused)
     assert got.data_ptr() == out.data_ptr()
     assert torch.isnan(buffer[:, :3]).all() and torch.isnan(buffer[:, 3 + math.prod(shape[1:]):]).all()
-    error = ((got.double() - expected).norm() / expected.norm()).item()
+    error = relative_error(got, expected)
     assert error < TOLERANCE[dtype], error
-    fresh = input_vjp.input_vjp(g, weight, kernel_geometry(geometry))
-    assert fresh.is_contiguous(memory_format=torch.channels_last) == (layout == "channels-last" and g.dim() == 4
-                                                                      and not g.is_contiguous())
+    fresh = input_vjp.input_vjp(g, weight, kernel_geometry(geometry), **fused)
+    # a new result is laid out as g is (the strides of an empty tensor of g's format: unambiguous
+    # where the format is, e.g. for 1×1 boxes)
+    format_of_g = (torch.contiguous_format if layout == "contiguous" or g.is_contiguous()
+                   else {4: torch.channels_last, 5: torch.channels_last_3d}.get(g.dim(), torch.contiguous_format))
+    assert fresh.stride() == torch.empty(fresh.shape, memory_format=format_of_g).stride()
     assert torch.equal(fresh, got)
+
+
+def test_window_and_mask_are_checked():
+    """Bad boxes and masks get a ValueError naming them before any launch (the checks run on the CPU)."""
+    pytest.importorskip("triton")
+    if not kernels.available():
+        pytest.skip("Triton is not usable")
+    from curvlib.kernels import input_vjp
+
+    geometry = kernel_geometry(make_geometry(4, 4, (9, 9), kernel_size=3, stride=2))
+    g, weight = torch.randn(6, 4, 4, 4), torch.randn(4, 4, 3, 3)
+    for window in [((0, 10), (0, 9)), ((-1, 3), (0, 9)), ((0, 9),), ((0, 9, 1), (0, 9))]:
+        with pytest.raises(ValueError, match="window must hold"):
+            input_vjp.input_vjp(g, weight, geometry, window=window)
+    for mask in [torch.randn(4, 4, 9, 9), torch.randn(3, 5, 9, 9), torch.randn(3, 4, 8, 9),
+                 torch.randn(3, 4, 9, 9, dtype=torch.float64)]:
+        with pytest.raises(ValueError, match="mask must be"):
+            input_vjp.input_vjp(g, weight, geometry, mask=mask)
 
 
 @cuda

@@ -22,19 +22,11 @@ from curvlib.engine.graph_vjp import GraphVJP
 from curvlib.engine.layers import LayerCall, ModuleCalls
 from curvlib.precision import fp32_precision
 
+from conftest import relative_error
 from test_graph_vjp import MODELS, Lambda, forward_recording, looped_vjp, randomize
 
 BF16 = BackwardOptions(message_dtype=torch.bfloat16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error; where the reference is exactly zero (a network whose ReLUs are all off
-    for the drawn inputs: seen on a GPU run), 0 if ``a`` is zero too, else infinite."""
-    diff, scale = (a.double() - b.double()).norm().item(), b.double().norm().item()
-    if scale == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return diff / scale
 
 
 @pytest.mark.parametrize("device", DEVICES)

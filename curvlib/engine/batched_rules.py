@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .padding import ConstantPadding, inner_window
 
-__all__ = ["BackwardOptions", "UnsupportedNode", "rule_for", "supported_node_names", "slot_shape"]
+__all__ = ["BackwardOptions", "UnsupportedNode", "chain_rule", "rule_for", "supported_node_names", "slot_shape"]
 
 
 class UnsupportedNode(Exception):
@@ -117,26 +117,37 @@ def _per_sample(g: Tensor) -> Tensor:
 # rules
 
 
-def _convolution(node, g, need, cache, options):
-    if not _only(len(need), need, 0, node):
-        return [None] * len(need)
+def _convolution_operands(node, g, cache, options) -> tuple:
+    """``(folded g, weight, input shape, hyper-parameters, memory format, polyphase geometry)`` of a
+    convolution node's data gradient for ``g [J, N, ...]``: the gradients folded to ``[J·N, ...]`` (in
+    the channels-last layout where ``options`` asks for it), the weight in their dtype and layout and
+    what is read from the node, derived once per graph; the geometry is ``None`` where curvlib's
+    polyphase kernel may not run the layer (:func:`_polyphase_geometry`)."""
     folded = _per_sample(g)
     shape = (folded.shape[0], *_cached(cache, node, "input_shape", lambda: slot_shape(node, 0))[1:])
-    weight_format = _memory_format(folded, options)
-    if weight_format is not None:
-        folded = folded.contiguous(memory_format=weight_format)
+    memory_format = _memory_format(folded, options)
+    if memory_format is not None:
+        folded = folded.contiguous(memory_format=memory_format)
     # the weight in the gradients' dtype (cuDNN multiplies equal dtypes) and layout, converted once per graph
     weight = _cached(cache, node, "weight", lambda: node._saved_weight.to(
-        folded.dtype, memory_format=weight_format or torch.preserve_format))
+        folded.dtype, memory_format=memory_format or torch.preserve_format))
     hyper = _cached(cache, node, "hyperparameters", lambda: (
         node._saved_stride, node._saved_padding, node._saved_dilation, node._saved_transposed,
         node._saved_output_padding, node._saved_groups))
     polyphase = _cached(cache, node, "polyphase", lambda: (_polyphase_geometry(folded, weight, shape, *hyper),))[0]
-    if polyphase is not None:  # curvlib's kernel where it ran faster for this shape, else the adjoint below
-        grad = _kernel("input_vjp").fastest(folded, weight, polyphase, lambda: _data_gradient(
-            folded, weight, shape, *hyper, memory_format=weight_format))
-    else:
-        grad = _data_gradient(folded, weight, shape, *hyper, memory_format=weight_format)
+    return folded, weight, shape, hyper, memory_format, polyphase
+
+
+def _convolution(node, g, need, cache, options):
+    if not _only(len(need), need, 0, node):
+        return [None] * len(need)
+    folded, weight, shape, hyper, memory_format, polyphase = _convolution_operands(node, g, cache, options)
+
+    def adjoint():
+        return _data_gradient(folded, weight, shape, *hyper, memory_format=memory_format)
+
+    # curvlib's kernel where it ran faster for this shape, else the adjoint
+    grad = adjoint() if polyphase is None else _kernel("input_vjp").fastest(folded, weight, polyphase, adjoint)
     return [grad.unflatten(0, g.shape[:2])] + [None] * (len(need) - 1)
 
 
@@ -187,15 +198,16 @@ def _data_gradient(g: Tensor, weight: Tensor, shape, stride, padding, dilation, 
                                                output_padding, groups, [True, False, False])[0]
 
 
-def _in_layout(cache: Dict, node, name: str, saved: Callable[[], Tensor], options: BackwardOptions) -> Tensor:
+def _in_layout(cache: Dict, node, name: str, saved: Callable[[], Tensor], options: BackwardOptions,
+               keep_dtype: bool = False) -> Tensor:
     """A saved ``[N, ...]`` tensor in the layout and dtype of the gradients it meets: as saved, or
     converted once per graph where ``options`` asks for channels-last (an elementwise kernel on mixed
     layouts runs at about half the bandwidth) or another message dtype (a float32 operand would
-    promote the result back to float32)."""
+    promote the result back to float32); ``keep_dtype``: the layout only."""
     def convert():
         t = saved()
         memory_format = _memory_format(t, options)
-        dtype = options.carried(t.dtype)
+        dtype = t.dtype if keep_dtype else options.carried(t.dtype)
         if memory_format is None and dtype == t.dtype:
             return t
         return t.to(dtype, memory_format=memory_format or torch.preserve_format)
@@ -224,14 +236,23 @@ def _threshold_backward(g: Tensor, saved: Tensor, threshold) -> Tensor:
     return torch.ops.aten.threshold_backward(g, saved, threshold) if result is None else result
 
 
+def _mask_operand(node, cache, options) -> tuple:
+    """``(saved [N, ...], threshold)`` of a ReLU or threshold node (its gradient is zero where
+    ``saved <= threshold``), the saved tensor in the gradients' layout and dtype. A threshold other
+    than zero keeps its input's dtype: rounded to a message dtype, inputs within half a unit of the
+    threshold would compare the other way (the sign, and so a comparison with zero, survives rounding)."""
+    if type(node).__name__ == "ReluBackward0":
+        return _in_layout(cache, node, "result", lambda: node._saved_result, options), 0
+    threshold = node._saved_threshold
+    return _in_layout(cache, node, "self", lambda: node._saved_self, options, keep_dtype=threshold != 0), threshold
+
+
 def _relu(node, g, need, cache, options):
-    result = _in_layout(cache, node, "result", lambda: node._saved_result, options)
-    return [_threshold_backward(g, result, 0)]
+    return [_threshold_backward(g, *_mask_operand(node, cache, options))]
 
 
 def _threshold(node, g, need, cache, options):
-    saved = _in_layout(cache, node, "self", lambda: node._saved_self, options)
-    return [_threshold_backward(g, saved, node._saved_threshold)] + [None] * (len(need) - 1)
+    return [_threshold_backward(g, *_mask_operand(node, cache, options))] + [None] * (len(need) - 1)
 
 
 def _call_node(node, g, need, cache, options):
@@ -453,6 +474,88 @@ _RULES: Dict[str, Rule] = {
     "NativeBatchNormLegitNoTrainingBackward0": _batch_norm_eval,
     "CudnnBatchNormBackward0": _batch_norm_eval,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# chain rules: several nodes, each the only consumer of the previous one's gradient, in one kernel
+
+#: a chain rule takes the chain's nodes, the gradient at the first node's output and the cache and
+#: options, and returns the gradients the last node passes on, or ``None`` where it cannot run them
+#: (the walk then applies the nodes' own rules one by one)
+ChainRule = Callable[[Sequence, Tensor, Dict, BackwardOptions], Optional[List[Optional[Tensor]]]]
+
+_MASKS = ("ReluBackward0", "ThresholdBackward0")
+
+
+def _spatial_pad(node) -> Optional[tuple]:
+    """The pads (``F.pad``'s order) of a constant-padding node whose backward is the inner window
+    (curvlib's :class:`.ConstantPadding`, or PyTorch's with non-negative pads); ``None`` for other nodes."""
+    if getattr(node, "_forward_cls", None) is ConstantPadding:
+        return tuple(node.pad)
+    if type(node).__name__ == "ConstantPadNdBackward0":
+        pad = tuple(_signed(p) for p in node._saved_pad)
+        return pad if all(p >= 0 for p in pad) else None
+    return None
+
+
+def chain_rule(nodes: Sequence) -> Optional[ChainRule]:
+    """The rule that runs the backward of ``nodes`` at once, or ``None`` where there is none. Chains:
+    a convolution, optionally a constant padding of its spatial dims only, then a ReLU or threshold
+    (``conv(pad(relu(x)))`` or ``conv(relu(x))``, the convolution's data gradient cropped and masked in
+    the epilogue of curvlib's polyphase kernel, :func:`_convolution_then_mask`)."""
+    if len(nodes) not in (2, 3) or type(nodes[0]).__name__ != "ConvolutionBackward0":
+        return None
+    if type(nodes[-1]).__name__ not in _MASKS:
+        return None
+    if len(nodes) == 3:
+        pad = _spatial_pad(nodes[1])
+        spatial = len(nodes[0]._saved_stride)
+        if pad is None or len(pad) > 2 * spatial:  # a padded channel or batch axis is no spatial window
+            return None
+    return _convolution_then_mask
+
+
+def _window(pad: Sequence[int], shape: Sequence[int]) -> tuple:
+    """``(first, size)`` per spatial dim of ``shape [M, C, *spatial]`` inside the ``pad`` border (``F.pad``'s order)."""
+    spatial = len(shape) - 2
+    window = []
+    for d in range(spatial):
+        position = spatial - 1 - d  # F.pad lists the last axis first
+        left = pad[2 * position] if 2 * position < len(pad) else 0
+        right = pad[2 * position + 1] if 2 * position + 1 < len(pad) else 0
+        window.append((left, shape[2 + d] - left - right))
+    return tuple(window)
+
+
+def _convolution_then_mask(nodes, g, cache, options) -> Optional[list]:
+    """The gradient at the input of ``relu`` in ``conv(pad(relu(x)))`` (or ``conv(relu(x))``): the
+    convolution's data gradient, its inner window and the mask in one launch of curvlib's polyphase
+    kernel (``window`` and ``mask`` of :func:`curvlib.kernels.input_vjp.input_vjp`: the input-sized
+    gradient of the padded tensor is neither written nor read back), where that kernel may run the
+    layer and ran faster than cuDNN's data gradient followed by the mask kernel (measured per shape,
+    the same result either way); ``None`` elsewhere (CPU, stride 1, float64)."""
+    conv, mask_node = nodes[0], nodes[-1]
+    known = cache.get((conv, "polyphase"))
+    if not g.is_cuda or (known is not None and known[0] is None):  # before folding: the rules would fold again
+        return None
+    folded, weight, shape, hyper, memory_format, polyphase = _convolution_operands(conv, g, cache, options)
+    if polyphase is None:
+        return None
+    saved, threshold = _mask_operand(mask_node, cache, options)
+    if saved.dtype not in (folded.dtype, torch.float32):
+        return None
+    pad = _spatial_pad(nodes[1]) if len(nodes) == 3 else None
+    window = None if pad is None else _cached(cache, nodes[1], "window", lambda: _window(pad, shape))
+
+    def separately():
+        grad = _data_gradient(folded, weight, shape, *hyper, memory_format=memory_format).unflatten(0, g.shape[:2])
+        if pad is not None:
+            grad = inner_window(grad, pad)
+        return _threshold_backward(grad, saved, threshold).flatten(0, 1)
+
+    grad = _kernel("input_vjp").fastest(folded, weight, polyphase, separately, window=window, mask=saved,
+                                        threshold=threshold)
+    return [grad.unflatten(0, g.shape[:2])]
 
 
 def rule_for(node) -> Optional[Rule]:

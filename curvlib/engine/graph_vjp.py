@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .batched_rules import BackwardOptions, UnsupportedNode, rule_for
+from .batched_rules import BackwardOptions, UnsupportedNode, chain_rule, rule_for
 from .staging import taken
 
 __all__ = ["GraphVJP", "UnsupportedNode"]
@@ -68,7 +68,7 @@ class GraphVJP:
         # what every chunk's pass needs per node, resolved once (the walk runs in Python: under a tight
         # memory budget it runs for dozens of chunks per step): the outputs' watched edges, the rule,
         # which slots need a gradient, and each needed slot's receiving node, shape and dtype
-        self.steps = [self._step(node) for node in order]
+        self.steps = _with_chains([self._step(node) for node in order])
         self._own_dtype: set = set()  # nodes whose kernels lack the message dtype here (see _apply)
 
     def _step(self, node) -> tuple:
@@ -140,7 +140,7 @@ class GraphVJP:
                 (index[node], outputs, tuple((number, tuple(indices)) for number, indices in watched), rule,
                  None if need is None else tuple(need),
                  tuple((slot, index[child], number, shape, dtype) for slot, child, number, shape, dtype in receivers))
-                for node, outputs, watched, rule, need, receivers in self.steps)
+                for node, outputs, watched, rule, need, receivers, _ in self.steps)
             return (index[self.root[0]], self.root[1]), steps, self.num_edges
         except KeyError:
             return None
@@ -159,10 +159,10 @@ class GraphVJP:
         plan.num_edges = num_edges
         plan.options = options
         plan.cache = cache
-        plan.steps = [
+        plan.steps = _with_chains([
             (nodes[at], outputs, list(watched), rule, None if need is None else list(need),
              [(slot, nodes[child], child_number, shape, dtype) for slot, child, child_number, shape, dtype in receivers])
-            for at, outputs, watched, rule, need, receivers in steps]
+            for at, outputs, watched, rule, need, receivers in steps])
         plan._own_dtype = set()
         return plan
 
@@ -201,7 +201,7 @@ class GraphVJP:
         grads[root][root_number] = source = grads[root][root_number].to(self.options.carried(vectors.dtype))
         count, dtype, device = source.shape[0], source.dtype, source.device
         del source, vectors  # no reference of our own: the walk drops the vectors after the root's rule
-        for node, outputs_count, watched, rule, need, receivers in self.steps:
+        for node, outputs_count, watched, rule, need, receivers, chain in self.steps:
             outputs = grads.pop(node, None)
             if outputs is None:
                 continue
@@ -216,16 +216,13 @@ class GraphVJP:
                 raise UnsupportedNode(f"{type(node).__name__}: gradients at several outputs")
             if g is None:
                 continue
-            passed = self._apply(rule, node, g, need)
-            for slot, child, number, shape, dtype in receivers:
-                grad = passed[slot] if slot < len(passed) else None
-                if grad is None:
+            if chain is not None:  # this node and the next ones in one go where the chain's rule can
+                nodes, run_chain, last_receivers = chain
+                passed = run_chain(nodes, g, self.cache, self.options)
+                if passed is not None:
+                    _deliver(grads, passed, last_receivers, nodes[-1])
                     continue
-                grad = _fit(grad, shape, dtype, node)
-                slots = grads.get(child)
-                if slots is None:
-                    slots = grads[child] = [None] * max(1, len(child._input_metadata))
-                slots[number] = grad if slots[number] is None else slots[number] + grad
+            _deliver(grads, self._apply(rule, node, g, need), receivers, node)
         like = list(like)
         for index, result in enumerate(results):
             if result is None:
@@ -234,6 +231,56 @@ class GraphVJP:
                 shape = like[index] if isinstance(like[index], torch.Size) else like[index].shape
                 results[index] = torch.zeros(count, *shape, dtype=dtype, device=device)
         return results
+
+
+def _deliver(grads: Dict, passed: Sequence, receivers, node) -> None:
+    """Hand the gradients ``passed`` by ``node``'s rule to the receiving nodes' slots (summed where
+    several edges meet)."""
+    for slot, child, number, shape, dtype in receivers:
+        grad = passed[slot] if slot < len(passed) else None
+        if grad is None:
+            continue
+        grad = _fit(grad, shape, dtype, node)
+        slots = grads.get(child)
+        if slots is None:
+            slots = grads[child] = [None] * max(1, len(child._input_metadata))
+        slots[number] = grad if slots[number] is None else slots[number] + grad
+
+
+#: the longest chain of nodes a chain rule runs (:func:`.batched_rules.chain_rule`)
+_LONGEST_CHAIN = 3
+
+
+def _with_chains(steps: list) -> list:
+    """``steps`` with a seventh entry each: ``(nodes, chain rule, the last node's receivers)`` where a
+    chain rule (:func:`.batched_rules.chain_rule`) runs this node and the following ones at once, else
+    ``None``. A node joins a chain only if the previous one's gradient is its only input from the walk,
+    handed on through slot 0 of each, and nobody watches its outputs: the walk then never hands it a
+    gradient of its own when the chain runs (its step is skipped), and where the chain rule declines
+    at run time the nodes' own steps run as without it."""
+    incoming: Dict[object, int] = {}
+    for step in steps:
+        for _, child, _, _, _ in step[5]:
+            incoming[child] = incoming.get(child, 0) + 1
+    by_node = {step[0]: step for step in steps}
+    chained = []
+    for step in steps:
+        nodes, current = [step[0]], step
+        while len(nodes) < _LONGEST_CHAIN and current[3] is not None and len(current[5]) == 1:
+            slot, child, number, _, _ = current[5][0]
+            after = by_node.get(child)
+            if slot != 0 or number != 0 or incoming.get(child) != 1 or after is None or after[2] or after[1] != 1:
+                break
+            nodes.append(child)
+            current = after
+        chain = None
+        for length in range(len(nodes), 1, -1):  # the longest chain that has a rule
+            rule = chain_rule(nodes[:length])
+            if rule is not None:
+                chain = (tuple(nodes[:length]), rule, by_node[nodes[length - 1]][5])
+                break
+        chained.append((*step[:6], chain))
+    return chained
 
 
 def _leads_on(node, relevant) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from ..hyperparams import ConvGeometry
 
@@ -127,11 +127,34 @@ def phase_taps(size: int, kernel: int, stride: int, dilation: int, pad_left: int
 
 
 @functools.lru_cache(maxsize=4096)
-def polyphase(geometry: KernelGeometry) -> List[Tuple[Tuple[int, Tuple[int, ...]], ...]]:
+def polyphase(geometry: KernelGeometry, window: Optional[Tuple[Tuple[int, int], ...]] = None
+              ) -> List[Tuple[Tuple[int, Tuple[int, ...]], ...]]:
     """The phases of the input positions (see :func:`phase_taps`): one entry per phase
     ``((r0, taps0), (r1, taps1), (r2, taps2))`` with ``r_j = i_j mod stride_j`` and ``taps_j`` the
-    :func:`phase_taps` of that dim; ``∏ min(stride_j, size_j)`` entries covering every input position once."""
-    dims = [[(r, phase_taps(geometry.input_size[j], geometry.kernel_size[j], geometry.stride[j],
-                            geometry.dilation[j], geometry.pad_left[j], r))
-             for r in range(min(geometry.stride[j], geometry.input_size[j]))] for j in range(KERNEL_DIMS)]
+    :func:`phase_taps` of that dim; ``∏ min(stride_j, size_j)`` entries covering every input position once.
+
+    ``window``: ``(first, size)`` per embedded dim, the box of input positions wanted (a data gradient
+    cropped to the inner window of a zero padding: the positions outside are not computed). Each phase
+    then lists only its positions inside the box, and ``r_j`` is the box coordinate of the first of them
+    (``i = first + r_j + stride_j·a``, ``r_j`` possibly ``≥ stride_j``); the first output location moves
+    with it. ``None``: the whole input."""
+    dims = []
+    for j in range(KERNEL_DIMS):
+        first, size = (0, geometry.input_size[j]) if window is None else window[j]
+        phases = []
+        for r in range(min(geometry.stride[j], geometry.input_size[j])):
+            taps = phase_taps(geometry.input_size[j], geometry.kernel_size[j], geometry.stride[j],
+                              geometry.dilation[j], geometry.pad_left[j], r)
+            phases.append(_inside(r, taps, geometry.stride[j], first, size))
+        dims.append(phases)
     return [(d0, d1, d2) for d0 in dims[0] for d1 in dims[1] for d2 in dims[2]]
+
+
+def _inside(phase: int, taps: Tuple[int, ...], stride: int, first: int, size: int) -> Tuple[int, Tuple[int, ...]]:
+    """One dim's phase restricted to positions ``first ≤ i < first + size``: ``(r, taps)`` with ``r`` the
+    first such position's box coordinate and the count and first δ of ``taps`` adjusted."""
+    positions, tap, tap_step, count, delta, delta_step = taps
+    lowest = max(0, -(-(first - phase) // stride))              # first a with phase + stride·a ≥ first
+    highest = min(positions - 1, (first + size - 1 - phase) // stride)
+    inside = max(0, highest - lowest + 1)
+    return phase + stride * lowest - first, (inside, tap, tap_step, count, delta + lowest, delta_step)

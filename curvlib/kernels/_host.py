@@ -103,3 +103,10 @@ def compute_capability(device: torch.device) -> tuple:
     if device.type != "cuda":
         return (0, 0)
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=256)
+def rounded_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` rounded to ``dtype``, as PyTorch's ``threshold_backward`` compares it with a saved
+    tensor of that dtype (0.3 in bfloat16 is 0.30078)."""
+    return torch.tensor(threshold, dtype=dtype).item()

@@ -30,7 +30,7 @@ Imported only when Triton is importable.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._common import mma
 from ._geometry import KernelGeometry, polyphase
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, rounded_threshold
 from ._launch import Launcher
 from .autotune import ConfigCache
 
@@ -47,9 +47,9 @@ from .autotune import ConfigCache
 # element by element, 6× slower than cuDNN) and the sizes that are 1 on most layers (the embedded dim of a 2-d convolution, one tap
 # per dim), whose arithmetic then folds away. The other sizes stay run-time integers.
 _SPECIALISED = ["sgn", "son", "sgc", "sg0", "sg1", "sg2", "swo", "swc", "sw0", "sw1", "sw2", "soc", "so0", "so1", "so2",
-                "A0", "O0", "S0", "T0", "T1", "T2", "CO_G", "C_G", "CT"]
+                "A0", "O0", "S0", "T0", "T1", "T2", "CO_G", "C_G", "CT", "smn", "smc", "sm0", "sm1", "sm2"]
 _INT_ARGS = ["ROWS", "A1", "A2", "O1", "O2", "R0", "R1", "R2", "S1", "S2", "KB0", "KB1", "KB2", "KS0", "KS1",
-             "KS2", "E0", "E1", "E2", "ES0", "ES1", "ES2"]
+             "KS2", "E0", "E1", "E2", "ES0", "ES1", "ES2", "NM", "JM"]
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
@@ -58,7 +58,8 @@ def _input_vjp_kernel(
     A0, A1, A2, O0, O1, O2, R0, R1, R2, S0, S1, S2,
     KB0, KB1, KB2, KS0, KS1, KS2, T0, T1, T2, E0, E1, E2, ES0, ES1, ES2,
     sgn, sgc, sg0, sg1, sg2, swo, swc, sw0, sw1, sw2, son, soc, so0, so1, so2,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    mask_ptr, threshold, NM, JM, smn, smc, sm0, sm1, sm2,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
     group = pid_n // CT
@@ -71,6 +72,11 @@ def _input_vjp_kernel(
     rest = rest // A1
     a0 = rest % A0
     n = (rest // A0).to(tl.int64)
+    if MASKED:
+        # rows in (activation sample, vector, position) order: the programs that run at a time share
+        # their masks' rows in L2 (in (vector, sample) order each mask row is read J times, evicted between)
+        n_mask = n // JM
+        n = (n - n_mask * JM) * NM + n_mask
     g_rows = n * sgn + a0 * sg0 + a1 * sg1 + a2 * sg2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     blocks = tl.cdiv(CO_G, BLOCK_K)
@@ -92,9 +98,29 @@ def _input_vjp_kernel(
         w_tile = tl.load(w_ptr + w_offset + (channel * swo)[:, None] + (c * swc)[None, :],
                          mask=valid_o[:, None] & valid_c[None, :], other=0.0)
         acc = mma(g_tile, w_tile, acc, PRECISION)
-    out_rows = n * son + (R0 + S0 * a0) * so0 + (R1 + S1 * a1) * so1 + (R2 + S2 * a2) * so2
-    tl.store(out_ptr + out_rows[:, None] + ((group * C_G + c) * soc)[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=valid_p[:, None] & valid_c[None, :])
+    i0, i1, i2 = R0 + S0 * a0, R1 + S1 * a1, R2 + S2 * a2  # positions in the output box
+    out_rows = n * son + i0 * so0 + i1 * so1 + i2 * so2
+    mask_rows = n_mask * smn + i0 * sm0 + i1 * sm1 + i2 * sm2 if MASKED else out_rows
+    # stored in two halves of the channel tile: with the whole tile the compiler held the result, the
+    # mask and both tiles of addresses at once (spilling registers; H100, All-CNN-C's conv3: the
+    # masked kernel took 1.27 ms, in halves 1.01 ms, the kernel without mask 0.72 ms)
+    halves = tl.split(tl.permute(tl.reshape(acc.to(out_ptr.dtype.element_ty), (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    first = (pid_n - group * CT) * BLOCK_N
+    for half in tl.static_range(2):
+        _store_half(halves[half], first + half * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), valid_p, group, C_G,
+                    out_ptr, out_rows, soc, mask_ptr, mask_rows, smc, threshold, MASKED)
+
+
+@triton.jit
+def _store_half(part, c, valid_p, group, C_G, out_ptr, out_rows, soc, mask_ptr, mask_rows, smc, threshold,
+                MASKED: tl.constexpr):
+    """Store ``part`` (rows ``out_rows``, channels ``c`` of the group), zero where the mask is ``<= threshold``."""
+    stored = valid_p[:, None] & (c < C_G)[None, :]
+    in_channel = group * C_G + c
+    if MASKED:  # a ReLU's backward: zero where the saved activation of the sample is <= threshold
+        saved = tl.load(mask_ptr + mask_rows[:, None] + (in_channel * smc)[None, :], mask=stored, other=0.0)
+        part = tl.where(saved <= threshold, tl.zeros_like(part), part)
+    tl.store(out_ptr + out_rows[:, None] + (in_channel * soc)[None, :], part, mask=stored)
 
 
 _launch = Launcher(_input_vjp_kernel, specialised=_SPECIALISED)
@@ -118,10 +144,11 @@ _CHOICES = ConfigCache("input_vjp")
 
 
 def candidates(geometry: KernelGeometry, dtype: torch.dtype) -> list:
-    """The adjoint first (the choice where nothing is measured), then block configurations: the default
-    and half the channel tile (the faster of the two on All-CNN-C's 192-channel stride-2 layer)."""
+    """The adjoint first (the choice where nothing is measured), then block configurations: the default,
+    half the channel tile (the faster on All-CNN-C's 192-channel stride-2 layer) and half the rows (the
+    fastest with a mask on its 96-channel one)."""
     block_m, block_n, block_k, _ = config(geometry, dtype)
-    configs = [(block_m, block_n, 32, 4, 4), (block_m, max(16, block_n // 2), 32, 4, 4)]
+    configs = [(block_m, block_n, 32, 4, 4), (block_m, max(16, block_n // 2), 32, 4, 4), (64, block_n, 32, 4, 4)]
     return [ADJOINT] + list(dict.fromkeys(configs))
 
 
@@ -133,17 +160,28 @@ def eligible(geometry: KernelGeometry) -> bool:
             and geometry.out_channels_per_group >= 16)
 
 
-def fastest(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, adjoint) -> torch.Tensor:
+def fastest(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, adjoint,
+            window: Optional[Sequence[Tuple[int, int]]] = None, mask: Optional[torch.Tensor] = None,
+            threshold: float = 0.0) -> torch.Tensor:
     """The data gradient by whichever of ``adjoint()`` (the caller's) and this kernel ran fastest for
     this shape, measured on the first call (:class:`.autotune.ConfigCache`; with autotuning off, or
-    where the kernel does not take these tensors (:func:`supported`: float64), ``adjoint``). float32 gradients multiply in TF32 where cuDNN may (``torch.backends.cudnn.allow_tf32``)."""
+    where the kernel does not take these tensors (:func:`supported`: float64), ``adjoint``). float32
+    gradients multiply in TF32 where cuDNN may (``torch.backends.cudnn.allow_tf32``).
+
+    ``window``, ``mask`` and ``threshold`` as in :func:`input_vjp`; ``adjoint()`` must then return the
+    same (the cropped, masked gradient), so that the measurement compares like with like."""
     if not supported(g, weight) or g.shape[0] * geometry.input_numel > _MAX_ROWS:  # float64, huge: the adjoint
         return adjoint()
     precision = "tf32" if g.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
-    key = (geometry, tuple(g.shape), g.stride(), g.dtype, precision, g.device)
+    key = (geometry, tuple(g.shape), g.stride(), g.dtype, precision, g.device,
+           None if window is None else tuple(map(tuple, window)),
+           None if mask is None else (tuple(mask.shape), mask.stride(), mask.dtype))
 
     def run(choice):
-        return adjoint() if choice == ADJOINT else input_vjp(g, weight, geometry, precision=precision, block=choice)
+        if choice == ADJOINT:
+            return adjoint()
+        return input_vjp(g, weight, geometry, precision=precision, block=choice, window=window, mask=mask,
+                         threshold=threshold)
 
     return run(_CHOICES.choose(key, lambda: candidates(geometry, g.dtype), run, g.device))
 
@@ -156,19 +194,34 @@ def supported(g: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def input_vjp(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, out: Optional[torch.Tensor] = None,
-              precision: str = "ieee", block: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+              precision: str = "ieee", block: Optional[Tuple[int, int, int, int]] = None,
+              window: Optional[Sequence[Tuple[int, int]]] = None, mask: Optional[torch.Tensor] = None,
+              threshold: float = 0.0) -> torch.Tensor:
     """The input gradient ``[M, C_in, *I]`` of a convolution for output gradients ``g [M, C_out, *O]``
     (``weight [C_out, C_in/G, *K]`` in ``g``'s dtype): written into ``out`` (any strides) or a new
     tensor in ``g``'s memory format; returns it. ``block`` overrides :func:`config` (benchmarks).
+
+    Fused epilogues (the backward of a zero padding and a ReLU that precede the convolution):
+
+    - ``window``: ``(first, size)`` per spatial dim of the convolution: only the input positions
+      ``first ≤ i < first + size`` are computed, and the result is ``[M, C_in, *sizes]`` (the gradient
+      of the tensor a zero padding of ``first`` on the left padded).
+    - ``mask [N, C_in, *sizes]`` (``N`` dividing ``M``; ``g``'s dtype or float32): the result is zero
+      where ``mask[m mod N] <= threshold`` (``threshold`` rounded to ``mask``'s dtype, as PyTorch's
+      ``threshold_backward`` compares; a NaN in ``mask`` passes the gradient), the ReLU's backward for
+      ``M = J·N`` gradients of ``J`` vectors.
 
     >>> # g [M, C_out, 16, 16] bf16 on CUDA, weight [C_out, C_in, 3, 3] bf16, geometry of a stride-2 conv
     >>> # dx = input_vjp(g, weight, kernel_geometry(geometry))   # [M, C_in, 33, 33]
     """
     spatial = g.dim() - 2
-    shape = (g.shape[0], geometry.in_channels, *geometry.input_size[3 - spatial:])
+    box = _window(window, geometry, spatial)
+    shape = (g.shape[0], geometry.in_channels, *(size for _, size in box[3 - spatial:]))
     if g.shape[0] * geometry.input_numel > _MAX_ROWS:
         raise ValueError(f"input_vjp indexes positions in 32 bits: g's {g.shape[0]} samples times "
                          f"{geometry.input_numel} input locations exceed {_MAX_ROWS}")
+    if mask is not None:
+        _check_mask(mask, g, shape)
     if out is None:
         out = torch.empty(shape, dtype=g.dtype, device=g.device,
                           memory_format=_memory_format(g))
@@ -178,10 +231,17 @@ def input_vjp(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, o
         return out
     block_m, block_n, block_k, warps, *stages = block or config(geometry, g.dtype)
     channel_tiles = cdiv(geometry.channels_per_group, block_n)
+    sizes = tuple(size for _, size in box)
     g5 = g.reshape(g.shape[0], g.shape[1], *geometry.output_size)  # views: trivial dims prepended
     w5 = weight.reshape(weight.shape[0], weight.shape[1], *geometry.kernel_size)
-    o5 = out.view(out.shape[0], out.shape[1], *geometry.input_size) if out.dim() < 5 else out
-    for (r0, t0), (r1, t1), (r2, t2) in polyphase(geometry):
+    o5 = out.view(out.shape[0], out.shape[1], *sizes) if out.dim() < 5 else out
+    if mask is None:
+        masking = (o5, 0.0, 1, 1, 0, 0, 0, 0, 0)  # unused: the kernel's MASKED branch is compiled out
+    else:
+        m5 = mask.view(mask.shape[0], mask.shape[1], *sizes) if mask.dim() < 5 else mask
+        masking = (m5, rounded_threshold(float(threshold), mask.dtype), mask.shape[0], g.shape[0] // mask.shape[0],
+                   *m5.stride())
+    for (r0, t0), (r1, t1), (r2, t2) in polyphase(geometry, None if window is None else box):
         rows = g.shape[0] * t0[0] * t1[0] * t2[0]
         if rows == 0:
             continue
@@ -190,11 +250,31 @@ def input_vjp(g: torch.Tensor, weight: torch.Tensor, geometry: KernelGeometry, o
             geometry.channels_per_group, geometry.out_channels_per_group, channel_tiles,
             t0[0], t1[0], t2[0], *geometry.output_size, r0, r1, r2, *geometry.stride,
             t0[1], t1[1], t2[1], t0[2], t1[2], t2[2], t0[3], t1[3], t2[3], t0[4], t1[4], t2[4], t0[5], t1[5], t2[5],
-            *g5.stride(), *w5.stride(), *o5.stride(),
-            PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages[0] if stages else None,
+            *g5.stride(), *w5.stride(), *o5.stride(), *masking,
+            MASKED=mask is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages[0] if stages else None,
         )
     return out
+
+
+def _window(window: Optional[Sequence[Tuple[int, int]]], geometry: KernelGeometry, spatial: int) -> tuple:
+    """``window`` checked and embedded in the kernels' three dims (the whole input where ``None``)."""
+    if window is None:
+        return tuple((0, size) for size in geometry.input_size)
+    window = tuple(tuple(w) for w in window)
+    sizes = geometry.input_size[3 - spatial:]
+    if len(window) != spatial or any(len(w) != 2 for w in window) or any(
+            not (0 <= first and 0 <= size and first + size <= limit) for (first, size), limit in zip(window, sizes)):
+        raise ValueError(f"window must hold (first, size) with 0 <= first and first + size <= the input size "
+                         f"per spatial dim (input {tuple(sizes)}), got {window}")
+    return ((0, 1),) * (3 - spatial) + window
+
+
+def _check_mask(mask: torch.Tensor, g: torch.Tensor, shape: tuple) -> None:
+    if (mask.dim() != len(shape) or tuple(mask.shape[1:]) != shape[1:] or mask.shape[0] == 0
+            or shape[0] % mask.shape[0] or mask.device != g.device or mask.dtype not in (g.dtype, torch.float32)):
+        raise ValueError(f"mask must be [N, {', '.join(map(str, shape[1:]))}] with N dividing {shape[0]}, on "
+                         f"{g.device}, in {g.dtype} or float32; got {tuple(mask.shape)} {mask.dtype} on {mask.device}")
 
 
 def _memory_format(g: torch.Tensor) -> torch.memory_format:

@@ -17,14 +17,13 @@ Imported only when Triton is importable.
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, rounded_threshold
 from ._launch import Launcher
 
 #: row dimensions the kernel splits (plus the inner one)
@@ -128,12 +127,6 @@ def _launch_plan(g: torch.Tensor, saved: torch.Tensor) -> Optional[tuple]:
     return plan
 
 
-@functools.lru_cache(maxsize=256)
-def _rounded(threshold: float, dtype: torch.dtype) -> float:
-    """``threshold`` rounded to ``dtype``, as PyTorch compares it (0.3 in bfloat16 is 0.30078)."""
-    return torch.tensor(threshold, dtype=dtype).item()
-
-
 def supported(g: torch.Tensor, saved: torch.Tensor) -> bool:
     """Whether :func:`threshold_backward` runs for ``g [J, *saved.shape]`` and ``saved``: CUDA tensors,
     ``g`` float32/float16/bfloat16, ``saved`` of ``g``'s dtype or float32, at most five dimensions after
@@ -150,7 +143,7 @@ def threshold_backward(g: torch.Tensor, saved: torch.Tensor, threshold: float) -
         return None
     shape, inverse, sizes, gs, ss, block_r, block_i, grid = plan
     out = torch.empty(shape, dtype=g.dtype, device=g.device)
-    _launch(grid, g, saved, out, _rounded(float(threshold), saved.dtype), sizes[0] * sizes[1] * sizes[2] * sizes[3],
+    _launch(grid, g, saved, out, rounded_threshold(float(threshold), saved.dtype), sizes[0] * sizes[1] * sizes[2] * sizes[3],
             sizes[4], sizes[1], sizes[2], sizes[3], gs[0], gs[1], gs[2], gs[3], gs[4], ss[0], ss[1], ss[2], ss[3], ss[4],
             BLOCK_R=block_r, BLOCK_I=block_i, num_warps=8)
     return out.permute(inverse)
