@@ -12,6 +12,10 @@ The rules read the tensors a node saved for its backward (``node._saved_weight``
 from them — saved tensors and weights in the channels-last layout, the nodes' hyper-parameters — is kept
 in ``cache`` (one dict per backward pass of many chunks of vectors), so each is derived once per step.
 
+Chain rules (:func:`chain_rule`) take several nodes at once where each is the only consumer of the
+previous one's gradient: a strided convolution's data gradient, a zero padding's inner window and a
+ReLU's mask in one launch of curvlib's polyphase kernel.
+
 A node with no rule here, or one the rule cannot handle (a parameter's gradient, training-mode batch
 norm, a node with several differentiable outputs), raises :class:`UnsupportedNode`; the engine then
 runs the whole pass through ``torch.func.vmap`` over autograd instead.

@@ -12,7 +12,8 @@ Four operations, each with exactly the semantics, shapes and normalisation of th
 ============================  ==================================================================
 
 The engine's column passes also use kernels of their own: :mod:`.input_vjp` (the data gradient of
-strided convolutions, polyphase, chosen against cuDNN by measurement), :mod:`.threshold_backward` (ReLU
+strided convolutions, polyphase, chosen against cuDNN by measurement; with a zero padding's window and
+a ReLU's mask in its epilogue where the convolution follows them), :mod:`.threshold_backward` (ReLU
 masks of batched gradients) and :mod:`.unfold` (the GGN kernel's unfolded chunks).
 
 None of them forms per-sample gradients or the whole unfolded input ``⟦X⟧``: patches are gathered from
