@@ -109,17 +109,30 @@ class LossCall:
         """Exact factor ``S`` with ``S Sᵀ = ∇²_f L``: ``[D, *f.shape]``, ``D`` = classes / output dims."""
         flat = self._flat()
         n, dim = flat.shape
-        eye = torch.eye(dim, dtype=flat.dtype, device=flat.device)
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
-            p = self._probabilities()
-            # diag(p) − p pᵀ = Σ_c √p_c (e_c − p) (√p_c (e_c − p))ᵀ, times the target mass
-            columns = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None]) * self._target_mass().sqrt()
-        elif isinstance(self.loss_fn, nn.MSELoss):
+            return self._columns(self._softmax_sqrt_hessian())
+        eye = torch.eye(dim, dtype=flat.dtype, device=flat.device)
+        if isinstance(self.loss_fn, nn.MSELoss):
             columns = math.sqrt(2.0) * eye[:, None, :].expand(dim, n, dim)
         else:
             p = self._probabilities()
             columns = (p * (1 - p)).sqrt().T[:, :, None] * eye[:, None, :]
         return self._columns(columns * math.sqrt(self.scale))
+
+    def _softmax_sqrt_hessian(self) -> Tensor:
+        """``[K, N, K]`` columns of cross-entropy's factor: ``diag(p) − p pᵀ = Σ_c √p_c (e_c − p) (√p_c (e_c − p))ᵀ``
+        per sample, times the target mass and the reduction's scale. Five small kernels for class-index
+        targets (softmax, root, scaled negation, outer product, diagonal): they run while the device
+        waits for the first column pass, where each launch is idle device time."""
+        p = self._probabilities()
+        root = p.sqrt()
+        factor = math.sqrt(self.scale)
+        negative = p * -factor
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss) and self.target.is_floating_point():
+            root.mul_(self._target_mass().sqrt_())  # in both terms through the root
+        columns = root.T[:, :, None] * negative[None]          # −√(scale·m_n)·√p_c·p_k
+        columns.diagonal(dim1=0, dim2=2).add_(root, alpha=factor)  # + √(scale·m_n)·√p_c where k = c
+        return columns
 
     def sqrt_hessian_mc(self, mc_samples: int = 1, generator: torch.Generator = None) -> Tensor:
         """Monte-Carlo factor ``[M, *f.shape]`` with ``E[S Sᵀ] = ∇²_f L`` (gradients at sampled targets)."""
