@@ -539,14 +539,12 @@ def _convolution_then_mask(nodes, g, cache, options) -> Optional[list]:
     layer and ran faster than cuDNN's data gradient followed by the mask kernel (measured per shape,
     the same result either way); ``None`` elsewhere (CPU, stride 1, float64)."""
     conv, mask_node = nodes[0], nodes[-1]
-    known = cache.get((conv, "polyphase"))
-    if not g.is_cuda or (known is not None and known[0] is None):  # before folding: the rules would fold again
+    if not g.is_cuda or cache.get((conv, "declined chain")):  # before folding: the rules would fold again
         return None
     folded, weight, shape, hyper, memory_format, polyphase = _convolution_operands(conv, g, cache, options)
-    if polyphase is None:
-        return None
     saved, threshold = _mask_operand(mask_node, cache, options)
-    if saved.dtype not in (folded.dtype, torch.float32):
+    if polyphase is None or saved.dtype not in (folded.dtype, torch.float32):
+        cache[(conv, "declined chain")] = True  # the same for every chunk of this graph
         return None
     pad = _spatial_pad(nodes[1]) if len(nodes) == 3 else None
     window = None if pad is None else _cached(cache, nodes[1], "window", lambda: _window(pad, shape))

@@ -17,8 +17,9 @@ A plan (which nodes, in which order) is built once per ``(source, edges)`` and r
 columns. Where a node's gradient goes only to the next node and on (a convolution, the zero padding
 before it, the ReLU before that), the plan marks the run as a chain, and a chain rule
 (:func:`.batched_rules.chain_rule`) may compute the gradient at its end in one kernel; where it
-declines (CPU, stride 1), the nodes' own rules run. Where the graph between them holds a node without a batched rule, :meth:`GraphVJP.build`
-returns ``None`` and the caller uses ``vmap`` over autograd. Gradient hooks registered on tensors or
+declines (CPU, stride 1), the nodes' own rules run. Where the graph between source and edges holds a
+node without a batched rule, :meth:`GraphVJP.build` returns ``None`` and the caller uses ``vmap`` over
+autograd. Gradient hooks registered on tensors or
 nodes are not run (the engine's column passes are not the user's backward pass).
 
 >>> import torch

@@ -128,7 +128,7 @@ class LossCall:
         root = p.sqrt()
         factor = math.sqrt(self.scale)
         negative = p * -factor
-        if isinstance(self.loss_fn, nn.CrossEntropyLoss) and self.target.is_floating_point():
+        if self.target.is_floating_point():  # probability targets: their mass per sample
             root.mul_(self._target_mass().sqrt_())  # in both terms through the root
         columns = root.T[:, :, None] * negative[None]          # −√(scale·m_n)·√p_c·p_k
         columns.diagonal(dim1=0, dim2=2).add_(root, alpha=factor)  # + √(scale·m_n)·√p_c where k = c
