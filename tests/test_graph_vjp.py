@@ -390,3 +390,23 @@ def test_chain_runs_data_gradient_window_and_mask_in_one_kernel(kind, choice, se
         assert not launches
     else:
         assert masked and len(input_vjp._CHOICES.timings) == 1  # measured: both ways tried
+
+
+def test_threshold_masks_keep_their_dtype_unless_the_threshold_is_zero(seed):
+    """Under a bfloat16 message dtype a ReLU's saved output and a zero threshold's input are carried in
+    bfloat16 (the comparison with zero survives rounding); a non-zero threshold's input stays float32:
+    rounded, an input just above 0.1 compares as equal to it and is masked."""
+    from curvlib.engine.batched_rules import _mask_operand
+
+    options = BackwardOptions(message_dtype=torch.bfloat16)
+    x = torch.randn(4, 6, requires_grad=True)
+    x_near = torch.full((4, 6), 0.1002, requires_grad=True)  # in bfloat16 equal to the threshold 0.1
+    nodes = {"relu": torch.relu(x).grad_fn, "zero": F.threshold(x, 0.0, 0.0).grad_fn,
+             "nonzero": F.threshold(x_near, 0.1, -1.0).grad_fn}
+    dtypes = {name: _mask_operand(node, {}, options)[0].dtype for name, node in nodes.items()}
+    assert dtypes == {"relu": torch.bfloat16, "zero": torch.bfloat16, "nonzero": torch.float32}
+    # the kept float32 input decides as autograd does: 0.1002 > 0.1 passes the gradient
+    g = torch.randn(2, 4, 6).to(torch.bfloat16)
+    passed = rule_for(nodes["nonzero"])(nodes["nonzero"], g, [True], {}, options)[0]
+    assert torch.equal(passed.float(), g.float())
+    assert torch.tensor(0.1002).to(torch.bfloat16) <= torch.tensor(0.1).to(torch.bfloat16)  # rounded: masked
